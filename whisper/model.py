@@ -1,0 +1,196 @@
+"""Whisper's encoder-decoder Transformer in MLX.
+
+Parameter names follow openai-whisper's, except the MLP layers (`mlp1`, `mlp2`), and
+arrays are channels-last as MLX expects: a mel input is (batch, frames, n_mels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+# A self-attention cache per decoder layer: (keys, values), each (batch, tokens, state).
+KVCache = list[tuple[mx.array, mx.array] | None]
+
+
+@dataclass(frozen=True)
+class ModelDimensions:
+    n_mels: int
+    n_audio_ctx: int
+    n_audio_state: int
+    n_audio_head: int
+    n_audio_layer: int
+    n_vocab: int
+    n_text_ctx: int
+    n_text_state: int
+    n_text_head: int
+    n_text_layer: int
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
+    """Whisper's fixed encoder positions: sines then cosines over log-spaced timescales."""
+    log_increment = np.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = np.exp(-log_increment * np.arange(channels // 2))
+    scaled_time = np.arange(length)[:, None] * inv_timescales[None, :]
+    return np.concatenate([np.sin(scaled_time), np.cos(scaled_time)], axis=1).astype(np.float32)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.query = nn.Linear(n_state, n_state)
+        self.key = nn.Linear(n_state, n_state, bias=False)
+        self.value = nn.Linear(n_state, n_state)
+        self.out = nn.Linear(n_state, n_state)
+
+    def project_kv(self, source: mx.array) -> tuple[mx.array, mx.array]:
+        return self.key(source), self.value(source)
+
+    def attend(
+        self, x: mx.array, k: mx.array, v: mx.array, mask: mx.array | None
+    ) -> tuple[mx.array, mx.array | None]:
+        q = self.query(x)
+        batch, n_q, n_state = q.shape
+        head_dim = n_state // self.n_head
+
+        def heads(t: mx.array) -> mx.array:
+            return t.reshape(batch, t.shape[1], self.n_head, head_dim).transpose(0, 2, 1, 3)
+
+        out = mx.fast.scaled_dot_product_attention(
+            heads(q), heads(k), heads(v), scale=head_dim**-0.5, mask=mask
+        )
+        return self.out(out.transpose(0, 2, 1, 3).reshape(batch, n_q, n_state))
+
+    def attention_weights(self, x: mx.array, k: mx.array) -> mx.array:
+        """Softmaxed weights (batch, heads, queries, keys), for word timings."""
+        q = self.query(x)
+        batch, n_q, n_state = q.shape
+        head_dim = n_state // self.n_head
+        q = q.reshape(batch, n_q, self.n_head, head_dim).transpose(0, 2, 1, 3)
+        k = k.reshape(batch, k.shape[1], self.n_head, head_dim).transpose(0, 2, 3, 1)
+        return mx.softmax((q * head_dim**-0.5) @ k, axis=-1, precise=True)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int, cross_attention: bool = False):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head)
+        self.attn_ln = nn.LayerNorm(n_state)
+        self.cross_attn = MultiHeadAttention(n_state, n_head) if cross_attention else None
+        self.cross_attn_ln = nn.LayerNorm(n_state) if cross_attention else None
+        self.mlp1 = nn.Linear(n_state, 4 * n_state)
+        self.mlp2 = nn.Linear(4 * n_state, n_state)
+        self.mlp_ln = nn.LayerNorm(n_state)
+
+    def __call__(
+        self,
+        x: mx.array,
+        mask: mx.array | None = None,
+        cache: tuple[mx.array, mx.array] | None = None,
+        cross_kv: tuple[mx.array, mx.array] | None = None,
+    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        h = self.attn_ln(x)
+        k, v = self.attn.project_kv(h)
+        if cache is not None:
+            k = mx.concatenate([cache[0], k], axis=1)
+            v = mx.concatenate([cache[1], v], axis=1)
+        x = x + self.attn.attend(h, k, v, mask)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn.attend(self.cross_attn_ln(x), *cross_kv, None)
+        x = x + self.mlp2(nn.gelu(self.mlp1(self.mlp_ln(x))))
+        return x, (k, v)
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, n_mels: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
+        super().__init__()
+        self.conv1 = nn.Conv1d(n_mels, n_state, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
+        self._positional_embedding = mx.array(sinusoids(n_ctx, n_state))
+        self.blocks = [ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer)]
+        self.ln_post = nn.LayerNorm(n_state)
+
+    def __call__(self, mel: mx.array) -> mx.array:
+        x = nn.gelu(self.conv1(mel))
+        x = nn.gelu(self.conv2(x))
+        if x.shape[1] != self._positional_embedding.shape[0]:
+            raise ValueError(f"the encoder takes 30-second windows (3000 frames); got {mel.shape[1]} frames")
+        x = x + self._positional_embedding
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.ln_post(x)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
+        super().__init__()
+        self.token_embedding = nn.Embedding(n_vocab, n_state)
+        self.positional_embedding = mx.zeros((n_ctx, n_state))
+        self.blocks = [ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)]
+        self.ln = nn.LayerNorm(n_state)
+
+    def cross_kv(self, audio_features: mx.array) -> list[tuple[mx.array, mx.array]]:
+        """Keys and values of the audio, computed once per window and reused every step."""
+        return [block.cross_attn.project_kv(audio_features) for block in self.blocks]
+
+    def __call__(
+        self,
+        tokens: mx.array,
+        cross_kv: list[tuple[mx.array, mx.array]],
+        cache: KVCache | None = None,
+    ) -> tuple[mx.array, KVCache]:
+        """Logits for every given position, and the grown self-attention cache."""
+        offset = cache[0][0].shape[1] if cache and cache[0] is not None else 0
+        n = tokens.shape[-1]
+        x = self.token_embedding(tokens) + self.positional_embedding[offset : offset + n]
+        mask = nn.MultiHeadAttention.create_additive_causal_mask(n).astype(x.dtype) if n > 1 else None
+        if mask is not None and offset:
+            mask = mx.concatenate([mx.zeros((n, offset), dtype=x.dtype), mask], axis=1)
+        cache = cache or [None] * len(self.blocks)
+        new_cache: KVCache = []
+        for block, layer_cache, kv in zip(self.blocks, cache, cross_kv):
+            x, layer_cache = block(x, mask, layer_cache, kv)
+            new_cache.append(layer_cache)
+        x = self.ln(x)
+        return self.token_embedding.as_linear(x), new_cache
+
+
+class Whisper(nn.Module):
+    def __init__(self, dims: ModelDimensions, alignment_heads: list[list[int]] | None = None):
+        super().__init__()
+        self.dims = dims
+        self.encoder = AudioEncoder(
+            dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer
+        )
+        self.decoder = TextDecoder(
+            dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer
+        )
+        # By default the last half of the decoder layers align words with audio.
+        self.alignment_heads = alignment_heads or [
+            [layer, head]
+            for layer in range(dims.n_text_layer // 2, dims.n_text_layer)
+            for head in range(dims.n_text_head)
+        ]
+
+    @property
+    def is_multilingual(self) -> bool:
+        return self.dims.n_vocab >= 51865
+
+    @property
+    def num_languages(self) -> int:
+        return self.dims.n_vocab - 51765 - int(self.is_multilingual)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.decoder.token_embedding.weight.dtype
+
+    def embed_audio(self, mel: mx.array) -> mx.array:
+        return self.encoder(mel.astype(self.dtype))
+
+    def logits(self, tokens: mx.array, audio_features: mx.array) -> mx.array:
+        logits, _ = self.decoder(tokens, self.decoder.cross_kv(audio_features))
+        return logits
