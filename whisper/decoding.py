@@ -1,0 +1,496 @@
+"""Decode one 30-second window: language detection, then tokens under Whisper's rules.
+
+A decode is assembled from small strategies: an `Inference` that runs the model with
+its caches, `LogitFilter`s that forbid tokens, a `TokenDecoder` that picks the next
+tokens (greedy, sampling, or beam search) and a `SequenceRanker` that chooses among
+the finished candidates.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field, replace
+
+from . import backend  # noqa: F401
+import mlx.core as mx
+import numpy as np
+
+from .audio import CHUNK_LENGTH, N_FRAMES
+from .model import KVCache, Whisper
+from .tokenizer import Tokenizer, get_tokenizer
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    task: str = "transcribe"  # or "translate" (to English)
+    language: str | None = None  # None: detect it
+    temperature: float = 0.0
+    sample_len: int | None = None  # most tokens to sample; default half the text context
+    best_of: int | None = None  # candidates sampled at temperature > 0
+    beam_size: int | None = None  # beams at temperature 0; None is greedy
+    patience: float | None = None  # beam search keeps going until beam_size * patience finish
+    length_penalty: float | None = None  # None: rank by mean log-probability
+    prompt: str | list[int] | None = None  # previous text, to condition on
+    prefix: str | list[int] | None = None  # forced start of this window's text
+    suppress_tokens: str | list[int] | None = "-1"  # "-1": the non-speech symbols
+    suppress_blank: bool = True  # no blank or end-of-text as the first sampled token
+    without_timestamps: bool = False
+    max_initial_timestamp: float | None = 1.0
+    seed: int = 0  # sampling is reproducible
+
+
+@dataclass(frozen=True)
+class DecodingResult:
+    audio_features: mx.array
+    language: str
+    language_probs: dict[str, float] | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    avg_logprob: float = np.nan
+    no_speech_prob: float = np.nan
+    temperature: float = np.nan
+    compression_ratio: float = np.nan
+
+
+def compression_ratio(text: str) -> float:
+    """How much zlib shrinks the text: repetitive hallucinations compress very well."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+# ------------------------------------------------------------------ the model
+
+
+class Inference:
+    """Runs the decoder, keeping the self-attention cache between steps."""
+
+    def __init__(self, model: Whisper, audio_features: mx.array):
+        self.model = model
+        self.cross_kv = model.decoder.cross_kv(audio_features)
+        self.cache: KVCache | None = None
+        self.n_cached = 0
+
+    def logits(self, tokens: np.ndarray, positions: int = 1) -> np.ndarray:
+        """Logits of the last `positions` positions, (batch, positions, vocab), as float32."""
+        new_tokens = mx.array(tokens[:, self.n_cached :])
+        logits, self.cache = self.model.decoder(new_tokens, self.cross_kv, self.cache)
+        self.n_cached = tokens.shape[1]
+        return np.array(logits[:, -positions:].astype(mx.float32))
+
+    def expand(self, repeats: int) -> None:
+        """Repeat each audio's cross-attention keys for several candidates of it."""
+        self.cross_kv = [(mx.repeat(k, repeats, axis=0), mx.repeat(v, repeats, axis=0)) for k, v in self.cross_kv]
+
+    def reorder(self, source_indices: list[int]) -> None:
+        """Keep the cached rows that the surviving beams came from."""
+        if self.cache is not None and source_indices != list(range(len(source_indices))):
+            index = mx.array(source_indices)
+            self.cache = [(k[index], v[index]) for k, v in self.cache]
+
+
+# -------------------------------------------------------------- logit filters
+
+
+class LogitFilter:
+    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
+        """Set forbidden tokens' logits to -inf, in place. `tokens` are (batch, length)."""
+        raise NotImplementedError
+
+
+class SuppressBlank(LogitFilter):
+    """A window's text must not start with a space or end at once."""
+
+    def __init__(self, tokenizer: Tokenizer, sample_begin: int):
+        self.suppressed = [*tokenizer.encode(" "), tokenizer.eot]
+        self.sample_begin = sample_begin
+
+    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
+        if tokens.shape[1] == self.sample_begin:
+            logits[:, self.suppressed] = -np.inf
+
+
+class SuppressTokens(LogitFilter):
+    def __init__(self, suppressed: list[int]):
+        self.suppressed = suppressed
+
+    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
+        logits[:, self.suppressed] = -np.inf
+
+
+class ApplyTimestampRules(LogitFilter):
+    """Timestamps come in pairs, never go back, start the text, and win when likelier."""
+
+    def __init__(self, tokenizer: Tokenizer, sample_begin: int, max_initial_timestamp_index: int | None):
+        self.tokenizer = tokenizer
+        self.sample_begin = sample_begin
+        self.max_initial_timestamp_index = max_initial_timestamp_index
+
+    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
+        begin, eot = self.tokenizer.timestamp_begin, self.tokenizer.eot
+        logits[:, self.tokenizer.no_timestamps] = -np.inf
+        for row, sequence in enumerate(tokens[:, self.sample_begin :]):
+            last_was_timestamp = len(sequence) >= 1 and sequence[-1] >= begin
+            penultimate_was_timestamp = len(sequence) < 2 or sequence[-2] >= begin
+            if last_was_timestamp:
+                if penultimate_was_timestamp:  # a closed pair: text must follow
+                    logits[row, begin:] = -np.inf
+                else:  # an opened pair: it must close (or the text end)
+                    logits[row, :eot] = -np.inf
+            timestamps = sequence[sequence >= begin]
+            if timestamps.size:
+                # A segment may start where the last one ended, but must not be empty.
+                last = timestamps[-1] if last_was_timestamp and not penultimate_was_timestamp else timestamps[-1] + 1
+                logits[row, begin:last] = -np.inf
+        if tokens.shape[1] == self.sample_begin:
+            logits[:, :begin] = -np.inf
+            if self.max_initial_timestamp_index is not None:
+                logits[:, begin + self.max_initial_timestamp_index + 1 :] = -np.inf
+        logprobs = log_softmax(logits)
+        for row in range(tokens.shape[0]):
+            timestamp_logprob = np.logaddexp.reduce(logprobs[row, begin:])
+            if timestamp_logprob > logprobs[row, :begin].max():
+                logits[row, :begin] = -np.inf
+
+
+# ------------------------------------------------------------ token decoders
+
+
+class TokenDecoder:
+    def update(
+        self, tokens: np.ndarray, logits: np.ndarray, sum_logprobs: np.ndarray
+    ) -> tuple[np.ndarray, bool]:
+        """Append each row's next token; return the new tokens and whether all are done."""
+        raise NotImplementedError
+
+    def finalize(self, tokens: np.ndarray, sum_logprobs: np.ndarray) -> tuple[list[list[list[int]]], list[list[float]]]:
+        """Candidate token lists and their summed log-probabilities, per audio."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        pass
+
+
+class GreedyDecoder(TokenDecoder):
+    """The most likely token at temperature 0; a sample from the softmax above it."""
+
+    def __init__(self, temperature: float, eot: int, n_group: int, seed: int):
+        self.temperature = temperature
+        self.eot = eot
+        self.n_group = n_group
+        self.rng = np.random.default_rng(seed)
+
+    def update(self, tokens, logits, sum_logprobs):
+        if self.temperature == 0:
+            next_tokens = logits.argmax(axis=-1)
+        else:
+            probs = np.exp(log_softmax(logits / self.temperature)).astype(np.float64)
+            probs /= probs.sum(axis=-1, keepdims=True)
+            next_tokens = np.array([self.rng.choice(len(p), p=p) for p in probs])
+        logprobs = log_softmax(logits)
+        still_going = tokens[:, -1] != self.eot
+        sum_logprobs += logprobs[np.arange(len(next_tokens)), next_tokens] * still_going
+        next_tokens = np.where(still_going, next_tokens, self.eot)
+        tokens = np.concatenate([tokens, next_tokens[:, None]], axis=1)
+        return tokens, bool((tokens[:, -1] == self.eot).all())
+
+    def finalize(self, tokens, sum_logprobs):
+        tokens = np.pad(tokens, ((0, 0), (0, 1)), constant_values=self.eot)
+        rows = tokens.reshape(-1, self.n_group, tokens.shape[1])
+        return [[list(map(int, seq)) for seq in group] for group in rows], sum_logprobs.reshape(
+            -1, self.n_group
+        ).tolist()
+
+
+class BeamSearchDecoder(TokenDecoder):
+    """Keeps the `beam_size` likeliest prefixes; stops once enough have finished."""
+
+    def __init__(self, beam_size: int, eot: int, inference: Inference, patience: float | None):
+        self.beam_size = beam_size
+        self.eot = eot
+        self.inference = inference
+        self.patience = patience or 1.0
+        self.max_candidates = round(beam_size * self.patience)
+        if self.max_candidates <= 0:
+            raise ValueError(f"patience {patience} leaves no candidate to keep")
+        self.finished: list[dict[tuple[int, ...], float]] | None = None
+
+    def reset(self) -> None:
+        self.finished = None
+
+    def update(self, tokens, logits, sum_logprobs):
+        n_audio = tokens.shape[0] // self.beam_size
+        if self.finished is None:
+            self.finished = [{} for _ in range(n_audio)]
+        logprobs = log_softmax(logits)
+        next_rows, sources, next_sum = [], [], []
+        for audio in range(n_audio):
+            scores: dict[tuple[int, ...], float] = {}
+            origin: dict[tuple[int, ...], int] = {}
+            for beam in range(self.beam_size):
+                row = audio * self.beam_size + beam
+                prefix = tuple(int(t) for t in tokens[row])
+                # Each beam offers its beam_size + 1 best continuations.
+                best = np.argsort(-logprobs[row], kind="stable")[: self.beam_size + 1]
+                for token in best:
+                    sequence = (*prefix, int(token))
+                    scores[sequence] = float(sum_logprobs[row] + logprobs[row, token])
+                    origin[sequence] = row
+            newly_finished = []
+            for sequence in sorted(scores, key=scores.__getitem__, reverse=True):
+                if sequence[-1] == self.eot:
+                    newly_finished.append(sequence)
+                    continue
+                next_rows.append(sequence)
+                sources.append(origin[sequence])
+                next_sum.append(scores[sequence])
+                if len(next_rows) == (audio + 1) * self.beam_size:
+                    break
+            finished = self.finished[audio]
+            for sequence in newly_finished:
+                if len(finished) >= self.max_candidates:
+                    break
+                finished[sequence] = scores[sequence]
+        self.inference.reorder(sources)
+        sum_logprobs[:] = next_sum
+        done = all(len(found) >= self.max_candidates for found in self.finished)
+        return np.array(next_rows, dtype=tokens.dtype), done
+
+    def finalize(self, tokens, sum_logprobs):
+        candidates, scores = [], []
+        for audio, found in enumerate(self.finished or [{} for _ in range(tokens.shape[0] // self.beam_size)]):
+            if len(found) < self.beam_size:
+                # Too few finished: the unfinished beams, ended here, stand in.
+                for beam in np.argsort(-sum_logprobs[audio * self.beam_size : (audio + 1) * self.beam_size]):
+                    row = audio * self.beam_size + int(beam)
+                    found.setdefault((*map(int, tokens[row]), self.eot), float(sum_logprobs[row]))
+                    if len(found) >= self.beam_size:
+                        break
+            candidates.append([list(sequence) for sequence in found])
+            scores.append(list(found.values()))
+        return candidates, scores
+
+
+# ------------------------------------------------------------ sequence ranking
+
+
+class SequenceRanker:
+    def rank(self, tokens: list[list[list[int]]], sum_logprobs: list[list[float]]) -> list[int]:
+        """Index of the chosen candidate for each audio."""
+        raise NotImplementedError
+
+
+class MaximumLikelihoodRanker(SequenceRanker):
+    """Highest log-probability, divided by the length or by Google NMT's length penalty."""
+
+    def __init__(self, length_penalty: float | None):
+        self.length_penalty = length_penalty
+
+    def rank(self, tokens, sum_logprobs):
+        def score(logprob: float, length: int) -> float:
+            if self.length_penalty is None:
+                return logprob / length
+            return logprob / ((5 + length) / 6) ** self.length_penalty
+
+        return [
+            int(np.argmax([score(lp, len(seq)) for seq, lp in zip(group, logprobs)]))
+            for group, logprobs in zip(tokens, sum_logprobs)
+        ]
+
+
+# ------------------------------------------------------------------- the task
+
+
+def _as_tokens(tokenizer: Tokenizer, text_or_tokens: str | list[int]) -> list[int]:
+    if isinstance(text_or_tokens, str):
+        return tokenizer.encode(" " + text_or_tokens.strip())
+    return list(text_or_tokens)
+
+
+def detect_language(
+    model: Whisper, mel: mx.array, tokenizer: Tokenizer | None = None
+) -> tuple[list[str], list[dict[str, float]]]:
+    """The likeliest language of each window, and every language's probability.
+
+    `mel` is (frames, n_mels) or (batch, frames, n_mels), or already encoded audio.
+    """
+    if not model.is_multilingual:
+        raise ValueError("this model is English-only: it cannot detect languages")
+    tokenizer = tokenizer or get_tokenizer(True, num_languages=model.num_languages)
+    if mel.ndim == 2:
+        mel = mel[None]
+    encoded = mel.shape[-2:] == (model.dims.n_audio_ctx, model.dims.n_audio_state)
+    audio_features = mel if encoded else model.embed_audio(mel)
+    logits = np.array(model.logits(mx.array([[tokenizer.sot]] * mel.shape[0]), audio_features)[:, 0].astype(mx.float32))
+    language_tokens = list(tokenizer.all_language_tokens)
+    language_logits = logits[:, language_tokens]
+    probs = np.exp(log_softmax(language_logits))
+    codes = tokenizer.all_language_codes
+    languages = [codes[i] for i in language_logits.argmax(axis=-1)]
+    return languages, [dict(zip(codes, map(float, row))) for row in probs]
+
+
+class DecodingTask:
+    def __init__(self, model: Whisper, options: DecodingOptions):
+        self.model = model
+        language = options.language or ("en" if not model.is_multilingual else None)
+        self.tokenizer = get_tokenizer(
+            model.is_multilingual, num_languages=model.num_languages, language=language, task=options.task
+        )
+        self.options = self._verify(options)
+        self.n_group = options.beam_size or options.best_of or 1
+        self.n_ctx = model.dims.n_text_ctx
+        self.sample_len = options.sample_len or self.n_ctx // 2
+        self.sot_sequence = list(self.tokenizer.sot_sequence)
+        if options.without_timestamps:
+            self.sot_sequence = list(self.tokenizer.sot_sequence_including_notimestamps)
+        self.initial_tokens = self._initial_tokens()
+        self.sample_begin = len(self.initial_tokens)
+        self.sot_index = self.initial_tokens.index(self.tokenizer.sot)
+        self.logit_filters = self._logit_filters()
+
+    @staticmethod
+    def _verify(options: DecodingOptions) -> DecodingOptions:
+        if options.beam_size is not None and options.best_of is not None:
+            raise ValueError("best_of is for sampling and beam_size for beam search: give one of them")
+        if options.temperature == 0 and options.best_of is not None:
+            raise ValueError("best_of needs a temperature above 0")
+        if options.patience is not None and options.beam_size is None:
+            raise ValueError("patience needs beam_size")
+        if options.length_penalty is not None and not 0 <= options.length_penalty <= 1:
+            raise ValueError("length_penalty must be between 0 and 1")
+        return options
+
+    def _initial_tokens(self) -> list[int]:
+        tokens = list(self.sot_sequence)
+        if self.options.prefix:
+            prefix = _as_tokens(self.tokenizer, self.options.prefix)
+            tokens += prefix[-(self.n_ctx // 2 - self.sample_len) :] if self.sample_len < self.n_ctx // 2 else prefix
+        if self.options.prompt:
+            prompt = _as_tokens(self.tokenizer, self.options.prompt)
+            tokens = [self.tokenizer.sot_prev, *prompt[-(self.n_ctx // 2 - 1) :], *tokens]
+        return tokens
+
+    def _suppressed_tokens(self) -> list[int]:
+        wanted = self.options.suppress_tokens
+        if isinstance(wanted, str):
+            wanted = [int(t) for t in wanted.split(",") if t.strip()]
+        suppressed = set(wanted or [])
+        if -1 in suppressed:
+            suppressed.discard(-1)
+            suppressed.update(self.tokenizer.non_speech_tokens)
+        t = self.tokenizer
+        suppressed.update([t.transcribe, t.translate, t.sot, t.sot_prev, t.sot_lm, t.no_speech])
+        return sorted(suppressed)
+
+    def _logit_filters(self) -> list[LogitFilter]:
+        filters: list[LogitFilter] = []
+        if self.options.suppress_blank:
+            filters.append(SuppressBlank(self.tokenizer, self.sample_begin))
+        filters.append(SuppressTokens(self._suppressed_tokens()))
+        if not self.options.without_timestamps:
+            max_index = None
+            if self.options.max_initial_timestamp:
+                precision = CHUNK_LENGTH / self.model.dims.n_audio_ctx
+                max_index = round(self.options.max_initial_timestamp / precision)
+            filters.append(ApplyTimestampRules(self.tokenizer, self.sample_begin, max_index))
+        return filters
+
+    def _token_decoder(self, inference: Inference) -> TokenDecoder:
+        if self.options.beam_size is not None:
+            return BeamSearchDecoder(self.options.beam_size, self.tokenizer.eot, inference, self.options.patience)
+        return GreedyDecoder(self.options.temperature, self.tokenizer.eot, self.n_group, self.options.seed)
+
+    def _audio_features(self, mel: mx.array) -> mx.array:
+        if mel.shape[-2:] == (self.model.dims.n_audio_ctx, self.model.dims.n_audio_state):
+            return mel.astype(self.model.dtype)
+        if mel.shape[-2] != N_FRAMES:
+            raise ValueError(f"a window is {N_FRAMES} frames; got mel of shape {tuple(mel.shape)}")
+        return self.model.embed_audio(mel)
+
+    def _languages(self, audio_features: mx.array) -> tuple[list[str], list[dict[str, float]] | None]:
+        n_audio = audio_features.shape[0]
+        if self.options.language is not None or not self.model.is_multilingual:
+            return [self.tokenizer.language or "en"] * n_audio, None
+        languages, probs = detect_language(self.model, audio_features, self.tokenizer)
+        return languages, probs
+
+    def _sample(self, inference: Inference, decoder: TokenDecoder, tokens: np.ndarray):
+        n_rows = tokens.shape[0]
+        sum_logprobs = np.zeros(n_rows, dtype=np.float64)
+        no_speech_probs = np.full(n_rows, np.nan)
+        for step in range(self.sample_len):
+            if step == 0:
+                all_logits = inference.logits(tokens, positions=tokens.shape[1])
+                no_speech_probs = np.exp(log_softmax(all_logits[:, self.sot_index]))[:, self.tokenizer.no_speech]
+                logits = all_logits[:, -1].copy()
+            else:
+                logits = inference.logits(tokens)[:, -1].copy()
+            for logit_filter in self.logit_filters:
+                logit_filter.apply(logits, tokens)
+            tokens, completed = decoder.update(tokens, logits, sum_logprobs)
+            if completed or tokens.shape[1] > self.n_ctx:
+                break
+        return tokens, sum_logprobs, no_speech_probs
+
+    def run(self, mel: mx.array) -> list[DecodingResult]:
+        if mel.ndim == 2:
+            mel = mel[None]
+        audio_features = self._audio_features(mel)
+        n_audio = audio_features.shape[0]
+        languages, language_probs = self._languages(audio_features)
+        if self.options.language is None and self.model.is_multilingual:
+            # Each window decodes in its own detected language.
+            tasks = [DecodingTask(self.model, replace(self.options, language=lang)) for lang in languages]
+            if len(set(languages)) > 1:
+                return [
+                    replace(task.run(audio_features[i : i + 1])[0], language_probs=language_probs[i])
+                    for i, task in enumerate(tasks)
+                ]
+            return [replace(r, language_probs=p) for r, p in zip(tasks[0].run(audio_features), language_probs)]
+
+        inference = Inference(self.model, audio_features)
+        if self.n_group > 1:
+            inference.expand(self.n_group)
+        decoder = self._token_decoder(inference)
+        tokens = np.tile(np.array(self.initial_tokens, dtype=np.int64), (n_audio * self.n_group, 1))
+        tokens, sum_logprobs, no_speech_probs = self._sample(inference, decoder, tokens)
+        no_speech_probs = no_speech_probs[:: self.n_group]
+        candidates, scores = decoder.finalize(tokens, sum_logprobs)
+        candidates = [
+            [seq[self.sample_begin : seq.index(self.tokenizer.eot, self.sample_begin)] for seq in group]
+            for group in candidates
+        ]
+        chosen = MaximumLikelihoodRanker(self.options.length_penalty).rank(candidates, scores)
+        results = []
+        for i in range(n_audio):
+            best_tokens = candidates[i][chosen[i]]
+            text = self.tokenizer.decode(best_tokens).strip()
+            results.append(
+                DecodingResult(
+                    audio_features=audio_features[i],
+                    language=languages[i],
+                    tokens=best_tokens,
+                    text=text,
+                    avg_logprob=scores[i][chosen[i]] / (len(best_tokens) + 1),
+                    no_speech_prob=float(no_speech_probs[i]),
+                    temperature=self.options.temperature,
+                    compression_ratio=compression_ratio(text),
+                )
+            )
+        return results
+
+
+def decode(
+    model: Whisper, mel: mx.array, options: DecodingOptions = DecodingOptions(), **kwargs
+) -> DecodingResult | list[DecodingResult]:
+    """Decode 30-second log-mel window(s): (frames, n_mels) or (batch, frames, n_mels)."""
+    if kwargs:
+        options = replace(options, **kwargs)
+    single = mel.ndim == 2
+    results = DecodingTask(model, options).run(mel)
+    return results[0] if single else results
