@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Set-up shared by scripts/start and scripts/test (sourced, not run).
 # `setup start|test` installs what is missing: Debian packages (as root, or through sudo), the
 # virtual environment .venv, and the Python packages. Running it again is quick: apt is skipped
@@ -7,7 +8,7 @@
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$repo/.venv"
-cd "$repo"
+cd "$repo" || exit 1
 
 say() { printf 'menny: %s\n' "$*"; }
 die() { printf 'menny: error: %s\n' "$*" >&2; exit 1; }
