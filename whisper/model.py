@@ -50,29 +50,24 @@ class MultiHeadAttention(nn.Module):
     def project_kv(self, source: mx.array) -> tuple[mx.array, mx.array]:
         return self.key(source), self.value(source)
 
-    def attend(
-        self, x: mx.array, k: mx.array, v: mx.array, mask: mx.array | None
-    ) -> tuple[mx.array, mx.array | None]:
+    def attend(self, x: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
         q = self.query(x)
         batch, n_q, n_state = q.shape
         head_dim = n_state // self.n_head
-
-        def heads(t: mx.array) -> mx.array:
-            return t.reshape(batch, t.shape[1], self.n_head, head_dim).transpose(0, 2, 1, 3)
-
         out = mx.fast.scaled_dot_product_attention(
-            heads(q), heads(k), heads(v), scale=head_dim**-0.5, mask=mask
+            self._heads(q), self._heads(k), self._heads(v), scale=head_dim**-0.5, mask=mask
         )
         return self.out(out.transpose(0, 2, 1, 3).reshape(batch, n_q, n_state))
 
-    def attention_weights(self, x: mx.array, k: mx.array) -> mx.array:
-        """Softmaxed weights (batch, heads, queries, keys), for word timings."""
-        q = self.query(x)
-        batch, n_q, n_state = q.shape
-        head_dim = n_state // self.n_head
-        q = q.reshape(batch, n_q, self.n_head, head_dim).transpose(0, 2, 1, 3)
-        k = k.reshape(batch, k.shape[1], self.n_head, head_dim).transpose(0, 2, 3, 1)
-        return mx.softmax((q * head_dim**-0.5) @ k, axis=-1, precise=True)
+    def attention_logits(self, x: mx.array, k: mx.array) -> mx.array:
+        """Scaled query-key products before the softmax, (batch, heads, queries, keys)."""
+        q = self._heads(self.query(x))
+        head_dim = q.shape[-1]
+        return (q * head_dim**-0.5) @ self._heads(k).transpose(0, 1, 3, 2)
+
+    def _heads(self, t: mx.array) -> mx.array:
+        batch, length, n_state = t.shape
+        return t.reshape(batch, length, self.n_head, n_state // self.n_head).transpose(0, 2, 1, 3)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -92,7 +87,9 @@ class ResidualAttentionBlock(nn.Module):
         mask: mx.array | None = None,
         cache: tuple[mx.array, mx.array] | None = None,
         cross_kv: tuple[mx.array, mx.array] | None = None,
+        cross_logits: list[mx.array] | None = None,
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """One block; appends its cross-attention logits to `cross_logits` when given."""
         h = self.attn_ln(x)
         k, v = self.attn.project_kv(h)
         if cache is not None:
@@ -100,7 +97,10 @@ class ResidualAttentionBlock(nn.Module):
             v = mx.concatenate([cache[1], v], axis=1)
         x = x + self.attn.attend(h, k, v, mask)
         if self.cross_attn is not None:
-            x = x + self.cross_attn.attend(self.cross_attn_ln(x), *cross_kv, None)
+            h = self.cross_attn_ln(x)
+            if cross_logits is not None:
+                cross_logits.append(self.cross_attn.attention_logits(h, cross_kv[0]))
+            x = x + self.cross_attn.attend(h, *cross_kv, None)
         x = x + self.mlp2(nn.gelu(self.mlp1(self.mlp_ln(x))))
         return x, (k, v)
 
@@ -142,8 +142,12 @@ class TextDecoder(nn.Module):
         tokens: mx.array,
         cross_kv: list[tuple[mx.array, mx.array]],
         cache: KVCache | None = None,
+        cross_logits: list[mx.array] | None = None,
     ) -> tuple[mx.array, KVCache]:
-        """Logits for every given position, and the grown self-attention cache."""
+        """Logits for every given position, and the grown self-attention cache.
+
+        With `cross_logits` given, each layer's cross-attention logits are appended to it.
+        """
         offset = cache[0][0].shape[1] if cache and cache[0] is not None else 0
         n = tokens.shape[-1]
         x = self.token_embedding(tokens) + self.positional_embedding[offset : offset + n]
@@ -153,7 +157,7 @@ class TextDecoder(nn.Module):
         cache = cache or [None] * len(self.blocks)
         new_cache: KVCache = []
         for block, layer_cache, kv in zip(self.blocks, cache, cross_kv):
-            x, layer_cache = block(x, mask, layer_cache, kv)
+            x, layer_cache = block(x, mask, layer_cache, kv, cross_logits)
             new_cache.append(layer_cache)
         x = self.ln(x)
         return self.token_embedding.as_linear(x), new_cache

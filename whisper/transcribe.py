@@ -1,0 +1,412 @@
+"""Transcribe audio of any length: slide a 30-second window, decode, cut into segments.
+
+Each window is decoded with the text so far as its prompt; a window whose text looks
+wrong (too repetitive or too unlikely) is decoded again at a higher temperature.
+Where the decoder ends a window with a timestamp, the next window starts there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import backend  # noqa: F401
+import mlx.core as mx
+import numpy as np
+import tqdm
+
+from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE, load_audio, log_mel_frames, pad_or_trim
+from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language
+from .model import Whisper
+from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
+from .tokenizer import LANGUAGES, Tokenizer, get_tokenizer, language_code
+
+ProgressCallback = Callable[[float, float], None]  # (seconds done, seconds in all)
+
+_PUNCTUATION = "\"'“¿([{-\"'.。,，!！?？:：”)]}、"
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    temperature: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+    condition_on_previous_text: bool = True
+    initial_prompt: str | None = None
+    carry_initial_prompt: bool = False
+    word_timestamps: bool = False
+    prepend_punctuations: str = PREPEND_PUNCTUATIONS
+    append_punctuations: str = APPEND_PUNCTUATIONS
+    clip_timestamps: str | list[float] = "0"
+    hallucination_silence_threshold: float | None = None
+
+
+# ------------------------------------------------------------- one window
+
+
+def decode_with_fallback(
+    model: Whisper, mel: mx.array, options: TranscribeOptions, decode_options: dict
+) -> DecodingResult:
+    """Decode at rising temperatures until the text is neither repetitive nor unlikely."""
+    result = None
+    for temperature in options.temperature:
+        kwargs = dict(decode_options)
+        if temperature > 0:
+            kwargs.pop("beam_size", None)
+            kwargs.pop("patience", None)
+        else:
+            kwargs.pop("best_of", None)
+        result = DecodingTask(model, DecodingOptions(**kwargs, temperature=temperature)).run(mel[None])[0]
+        too_repetitive = (
+            options.compression_ratio_threshold is not None
+            and result.compression_ratio > options.compression_ratio_threshold
+        )
+        too_unlikely = options.logprob_threshold is not None and result.avg_logprob < options.logprob_threshold
+        silent = options.no_speech_threshold is not None and result.no_speech_prob > options.no_speech_threshold
+        if not too_repetitive and (not too_unlikely or silent):
+            break
+    return result
+
+
+def _segment(seek: int, start: float, end: float, tokens: list[int], result: DecodingResult, tokenizer: Tokenizer):
+    text_tokens = [t for t in tokens if t < tokenizer.eot]
+    return {
+        "seek": seek,
+        "start": start,
+        "end": end,
+        "text": tokenizer.decode(text_tokens),
+        "tokens": list(tokens),
+        "temperature": result.temperature,
+        "avg_logprob": result.avg_logprob,
+        "compression_ratio": result.compression_ratio,
+        "no_speech_prob": result.no_speech_prob,
+    }
+
+
+def split_segments(
+    result: DecodingResult, tokenizer: Tokenizer, seek: int, segment_size: int
+) -> tuple[list[dict], int, bool]:
+    """Cut a window's tokens at timestamp pairs; return the segments, the next seek,
+    and whether the text ended with a single timestamp (the window was used up)."""
+    tokens = np.array(result.tokens, dtype=np.int64)
+    begin = tokenizer.timestamp_begin
+    time_offset = seek * HOP_LENGTH / SAMPLE_RATE
+    precision = 0.02
+    is_timestamp = tokens >= begin
+    single_timestamp_ending = is_timestamp[-2:].tolist() == [False, True]
+    consecutive = (np.where(is_timestamp[:-1] & is_timestamp[1:])[0] + 1).tolist()
+    segments = []
+    if consecutive:
+        if single_timestamp_ending:
+            consecutive.append(len(tokens))
+        last_slice = 0
+        for current_slice in consecutive:
+            piece = tokens[last_slice:current_slice]
+            start = time_offset + (int(piece[0]) - begin) * precision
+            end = time_offset + (int(piece[-1]) - begin) * precision
+            segments.append(_segment(seek, start, end, piece.tolist(), result, tokenizer))
+            last_slice = current_slice
+        if single_timestamp_ending:
+            next_seek = seek + segment_size
+        else:
+            # The window ends in mid-speech: resume at the last complete segment's end.
+            next_seek = seek + (int(tokens[last_slice - 1]) - begin) * 2
+    else:
+        duration = segment_size * HOP_LENGTH / SAMPLE_RATE
+        timestamps = tokens[is_timestamp]
+        if len(timestamps) and timestamps[-1] != begin:
+            duration = (int(timestamps[-1]) - begin) * precision
+        segments.append(_segment(seek, time_offset, time_offset + duration, tokens.tolist(), result, tokenizer))
+        next_seek = seek + segment_size
+    return segments, next_seek, single_timestamp_ending
+
+
+# --------------------------------------------------- hallucination checks
+
+
+def _word_anomaly(word: dict) -> float:
+    probability = word.get("probability", 0.0)
+    duration = word["end"] - word["start"]
+    score = 1.0 if probability < 0.15 else 0.0
+    if duration < 0.133:
+        score += (0.133 - duration) * 15
+    if duration > 2.0:
+        score += duration - 2.0
+    return score
+
+
+def is_segment_anomaly(segment: dict | None) -> bool:
+    """Words that are unlikely and implausibly short or long: a hallucination's mark."""
+    if segment is None or not segment.get("words"):
+        return False
+    words = [w for w in segment["words"] if w["word"] not in _PUNCTUATION][:8]
+    score = sum(_word_anomaly(w) for w in words)
+    return score >= 3 or score + 0.01 >= len(words)
+
+
+def _first_with_words(segments: list[dict]) -> dict | None:
+    return next((s for s in segments if s.get("words")), None)
+
+
+def _last_word_end(segments: list[dict]) -> float | None:
+    words = [w for s in segments for w in s.get("words", [])]
+    return words[-1]["end"] if words else None
+
+
+# ------------------------------------------------------------- the whole
+
+
+@dataclass
+class _Progress:
+    """The text so far, and where the next window starts."""
+
+    seek: int
+    all_tokens: list[int] = field(default_factory=list)
+    all_segments: list[dict] = field(default_factory=list)
+    prompt_reset_since: int = 0
+    last_speech_timestamp: float = 0.0
+
+
+def _seek_clips(clip_timestamps: str | list[float], content_frames: int) -> list[tuple[int, int]]:
+    if isinstance(clip_timestamps, str):
+        clip_timestamps = [float(t) for t in clip_timestamps.split(",") if t.strip()] or [0.0]
+    points = [round(t * FRAMES_PER_SECOND) for t in clip_timestamps]
+    if len(points) % 2:
+        points.append(content_frames)
+    return [(points[i], min(points[i + 1], content_frames)) for i in range(0, len(points), 2)]
+
+
+def _choose_language(model: Whisper, mel: np.ndarray, language: str | None, verbose: bool | None) -> str:
+    if language is not None:
+        return language_code(language)
+    if not model.is_multilingual:
+        return "en"
+    window = mx.array(pad_or_trim(mel[:N_FRAMES], N_FRAMES, axis=0))
+    languages, _ = detect_language(model, window)
+    if verbose:
+        print(f"Detected language: {LANGUAGES[languages[0]].title()}")
+    return languages[0]
+
+
+def _prompt(state: _Progress, prompt_tokens: list[int], options: TranscribeOptions, n_text_ctx: int) -> list[int]:
+    if not options.carry_initial_prompt:
+        return state.all_tokens[state.prompt_reset_since :]
+    # The initial prompt always leads; recent text fills what room is left.
+    room = n_text_ctx // 2 - 1 - len(prompt_tokens)
+    recent = state.all_tokens[max(len(prompt_tokens), state.prompt_reset_since) :]
+    return prompt_tokens + (recent[-room:] if room > 0 else [])
+
+
+def _skip_hallucinations(
+    segments: list[dict],
+    state: _Progress,
+    threshold: float,
+    time_offset: float,
+    window_duration: float,
+    content_frames: int,
+) -> bool:
+    """Drop a hallucinated-looking segment surrounded by silence; True when the whole
+    window should be skipped to just before the first speech."""
+    first = _first_with_words(segments)
+    if first is not None and is_segment_anomaly(first):
+        gap = first["start"] - time_offset
+        if gap > threshold:
+            state.seek += round(gap * FRAMES_PER_SECOND)
+            return True
+    content_duration = content_frames * HOP_LENGTH / SAMPLE_RATE
+    window_end = time_offset + 30.0
+    last_end = state.last_speech_timestamp
+    for i, segment in enumerate(segments):
+        if not segment.get("words"):
+            continue
+        if is_segment_anomaly(segment):
+            following = _first_with_words(segments[i + 1 :])
+            next_start = following["words"][0]["start"] if following else time_offset + window_duration
+            silence_before = (
+                segment["start"] - last_end > threshold
+                or segment["start"] < threshold
+                or segment["start"] - time_offset < 2.0
+            )
+            silence_after = (
+                next_start - segment["end"] > threshold
+                or is_segment_anomaly(following)
+                or window_end - segment["end"] < 2.0
+            )
+            if silence_before and silence_after:
+                state.seek = round(max(time_offset + 1, segment["start"]) * FRAMES_PER_SECOND)
+                if content_duration - segment["end"] < threshold:
+                    state.seek = content_frames
+                del segments[i:]
+                return False
+        last_end = segment["end"]
+    return False
+
+
+def _print_segments(segments: list[dict]) -> None:
+    for segment in segments:
+        print(f"[{format_timestamp(segment['start'])} --> {format_timestamp(segment['end'])}] {segment['text']}")
+
+
+def format_timestamp(seconds: float, always_include_hours: bool = False, decimal_marker: str = ".") -> str:
+    milliseconds = round(seconds * 1000.0)
+    hours, milliseconds = divmod(milliseconds, 3_600_000)
+    minutes, milliseconds = divmod(milliseconds, 60_000)
+    seconds, milliseconds = divmod(milliseconds, 1_000)
+    hours_marker = f"{hours:02d}:" if always_include_hours or hours > 0 else ""
+    return f"{hours_marker}{minutes:02d}:{seconds:02d}{decimal_marker}{milliseconds:03d}"
+
+
+def transcribe(
+    model: Whisper,
+    audio: str | os.PathLike | bytes | np.ndarray,
+    *,
+    verbose: bool | None = None,
+    progress_callback: ProgressCallback | None = None,
+    temperature: float | tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+    compression_ratio_threshold: float | None = 2.4,
+    logprob_threshold: float | None = -1.0,
+    no_speech_threshold: float | None = 0.6,
+    condition_on_previous_text: bool = True,
+    initial_prompt: str | None = None,
+    carry_initial_prompt: bool = False,
+    word_timestamps: bool = False,
+    prepend_punctuations: str = PREPEND_PUNCTUATIONS,
+    append_punctuations: str = APPEND_PUNCTUATIONS,
+    clip_timestamps: str | list[float] = "0",
+    hallucination_silence_threshold: float | None = None,
+    **decode_options,
+) -> dict:
+    """Transcribe (or translate) audio of any length.
+
+    `audio` is a path, file bytes or a 16 kHz waveform.  Returns openai-whisper's result:
+    `{"text", "segments", "language"}`.  `verbose` True prints each segment, False shows
+    a progress bar, None neither; `progress_callback(done, total)` gets seconds.
+    Other keyword arguments are `DecodingOptions` fields (language, task, beam_size, ...).
+    """
+    options = TranscribeOptions(
+        temperature=(temperature,) if isinstance(temperature, (int, float)) else tuple(temperature),
+        compression_ratio_threshold=compression_ratio_threshold,
+        logprob_threshold=logprob_threshold,
+        no_speech_threshold=no_speech_threshold,
+        condition_on_previous_text=condition_on_previous_text,
+        initial_prompt=initial_prompt,
+        carry_initial_prompt=carry_initial_prompt,
+        word_timestamps=word_timestamps,
+        prepend_punctuations=prepend_punctuations,
+        append_punctuations=append_punctuations,
+        clip_timestamps=clip_timestamps,
+        hallucination_silence_threshold=hallucination_silence_threshold,
+    )
+    if options.hallucination_silence_threshold is not None and not options.word_timestamps:
+        raise ValueError("hallucination_silence_threshold needs word_timestamps=True")
+    decode_options.pop("fp16", None)  # the precision is the model's dtype
+    waveform = audio if isinstance(audio, np.ndarray) else load_audio(audio)
+    mel = log_mel_frames(waveform, model.dims.n_mels, padding=N_FRAMES * HOP_LENGTH)
+    content_frames = mel.shape[0] - N_FRAMES
+
+    language = _choose_language(model, mel, decode_options.pop("language", None), verbose)
+    task = decode_options.setdefault("task", "transcribe")
+    if task == "translate" and not model.is_multilingual:
+        raise ValueError("this model is English-only: it cannot translate; use a multilingual model such as base")
+    tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language=language, task=task)
+    decode_options["language"] = language
+
+    clips = _seek_clips(options.clip_timestamps, content_frames)
+    prompt_tokens = tokenizer.encode(" " + initial_prompt.strip()) if initial_prompt else []
+    state = _Progress(seek=clips[0][0], all_tokens=list(prompt_tokens))
+    total_seconds = content_frames / FRAMES_PER_SECOND
+
+    with tqdm.tqdm(total=content_frames, unit="frames", disable=verbose is not False) as bar:
+        clip_index = 0
+        while clip_index < len(clips):
+            clip_start, clip_end = clips[clip_index]
+            state.seek = max(state.seek, clip_start)
+            if state.seek >= clip_end:
+                clip_index += 1
+                if clip_index < len(clips):
+                    state.seek = clips[clip_index][0]
+                continue
+            previous_seek = state.seek
+            _transcribe_window(model, mel, tokenizer, options, decode_options, state, clip_end, content_frames, prompt_tokens, verbose)
+            done = min(content_frames, state.seek)
+            bar.update(done - previous_seek)
+            if progress_callback is not None:
+                progress_callback(done / FRAMES_PER_SECOND, total_seconds)
+
+    return {
+        "text": tokenizer.decode(state.all_tokens[len(prompt_tokens) :]),
+        "segments": state.all_segments,
+        "language": language,
+    }
+
+
+def _transcribe_window(
+    model: Whisper,
+    mel: np.ndarray,
+    tokenizer: Tokenizer,
+    options: TranscribeOptions,
+    decode_options: dict,
+    state: _Progress,
+    clip_end: int,
+    content_frames: int,
+    prompt_tokens: list[int],
+    verbose: bool | None,
+) -> None:
+    """Decode the window at `state.seek`, add its segments, and move the seek on."""
+    seek = state.seek
+    time_offset = seek * HOP_LENGTH / SAMPLE_RATE
+    segment_size = min(N_FRAMES, content_frames - seek, clip_end - seek)
+    window_duration = segment_size * HOP_LENGTH / SAMPLE_RATE
+    window = mx.array(pad_or_trim(mel[seek : seek + segment_size], N_FRAMES, axis=0))
+
+    decode_options["prompt"] = _prompt(state, prompt_tokens, options, model.dims.n_text_ctx)
+    result = decode_with_fallback(model, window, options, decode_options)
+
+    if options.no_speech_threshold is not None:
+        silent = result.no_speech_prob > options.no_speech_threshold
+        confident = options.logprob_threshold is not None and result.avg_logprob > options.logprob_threshold
+        if silent and not confident:
+            state.seek += segment_size
+            return
+
+    segments, state.seek, single_timestamp_ending = split_segments(result, tokenizer, seek, segment_size)
+
+    if options.word_timestamps:
+        add_word_timestamps(
+            segments=segments,
+            model=model,
+            tokenizer=tokenizer,
+            mel=window,
+            num_frames=segment_size,
+            prepend_punctuations=options.prepend_punctuations,
+            append_punctuations=options.append_punctuations,
+            last_speech_timestamp=state.last_speech_timestamp,
+        )
+        last_end = _last_word_end(segments)
+        if not single_timestamp_ending and last_end is not None and last_end > time_offset:
+            state.seek = round(last_end * FRAMES_PER_SECOND)
+        if options.hallucination_silence_threshold is not None:
+            threshold = options.hallucination_silence_threshold
+            if not single_timestamp_ending and last_end is not None and last_end > time_offset:
+                remaining = time_offset + 30.0 - last_end
+                state.seek = round(last_end * FRAMES_PER_SECOND) if remaining > threshold else seek + segment_size
+            if _skip_hallucinations(segments, state, threshold, time_offset, window_duration, content_frames):
+                return
+        last_end = _last_word_end(segments)
+        if last_end is not None:
+            state.last_speech_timestamp = last_end
+
+    for segment in segments:
+        # A segment with no duration or no text is noise from the decoder: keep it empty.
+        if segment["start"] == segment["end"] or not segment["text"].strip():
+            segment.update(text="", tokens=[], words=[])
+    if verbose:
+        _print_segments(segments)
+    first_id = len(state.all_segments)
+    state.all_segments.extend({"id": first_id + i, **segment} for i, segment in enumerate(segments))
+    state.all_tokens.extend(token for segment in segments for token in segment["tokens"])
+    if not options.condition_on_previous_text or result.temperature > 0.5:
+        state.prompt_reset_since = len(state.all_tokens)
+
