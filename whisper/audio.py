@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import io
 import os
-from functools import lru_cache
+from functools import cache
 
 import av
-import numpy as np
-
-from . import backend  # noqa: F401
 import mlx.core as mx
+import numpy as np
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -100,7 +98,7 @@ def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
     return np.where(mel >= min_log_mel, logarithmic, linear)
 
 
-@lru_cache(maxsize=None)
+@cache
 def mel_filters(n_mels: int) -> np.ndarray:
     """Slaney-normalised triangular mel filters, (n_mels, 1 + N_FFT // 2), as librosa makes them."""
     fft_freqs = np.linspace(0, SAMPLE_RATE / 2, 1 + N_FFT // 2)
@@ -115,7 +113,7 @@ def mel_filters(n_mels: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hann_window() -> np.ndarray:
     # Periodic, as torch.hann_window's default.
     return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)

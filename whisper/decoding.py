@@ -11,7 +11,6 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field, replace
 
-from . import backend  # noqa: F401
 import mlx.core as mx
 import numpy as np
 
@@ -161,9 +160,7 @@ class ApplyTimestampRules(LogitFilter):
 
 
 class TokenDecoder:
-    def update(
-        self, tokens: np.ndarray, logits: np.ndarray, sum_logprobs: np.ndarray
-    ) -> tuple[np.ndarray, bool]:
+    def update(self, tokens: np.ndarray, logits: np.ndarray, sum_logprobs: np.ndarray) -> tuple[np.ndarray, bool]:
         """Append each row's next token; return the new tokens and whether all are done."""
         raise NotImplementedError
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+from mlx import nn
 
 # A self-attention cache per decoder layer: (keys, values), each (batch, tokens, state).
 KVCache = list[tuple[mx.array, mx.array] | None]

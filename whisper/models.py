@@ -17,10 +17,9 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import backend  # noqa: F401
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+from mlx import nn
 
 from .convert import ModelFormatError, alignment_heads_from_config, load_ct2
 from .model import ModelDimensions, Whisper
@@ -180,7 +179,7 @@ def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> Whisper:
     weights_path = _weights_file(folder)
     try:
         weights = mx.load(str(weights_path))
-    except Exception as error:  # mlx raises plain RuntimeError/ValueError for bad files
+    except (RuntimeError, ValueError, OSError) as error:
         raise ModelFormatError(f"{weights_path}: cannot be read ({error}); delete the folder to rebuild it") from None
     # The encoder's sinusoidal positions are recomputed, never loaded.
     weights.pop("encoder.positional_embedding", None)

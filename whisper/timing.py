@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from . import backend  # noqa: F401
 import mlx.core as mx
 import numba
 import numpy as np
@@ -112,14 +111,14 @@ def find_alignment(
     matrix = weights.mean(axis=0)[n_sot:-1]
     text_indices, time_indices = dtw(np.ascontiguousarray(-matrix, dtype=np.float64))
 
-    words, word_tokens = tokenizer.split_to_word_tokens(text_tokens + [tokenizer.eot])
+    words, word_tokens = tokenizer.split_to_word_tokens([*text_tokens, tokenizer.eot])
     if len(word_tokens) <= 1:
         return []
     boundaries = np.pad(np.cumsum([len(t) for t in word_tokens[:-1]]), (1, 0))
     jumps = np.pad(np.diff(text_indices), (1, 0), constant_values=1).astype(bool)
     jump_times = time_indices[jumps] / TOKENS_PER_SECOND
     starts, ends = jump_times[boundaries[:-1]], jump_times[boundaries[1:]]
-    probabilities = [float(np.mean(text_token_probs[i:j])) for i, j in zip(boundaries[:-1], boundaries[1:])]
+    probabilities = [float(np.mean(text_token_probs[i:j])) for i, j in itertools.pairwise(boundaries)]
     return [
         WordTiming(word, pieces, float(start), float(end), probability)
         for word, pieces, start, end, probability in zip(words, word_tokens, starts, ends, probabilities)

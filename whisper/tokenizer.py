@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import string
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import tiktoken
@@ -14,29 +14,37 @@ ASSETS = Path(__file__).parent / "assets"
 
 # Language code and English name, in the order of the language tokens.
 _LANGUAGE_TABLE = """
-    en:english zh:chinese de:german es:spanish ru:russian ko:korean fr:french ja:japanese 
-    pt:portuguese tr:turkish pl:polish ca:catalan nl:dutch ar:arabic sv:swedish it:italian 
-    id:indonesian hi:hindi fi:finnish vi:vietnamese he:hebrew uk:ukrainian el:greek ms:malay 
-    cs:czech ro:romanian da:danish hu:hungarian ta:tamil no:norwegian th:thai ur:urdu hr:croatian 
-    bg:bulgarian lt:lithuanian la:latin mi:maori ml:malayalam cy:welsh sk:slovak te:telugu 
-    fa:persian lv:latvian bn:bengali sr:serbian az:azerbaijani sl:slovenian kn:kannada et:estonian 
-    mk:macedonian br:breton eu:basque is:icelandic hy:armenian ne:nepali mn:mongolian bs:bosnian 
-    kk:kazakh sq:albanian sw:swahili gl:galician mr:marathi pa:punjabi si:sinhala km:khmer sn:shona 
-    yo:yoruba so:somali af:afrikaans oc:occitan ka:georgian be:belarusian tg:tajik sd:sindhi 
-    gu:gujarati am:amharic yi:yiddish lo:lao uz:uzbek fo:faroese ht:haitian_creole ps:pashto 
-    tk:turkmen nn:nynorsk mt:maltese sa:sanskrit lb:luxembourgish my:myanmar bo:tibetan tl:tagalog 
-    mg:malagasy as:assamese tt:tatar haw:hawaiian ln:lingala ha:hausa ba:bashkir jw:javanese 
+    en:english zh:chinese de:german es:spanish ru:russian ko:korean fr:french ja:japanese
+    pt:portuguese tr:turkish pl:polish ca:catalan nl:dutch ar:arabic sv:swedish it:italian
+    id:indonesian hi:hindi fi:finnish vi:vietnamese he:hebrew uk:ukrainian el:greek ms:malay
+    cs:czech ro:romanian da:danish hu:hungarian ta:tamil no:norwegian th:thai ur:urdu hr:croatian
+    bg:bulgarian lt:lithuanian la:latin mi:maori ml:malayalam cy:welsh sk:slovak te:telugu
+    fa:persian lv:latvian bn:bengali sr:serbian az:azerbaijani sl:slovenian kn:kannada et:estonian
+    mk:macedonian br:breton eu:basque is:icelandic hy:armenian ne:nepali mn:mongolian bs:bosnian
+    kk:kazakh sq:albanian sw:swahili gl:galician mr:marathi pa:punjabi si:sinhala km:khmer sn:shona
+    yo:yoruba so:somali af:afrikaans oc:occitan ka:georgian be:belarusian tg:tajik sd:sindhi
+    gu:gujarati am:amharic yi:yiddish lo:lao uz:uzbek fo:faroese ht:haitian_creole ps:pashto
+    tk:turkmen nn:nynorsk mt:maltese sa:sanskrit lb:luxembourgish my:myanmar bo:tibetan tl:tagalog
+    mg:malagasy as:assamese tt:tatar haw:hawaiian ln:lingala ha:hausa ba:bashkir jw:javanese
     su:sundanese yue:cantonese
 """
 LANGUAGES: dict[str, str] = {
-    code: name.replace("_", " ")
-    for code, name in (item.split(":") for item in _LANGUAGE_TABLE.split())
+    code: name.replace("_", " ") for code, name in (item.split(":") for item in _LANGUAGE_TABLE.split())
 }
 TO_LANGUAGE_CODE: dict[str, str] = {
     **{name: code for code, name in LANGUAGES.items()},
-    "burmese": "my", "valencian": "ca", "flemish": "nl", "haitian": "ht", "letzeburgesch": "lb",
-    "pushto": "ps", "panjabi": "pa", "moldavian": "ro", "moldovan": "ro", "sinhalese": "si",
-    "castilian": "es", "mandarin": "zh",
+    "burmese": "my",
+    "valencian": "ca",
+    "flemish": "nl",
+    "haitian": "ht",
+    "letzeburgesch": "lb",
+    "pushto": "ps",
+    "panjabi": "pa",
+    "moldavian": "ro",
+    "moldovan": "ro",
+    "sinhalese": "si",
+    "castilian": "es",
+    "mandarin": "zh",
 }
 
 # GPT-2's pre-tokenisation pattern.
@@ -53,7 +61,7 @@ def language_code(language: str) -> str:
     raise ValueError(f"unsupported language: {language!r}; use a code such as 'en' or a name such as 'english'")
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_encoding(name: str = "gpt2", num_languages: int = 99) -> tiktoken.Encoding:
     lines = (ASSETS / f"{name}.tiktoken").read_text().splitlines()
     ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
@@ -172,7 +180,28 @@ class Tokenizer:
         Kept: the space-prefixed dash and apostrophe, which often start spoken words.
         """
         symbols = list('"#()*+/:;<=>@[\\]^_`{|}~「」『』')
-        symbols += "<< >> <<< >>> -- --- -( -[ (' (\" (( )) ((( ))) [[ ]] {{ }} ♪♪ ♪♪♪".split()
+        symbols += [
+            "<<",
+            ">>",
+            "<<<",
+            ">>>",
+            "--",
+            "---",
+            "-(",
+            "-[",
+            "('",
+            '("',
+            "((",
+            "))",
+            "(((",
+            ")))",
+            "[[",
+            "]]",
+            "{{",
+            "}}",
+            "♪♪",
+            "♪♪♪",
+        ]
         musical = set("♩♪♫♬♭♮♯")
         result = {self.encoding.encode(" -")[0], self.encoding.encode(" '")[0]}
         for symbol in symbols + sorted(musical):
@@ -220,7 +249,7 @@ class Tokenizer:
         return words, word_tokens
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_tokenizer(
     multilingual: bool,
     *,

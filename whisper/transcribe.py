@@ -11,12 +11,19 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import backend  # noqa: F401
 import mlx.core as mx
 import numpy as np
 import tqdm
 
-from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE, load_audio, log_mel_frames, pad_or_trim
+from .audio import (
+    FRAMES_PER_SECOND,
+    HOP_LENGTH,
+    N_FRAMES,
+    SAMPLE_RATE,
+    load_audio,
+    log_mel_frames,
+    pad_or_trim,
+)
 from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language
 from .model import Whisper
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
@@ -329,7 +336,9 @@ def transcribe(
                     state.seek = clips[clip_index][0]
                 continue
             previous_seek = state.seek
-            _transcribe_window(model, mel, tokenizer, options, decode_options, state, clip_end, content_frames, prompt_tokens, verbose)
+            _transcribe_window(
+                model, mel, tokenizer, options, decode_options, state, clip_end, content_frames, prompt_tokens, verbose
+            )
             done = min(content_frames, state.seek)
             bar.update(done - previous_seek)
             if progress_callback is not None:
@@ -409,4 +418,3 @@ def _transcribe_window(
     state.all_tokens.extend(token for segment in segments for token in segment["tokens"])
     if not options.condition_on_previous_text or result.temperature > 0.5:
         state.prompt_reset_since = len(state.all_tokens)
-
