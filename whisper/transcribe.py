@@ -28,6 +28,7 @@ from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_lang
 from .model import Whisper
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
 from .tokenizer import LANGUAGES, Tokenizer, get_tokenizer, language_code
+from .writers import format_timestamp
 
 ProgressCallback = Callable[[float, float], None]  # (seconds done, seconds in all)
 
@@ -254,15 +255,6 @@ def _skip_hallucinations(
 def _print_segments(segments: list[dict]) -> None:
     for segment in segments:
         print(f"[{format_timestamp(segment['start'])} --> {format_timestamp(segment['end'])}] {segment['text']}")
-
-
-def format_timestamp(seconds: float, always_include_hours: bool = False, decimal_marker: str = ".") -> str:
-    milliseconds = round(seconds * 1000.0)
-    hours, milliseconds = divmod(milliseconds, 3_600_000)
-    minutes, milliseconds = divmod(milliseconds, 60_000)
-    seconds, milliseconds = divmod(milliseconds, 1_000)
-    hours_marker = f"{hours:02d}:" if always_include_hours or hours > 0 else ""
-    return f"{hours_marker}{minutes:02d}:{seconds:02d}{decimal_marker}{milliseconds:03d}"
 
 
 def transcribe(

@@ -1,0 +1,150 @@
+"""`python -m whisper AUDIO ...`: transcribe files from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .audio import AudioError
+from .convert import ModelFormatError
+from .models import DEFAULT_MODEL, ModelNotFoundError, load_model
+from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+from .transcribe import transcribe
+from .writers import FORMATS, SubtitleOptions, write_result
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text == "None" else float(text)
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text == "None" else int(text)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in {"true", "1", "yes"}:
+        return True
+    if text.lower() in {"false", "0", "no"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m whisper",
+        description="Transcribe or translate speech in audio and video files, on this machine.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("audio", nargs="+", help="audio or video files to transcribe")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="tiny.en, base, a model folder or a Hugging Face id")
+    parser.add_argument("--output-dir", "-o", default=".", help="where the outputs are written")
+    parser.add_argument("--output-format", "-f", default="all", choices=[*FORMATS, "all"], help="output format")
+    parser.add_argument("--verbose", type=_bool, default=True, help="print each segment as it is decoded")
+    parser.add_argument(
+        "--task", default="transcribe", choices=["transcribe", "translate"], help="translate: into English"
+    )
+    languages = sorted(LANGUAGES) + sorted(name.title() for name in TO_LANGUAGE_CODE)
+    parser.add_argument("--language", default=None, choices=languages, help="spoken language; detected when absent")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
+    parser.add_argument("--best-of", type=_optional_int, default=5, help="candidates when sampling at temperature > 0")
+    parser.add_argument("--beam-size", type=_optional_int, default=5, help="beams at temperature 0; None is greedy")
+    parser.add_argument("--patience", type=float, default=None, help="beam search patience (1.0 is conventional)")
+    parser.add_argument("--length-penalty", type=float, default=None, help="alpha of Google NMT's length penalty")
+    parser.add_argument("--suppress-tokens", default="-1", help="comma-separated token ids; -1: non-speech symbols")
+    parser.add_argument("--initial-prompt", default=None, help="text that primes the first window (names, spelling)")
+    parser.add_argument("--carry-initial-prompt", type=_bool, default=False, help="prefix the prompt to every window")
+    parser.add_argument(
+        "--condition-on-previous-text", type=_bool, default=True, help="prompt each window with the text before it"
+    )
+    parser.add_argument(
+        "--temperature-increment-on-fallback", type=_optional_float, default=0.2, help="fallback temperature step"
+    )
+    parser.add_argument("--compression-ratio-threshold", type=_optional_float, default=2.4, help="above: fall back")
+    parser.add_argument("--logprob-threshold", type=_optional_float, default=-1.0, help="below: fall back")
+    parser.add_argument(
+        "--no-speech-threshold", type=_optional_float, default=0.6, help="above (and unlikely): silence"
+    )
+    parser.add_argument("--word-timestamps", type=_bool, default=False, help="time every word")
+    parser.add_argument("--prepend-punctuations", default="\"'“¿([{-", help="marks merged into the next word")
+    parser.add_argument(
+        "--append-punctuations", default="\"'.。,，!！?？:：”)]}、", help="marks merged into the word before"
+    )
+    parser.add_argument("--highlight-words", type=_bool, default=False, help="underline each word as it is spoken")
+    parser.add_argument("--max-line-width", type=_optional_int, default=None, help="subtitle characters per line")
+    parser.add_argument("--max-line-count", type=_optional_int, default=None, help="subtitle lines per cue")
+    parser.add_argument("--max-words-per-line", type=_optional_int, default=None, help="subtitle words per line")
+    parser.add_argument("--clip-timestamps", default="0", help="start,end,start,end,... seconds to transcribe")
+    parser.add_argument(
+        "--hallucination-silence-threshold", type=_optional_float, default=None, help="skip silences this long"
+    )
+    return parser
+
+
+def _temperatures(args: argparse.Namespace) -> tuple[float, ...]:
+    if args.temperature_increment_on_fallback is None:
+        return (args.temperature,)
+    return tuple(np.arange(args.temperature, 1.0 + 1e-6, args.temperature_increment_on_fallback))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    word_options = (args.highlight_words, args.max_line_width, args.max_line_count, args.max_words_per_line)
+    if any(word_options) and not args.word_timestamps:
+        print("--highlight-words and the --max-* line options need --word-timestamps True", file=sys.stderr)
+        return 2
+    if args.max_line_count and not args.max_line_width:
+        print("--max-line-count needs --max-line-width", file=sys.stderr)
+        return 2
+    try:
+        model = load_model(args.model)
+    except (ModelNotFoundError, ModelFormatError) as error:
+        print(f"cannot load the model: {error}", file=sys.stderr)
+        return 1
+    language = args.language
+    if language and model.is_multilingual is False and language.lower() not in {"en", "english"}:
+        print(f"{args.model} is English-only; use --model base for {language}", file=sys.stderr)
+        language = "en"
+    subtitle_options = SubtitleOptions(
+        args.max_line_width, args.max_line_count, args.max_words_per_line, args.highlight_words
+    )
+    failures = 0
+    for audio_path in args.audio:
+        try:
+            result = transcribe(
+                model,
+                audio_path,
+                verbose=args.verbose,
+                temperature=_temperatures(args),
+                compression_ratio_threshold=args.compression_ratio_threshold,
+                logprob_threshold=args.logprob_threshold,
+                no_speech_threshold=args.no_speech_threshold,
+                condition_on_previous_text=args.condition_on_previous_text,
+                initial_prompt=args.initial_prompt,
+                carry_initial_prompt=args.carry_initial_prompt,
+                word_timestamps=args.word_timestamps,
+                prepend_punctuations=args.prepend_punctuations,
+                append_punctuations=args.append_punctuations,
+                clip_timestamps=args.clip_timestamps,
+                hallucination_silence_threshold=args.hallucination_silence_threshold,
+                language=language,
+                task=args.task,
+                best_of=args.best_of,
+                beam_size=args.beam_size,
+                patience=args.patience,
+                length_penalty=args.length_penalty,
+                suppress_tokens=args.suppress_tokens,
+            )
+        except (AudioError, ValueError) as error:
+            print(f"skipped {audio_path}: {error}", file=sys.stderr)
+            failures += 1
+            continue
+        if not args.verbose:
+            print(result["text"].strip())
+        for path in write_result(result, audio_path, args.output_dir, args.output_format, subtitle_options):
+            print(f"wrote {path}", file=sys.stderr)
+        if not result["segments"]:
+            print(f"{Path(audio_path).name}: no speech found", file=sys.stderr)
+    return 1 if failures else 0
