@@ -1,0 +1,77 @@
+"""What one page session keeps: a record per transcribed clip, newest first, and its exports."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import PurePath
+
+import numpy as np
+
+from whisper.audio import SAMPLE_RATE
+from whisper.writers import render
+
+from .wav import float_to_pcm16, wav_header
+
+EXPORT_FORMATS = {
+    "txt": "text/plain",
+    "srt": "application/x-subrip",
+    "vtt": "text/vtt",
+    "json": "application/json",
+}
+
+
+@dataclass(frozen=True)
+class ClipResult:
+    """One transcribed clip with everything its result view shows."""
+
+    name: str
+    source: str  # where the speech came from, in words: "upload", "browser microphone", ...
+    duration_s: float
+    result: dict  # whisper.transcribe's result
+    wav: bytes  # what the model heard: 16 kHz mono WAV, for the audio player
+    waveform_png: bytes
+    spectrogram_png: bytes
+    model: str
+    transcribe_s: float  # wall time of the transcription alone
+    created: datetime = field(default_factory=datetime.now)
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def text(self) -> str:
+        return self.result["text"].strip()
+
+    @property
+    def language(self) -> str:
+        return self.result.get("language") or "unknown"
+
+    def export(self, fmt: str) -> str:
+        return render(self.result, fmt)
+
+    def export_name(self, fmt: str) -> str:
+        return f"{PurePath(self.name).stem or 'transcript'}.{fmt}"
+
+
+class History:
+    """The session's transcripts, newest first, until cleared."""
+
+    def __init__(self) -> None:
+        self._records: list[ClipResult] = []
+
+    def add(self, record: ClipResult) -> None:
+        self._records.insert(0, record)
+
+    def clear(self) -> None:
+        self._records.clear()
+
+    def __iter__(self):
+        return iter(list(self._records))
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+
+def wav_bytes(audio: np.ndarray) -> bytes:
+    """16 kHz mono 16-bit WAV of float samples in [-1, 1]."""
+    return wav_header(audio.size, SAMPLE_RATE) + float_to_pcm16(audio).tobytes()

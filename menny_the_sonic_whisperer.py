@@ -1,0 +1,30 @@
+"""Menny, the Sonic Whisperer: the page. Run with `streamlit run menny_the_sonic_whisperer.py`
+(or `./menny start`, which also starts the microphone server).
+
+Three ways to give Menny speech, one result view; the pieces live in menny/ui.py.
+"""
+
+import streamlit as st
+
+from menny import ui
+
+st.set_page_config(page_title="Menny, the Sonic Whisperer", page_icon=str(ui.AVATAR), layout="wide")
+
+ui.header()
+settings, model, server_url = ui.sidebar_settings()
+
+server_tab, browser_tab, upload_tab = st.tabs(
+    [
+        ":material/mic: Server mic",
+        ":material/language: Browser mic",
+        ":material/upload_file: Upload",
+    ]
+)
+with server_tab:
+    ui.server_tab(server_url, model, settings)
+with browser_tab:
+    ui.browser_tab(model, settings)
+with upload_tab:
+    ui.upload_tab(model, settings)
+
+ui.history_section()

@@ -1,0 +1,123 @@
+"""The page's logic through Streamlit's AppTest: real engine (tiny.en), real speech, no browser.
+
+What a person sees in a real browser is covered by test_page_browser.py.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import pytest
+from speech import REPO, clip, wer
+from streamlit.testing.v1 import AppTest
+
+from menny.session import wav_bytes
+
+PAGE = str(REPO / "menny_the_sonic_whisperer.py")
+# Generous: a guard against a hung run on a loaded 2-core machine, not a speed requirement.
+RUN_TIMEOUT_S = 600
+DEV_CLIP = "ls_1272-128104-0000.wav"  # LibriSpeech dev-clean
+# tiny.en's word error rate on this clip is 0 %; the margin allows for a word or so.
+MAX_WER = 10.0
+
+
+def closed_port_url() -> str:
+    """A URL where nothing listens (the port was free a moment ago; nothing here takes it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def page(monkeypatch: pytest.MonkeyPatch) -> AppTest:
+    monkeypatch.setenv("MENNY_MODEL", "tiny.en")
+    monkeypatch.setenv("MENNY_SERVER_URL", closed_port_url())
+    monkeypatch.delenv("MENNY_TOKEN", raising=False)
+    app = AppTest.from_file(PAGE, default_timeout=RUN_TIMEOUT_S).run()
+    assert not app.exception
+    return app
+
+
+def history(app: AppTest) -> list:
+    return list(app.session_state["history"]) if "history" in app.session_state else []
+
+
+def messages(elements) -> str:
+    return "\n".join(element.value for element in elements)
+
+
+def test_dev_clip_upload_is_transcribed_within_the_engines_wer(page: AppTest) -> None:
+    reference = clip(DEV_CLIP)
+    page.file_uploader(key="uploads").upload(DEV_CLIP, reference.path.read_bytes(), "audio/wav").run()
+    assert not page.exception
+    assert not page.error, messages(page.error)
+    [record] = history(page)
+    assert wer([reference.transcript], [record.text]) <= MAX_WER, record.text
+    assert record.language == "en"
+    assert record.duration_s == pytest.approx(reference.duration, abs=0.05)
+    # The result view: the transcript, the player and both pictures, the four downloads.
+    [transcript] = [html for html in page.get("html") if 'class="menny-transcript"' in html.proto.body]
+    assert "apostle" in transcript.proto.body.lower()
+    assert len(page.get("audio")) == 1
+    assert len(page.image) >= 3  # the avatar, the waveform, the spectrogram
+    assert {button.proto.label for button in page.get("download_button")} == {"TXT", "SRT", "VTT", "JSON"}
+    assert "-->" in record.export("srt") and record.export("vtt").startswith("WEBVTT")
+    assert json.loads(record.export("json"))["text"] == record.result["text"]
+    # Rerunning the page (any widget change) must not transcribe the same upload again.
+    page.run()
+    assert len(history(page)) == 1
+
+
+def test_several_uploads_each_get_their_own_result_newest_first(page: AppTest) -> None:
+    first, second = clip("ps_cards_001.wav"), clip("ps_goforward.flac")
+    page.file_uploader(key="uploads").set_value(
+        [(first.file, first.path.read_bytes(), "audio/wav"), (second.file, second.path.read_bytes(), "audio/flac")]
+    ).run()
+    assert not page.exception
+    assert [record.name for record in history(page)] == [second.file, first.file]
+    for record, expected in zip(history(page), (second, first)):
+        assert wer([expected.transcript], [record.text]) <= 34.0, record.text  # 3- and 4-word clips
+    page.button(key="clear_history").click().run()
+    assert history(page) == []
+
+
+def test_unreadable_upload_gets_a_readable_error(page: AppTest) -> None:
+    page.file_uploader(key="uploads").upload("notes.mp3", b"these are not the sounds you are looking for", "audio/mpeg")
+    page.run()
+    assert not page.exception
+    text = messages(page.error)
+    assert "notes.mp3" in text and "Could not read" in text and "FFmpeg" in text, text
+    assert "Traceback" not in text
+    assert history(page) == []
+
+
+def test_empty_browser_recording_says_what_to_do(page: AppTest) -> None:
+    page.get("audio_input")[0].upload("recording.wav", wav_bytes(np.zeros(0, dtype=np.float32)))
+    page.run()
+    assert not page.exception
+    text = messages(page.error)
+    assert "empty" in text and "microphone" in text, text
+    assert history(page) == []
+
+
+def test_server_down_names_the_command_and_the_browser_microphone(page: AppTest) -> None:
+    text = messages(page.warning)
+    assert "not running" in text and ".venv/bin/python audio_server.py --port" in text, text
+    assert "record in the browser" in text
+    assert any("audio_server.py" in code.value for code in page.code)
+
+
+def test_missing_model_is_explained_and_nothing_breaks(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("MENNY_MODEL", str(tmp_path / "no-such-model"))
+    monkeypatch.setenv("MENNY_SERVER_URL", closed_port_url())
+    app = AppTest.from_file(PAGE, default_timeout=RUN_TIMEOUT_S).run()
+    assert not app.exception
+    assert "could not be loaded" in messages(app.error)
+    assert "python -m whisper.models prepare" in messages(app.error)
+    reference = clip("ps_goforward.flac")
+    app.file_uploader(key="uploads").upload(reference.file, reference.path.read_bytes(), "audio/flac").run()
+    assert not app.exception
+    assert "no model is loaded" in messages(app.error)
