@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import PurePath
 
 import numpy as np
@@ -12,7 +13,8 @@ import numpy as np
 from whisper.audio import SAMPLE_RATE
 from whisper.writers import render
 
-from .wav import float_to_pcm16, wav_header
+from . import visuals
+from .wav import HEADER_BYTES, float_to_pcm16, wav_header
 
 EXPORT_FORMATS = {
     "txt": "text/plain",
@@ -24,19 +26,36 @@ EXPORT_FORMATS = {
 
 @dataclass(frozen=True)
 class ClipResult:
-    """One transcribed clip with everything its result view shows."""
+    """One transcribed clip with everything its result view shows.
+
+    Its pictures are drawn when first shown, not when transcribed, so the transcript reaches
+    the page first; then they are kept, so reruns of the page only resend them.
+    """
 
     name: str
     source: str  # where the speech came from, in words: "upload", "browser microphone", ...
-    duration_s: float
     result: dict  # whisper.transcribe's result
-    wav: bytes  # what the model heard: 16 kHz mono WAV, for the audio player
-    waveform_png: bytes
-    spectrogram_png: bytes
+    wav: bytes  # what the model heard: 16 kHz mono 16-bit WAV (wav_bytes), for the player
     model: str
+    n_mels: int  # of the model's input, for the spectrogram
     transcribe_s: float  # wall time of the transcription alone
     created: datetime = field(default_factory=datetime.now)
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def duration_s(self) -> float:
+        return (len(self.wav) - HEADER_BYTES) / 2 / SAMPLE_RATE
+
+    def samples(self) -> np.ndarray:
+        return np.frombuffer(self.wav, "<i2", offset=HEADER_BYTES).astype(np.float32) / 32768.0
+
+    @cached_property
+    def waveform_png(self) -> bytes:
+        return visuals.figure_png(visuals.waveform_figure(self.samples()))
+
+    @cached_property
+    def spectrogram_png(self) -> bytes:
+        return visuals.figure_png(visuals.spectrogram_figure(self.samples(), self.n_mels))
 
     @property
     def text(self) -> str:

@@ -14,7 +14,6 @@ import numpy as np
 import whisper
 from whisper.audio import SAMPLE_RATE, AudioError, load_audio
 
-from . import visuals
 from .session import ClipResult, wav_bytes
 
 # Shorter than this holds no word: a click on Stop right after Record, or a muted microphone.
@@ -71,18 +70,16 @@ def transcribe_clip(
     settings: Settings,
     progress: ProgressCallback | None = None,
 ) -> ClipResult:
-    """Transcribe samples and render the clip's pictures."""
+    """Transcribe samples into a record for the history."""
     started = time.perf_counter()
     result = whisper.transcribe(model, audio, progress_callback=progress, **settings.transcribe_options())
     transcribe_s = time.perf_counter() - started
     return ClipResult(
         name=name,
         source=source,
-        duration_s=audio.size / SAMPLE_RATE,
         result=result,
         wav=wav_bytes(audio),
-        waveform_png=visuals.figure_png(visuals.waveform_figure(audio)),
-        spectrogram_png=visuals.figure_png(visuals.spectrogram_figure(audio, model.dims.n_mels)),
         model=settings.model,
+        n_mels=model.dims.n_mels,
         transcribe_s=transcribe_s,
     )

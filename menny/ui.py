@@ -34,6 +34,7 @@ LIVE_POLL_S = 0.5
 IDLE_POLL_S = 3.0
 METER_FLOOR_DBFS = -60.0
 AUTO_LANGUAGE = "auto"
+HEADER_STYLE = "<style>@media (max-width: 640px) { .st-key-menny-header h1 { font-size: 1.75rem; } }</style>"
 
 
 def default_model() -> str:
@@ -46,13 +47,16 @@ def session_history() -> History:
 
 
 def header() -> None:
-    st.html(STYLE)
-    avatar, title = st.columns([1, 6], vertical_alignment="center")
-    avatar.image(str(AVATAR), width=112)
-    title.title("Menny, the Sonic Whisperer")
-    title.caption(
-        "Speech to text on this computer: record, or drop in any audio or video file. Nothing leaves the machine."
-    )
+    st.html(STYLE + HEADER_STYLE)
+    # Side by side at any width (columns would stack on a phone and push the tabs down).
+    with st.container(horizontal=True, vertical_alignment="center", key="menny-header"):
+        st.image(str(AVATAR), width=96)
+        with st.container(width="stretch"):
+            st.title("Menny, the Sonic Whisperer")
+            st.caption(
+                "Speech to text on this computer: record, or drop in any audio or video file. "
+                "Nothing leaves the machine."
+            )
 
 
 # --- settings and the model -----------------------------------------------------------------
@@ -201,28 +205,26 @@ def server_tab(server_url: str, model: Whisper | None, settings: Settings) -> No
 
 
 def _recorder(client: ServerClient, live: bool, model: Whisper | None, settings: Settings) -> None:
-    notice = st.session_state.get("recorder_notice")
+    if st.session_state.get("server_stop"):
+        # Stop was pressed: straight to the transcript; redrawing the live view would delay it.
+        st.session_state["recorder_notice"] = _stop_and_transcribe(client, model, settings)
+        st.rerun()
     try:
         status = client.status()
     except ServerUnavailable as error:
         st.warning(str(error), icon=":material/power_off:")
-        st.code(start_command(client.url), language="bash")
+        st.code(start_command(client.url), language="bash", wrap_lines=True)
         if live:
             st.rerun()  # the server went away mid-recording: back to slow polling
         return
     except ServerError as error:
         st.error(str(error))
         return
+    if status.recording != live:
+        st.rerun()  # started or stopped elsewhere (another tab): switch how often to poll
     if status.recording:
         _live_view(client, status)
-        if st.button("Stop", icon=":material/stop_circle:", type="primary", key="server_stop"):
-            st.session_state["recorder_notice"] = _stop_and_transcribe(client, model, settings)
-            st.rerun()
-        if not live:
-            st.rerun()  # recording started elsewhere (another tab): poll fast
         return
-    if live:
-        st.rerun()  # stopped elsewhere: poll slowly
     if status.error:
         st.warning(status.error, icon=":material/mic_off:")
     st.caption(
@@ -236,11 +238,12 @@ def _recorder(client: ServerClient, live: bool, model: Whisper | None, settings:
         except ServerError as error:
             st.session_state["recorder_notice"] = str(error)
         st.rerun()
-    if notice:
+    if notice := st.session_state.get("recorder_notice"):
         st.error(notice)
 
 
 def _live_view(client: ServerClient, status: ServerStatus) -> None:
+    """Elapsed time, a level meter, Stop, and the waveform recorded so far."""
     elapsed, meter = st.columns([1, 3], vertical_alignment="center")
     elapsed.metric("Recording", clock(status.elapsed_s))
     level = max(status.level_dbfs, METER_FLOOR_DBFS)
@@ -248,14 +251,15 @@ def _live_view(client: ServerClient, status: ServerStatus) -> None:
         (level - METER_FLOOR_DBFS) / -METER_FLOOR_DBFS,
         text=f"Level {status.level_dbfs:.0f} dBFS" if status.level_dbfs > METER_FLOOR_DBFS else "Level: silence",
     )
+    st.button("Stop", icon=":material/stop_circle:", type="primary", key="server_stop")
     try:
         wav = client.partial_wav(status.clip_id)
         audio = load_audio(wav) if wav else None
     except (ServerError, AudioError):
         audio = None  # a poll that misses is redrawn by the next one
-    if audio is None or audio.size == 0:
-        return
-    st.image(visuals.figure_png(visuals.waveform_figure(audio, title="Recorded so far", height=1.3)))
+    if audio is not None and audio.size:
+        figure = visuals.waveform_figure(audio, title="Recorded so far", size=visuals.LIVE_FIGURE_SIZE)
+        st.image(visuals.figure_png(figure), width="stretch")
 
 
 def _stop_and_transcribe(client: ServerClient, model: Whisper | None, settings: Settings) -> str | None:
@@ -277,7 +281,9 @@ def history_section() -> None:
     history = session_history()
     heading, clear = st.columns([4, 1], vertical_alignment="bottom")
     heading.subheader("Transcripts")
-    if len(history) and clear.button("Clear all", icon=":material/delete:", key="clear_history"):
+    if len(history) and clear.container(horizontal_alignment="right").button(
+        "Clear all", icon=":material/delete:", key="clear_history"
+    ):
         history.clear()
     if not len(history):
         st.info("Nothing transcribed yet: record something or upload a file above.", icon=":material/headphones:")

@@ -18,7 +18,9 @@ MAX_COLUMNS = 1600
 # Spectrograms are computed a slice at a time so an hour-long file needs little memory.
 SPECTROGRAM_SLICE_S = 300
 WAVE_COLOUR = "#4b3fd1"
-FIGURE_SIZE = (4.8, 2.3)
+# Inches: with DPI they set how large the labels look once the picture is fitted to the page.
+FIGURE_SIZE = (4.8, 2.3)  # half the page
+LIVE_FIGURE_SIZE = (7.2, 1.4)  # a strip across the page
 DPI = 200
 FREQUENCY_TICKS_HZ = (0, 250, 500, 1000, 2000, 4000, 8000)
 
@@ -66,8 +68,8 @@ def mel_bin_centres_hz(n_mels: int) -> np.ndarray:
     return (filters @ fft_hz) / filters.sum(axis=1)
 
 
-def _new_figure(height: float) -> tuple[Figure, object]:
-    figure = Figure(figsize=(FIGURE_SIZE[0], height), dpi=DPI, layout="constrained")
+def _new_figure(size: tuple[float, float]) -> tuple[Figure, object]:
+    figure = Figure(figsize=size, dpi=DPI, layout="constrained")
     axes = figure.add_subplot()
     axes.tick_params(labelsize=8)
     for side in ("top", "right"):
@@ -75,11 +77,11 @@ def _new_figure(height: float) -> tuple[Figure, object]:
     return figure, axes
 
 
-def waveform_figure(audio: np.ndarray, title: str = "Waveform", height: float = FIGURE_SIZE[1]) -> Figure:
+def waveform_figure(audio: np.ndarray, title: str = "Waveform", size: tuple[float, float] = FIGURE_SIZE) -> Figure:
     """Amplitude over time in seconds, as a min/max envelope."""
     times, low, high = waveform_envelope(audio)
     duration = max(np.asarray(audio).size / SAMPLE_RATE, 1e-3)
-    figure, axes = _new_figure(height)
+    figure, axes = _new_figure(size)
     axes.fill_between(times, low, high, color=WAVE_COLOUR, linewidth=0.6, edgecolor=WAVE_COLOUR)
     axes.axhline(0.0, color="#999999", linewidth=0.5)
     peak = max(float(np.max(np.abs(high))), float(np.max(np.abs(low))), 0.05)
@@ -95,7 +97,7 @@ def spectrogram_figure(audio: np.ndarray, n_mels: int = 80, title: str = "Log-me
     """The log-mel input in dB over time (s) and mel frequency (labelled in Hz), with a colour bar."""
     db = log_mel_db(audio, n_mels)
     duration = max(np.asarray(audio).size / SAMPLE_RATE, 1 / FRAMES_PER_SECOND)
-    figure, axes = _new_figure(FIGURE_SIZE[1])
+    figure, axes = _new_figure(FIGURE_SIZE)
     image = axes.imshow(
         db,
         origin="lower",

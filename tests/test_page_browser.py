@@ -1,0 +1,252 @@
+"""The page in a real browser: Debian's Chromium driven by Playwright, a real Streamlit server,
+the real microphone server hearing a PulseAudio virtual microphone, real speech, tiny.en.
+
+Each state is saved as a full-page screenshot, at 1280x800 and as a 400-px-wide phone view,
+under artifacts/page/ (look at them: the layout must be clean in both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+from speech import REPO, clip, wer
+from virtual_mic import ServerProcess, VirtualMic, wait_for
+
+PAGE = "menny_the_sonic_whisperer.py"
+PAGE_PORTS = range(18800, 18900)
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = REPO / "artifacts" / "page"
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 400, "height": 800}
+# Failure guards for a loaded 2-core machine, not speed requirements.
+START_TIMEOUT_S = 120
+TRANSCRIPT_TIMEOUT_MS = 300_000
+UI_TIMEOUT_MS = 60_000
+
+UPLOAD_CLIP = clip("jfk.flac")
+SERVER_CLIP = clip("librivox_sns01_0870.wav")
+BROWSER_CLIP = clip("ls_1272-128104-0000.wav")  # Chromium's fake microphone plays it in a loop
+# tiny.en gets these clips right but for a word at most; a browser recording may also catch the
+# loop's restart, which adds a word or two.
+MAX_WER = 15.0
+
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+    f"--use-file-for-fake-audio-capture={BROWSER_CLIP.path}",
+]
+
+
+def free_page_port() -> int:
+    for port in PAGE_PORTS:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PAGE_PORTS.start}-{PAGE_PORTS.stop - 1}")
+
+
+class PageProcess:
+    """`streamlit run menny_the_sonic_whisperer.py` as a child process, as scripts/start runs it."""
+
+    def __init__(self, server_url: str, log_path: Path) -> None:
+        self.port = free_page_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {**os.environ, "MENNY_MODEL": "tiny.en", "MENNY_SERVER_URL": server_url}
+        env.pop("MENNY_TOKEN", None)
+        command = [
+            sys.executable, "-m", "streamlit", "run", PAGE, "--server.headless", "true",
+            "--server.address", "127.0.0.1", "--server.port", str(self.port),
+            "--browser.gatherUsageStats", "false",
+        ]
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_until_healthy(self) -> PageProcess:
+        def healthy() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"streamlit exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(httpx.TransportError):
+                return httpx.get(f"{self.url}/_stcore/health", timeout=5).status_code == 200
+            return False
+
+        wait_for(healthy, f"streamlit on port {self.port}", START_TIMEOUT_S, 0.2)
+        return self
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_page(browser: Browser, tmp_path: Path) -> Iterator[Callable[[str], Page]]:
+    """open_page(server_url): starts the page's Streamlit server and opens it in a new tab."""
+    processes: list[PageProcess] = []
+    contexts = []
+
+    def start(server_url: str) -> Page:
+        streamlit = PageProcess(server_url, tmp_path / f"streamlit{len(processes)}.log")
+        processes.append(streamlit)
+        streamlit.wait_until_healthy()
+        context = browser.new_context(viewport=DESKTOP)
+        contexts.append(context)
+        context.grant_permissions(["microphone"], origin=streamlit.url)
+        page = context.new_page()
+        page.set_default_timeout(UI_TIMEOUT_MS)
+        page.goto(streamlit.url)
+        expect(page.get_by_role("heading", name="Menny, the Sonic Whisperer")).to_be_visible()
+        return page
+
+    yield start
+    for context in contexts:
+        context.close()
+    for streamlit in processes:
+        streamlit.stop()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def save_screenshots(page: Page, name: str) -> None:
+    """Full-page screenshots at 1280x800 and 400 px wide; the phone view must not scroll sideways.
+
+    Streamlit scrolls inside its own container, so the viewport is made as tall as the content
+    for the shot (a plain full_page shot would cut the page at the window's height).
+    """
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for suffix, viewport in (("", DESKTOP), ("-phone", PHONE)):
+        page.set_viewport_size(viewport)
+        page.wait_for_timeout(500)  # let the layout settle at the new width
+        height = page.evaluate("() => document.querySelector('[data-testid=stMain]').scrollHeight")
+        overflow = page.evaluate(
+            "() => Math.max(...[...document.querySelectorAll('[data-testid=stMain], body')]"
+            ".map(e => e.scrollWidth - e.clientWidth))"
+        )
+        assert overflow <= 0, f"{name}: the page is {overflow} px wider than the {viewport['width']}-px window"
+        page.set_viewport_size({"width": viewport["width"], "height": max(viewport["height"], height)})
+        page.wait_for_timeout(300)
+        page.screenshot(path=ARTIFACTS / f"{name}{suffix}.png", full_page=True)
+    page.set_viewport_size(DESKTOP)
+
+
+def transcripts(page: Page, count: int = 1) -> list[str]:
+    """The transcripts on the page once there are `count` of them, newest first."""
+    page.wait_for_function(
+        f"document.querySelectorAll('.menny-transcript').length >= {count}", timeout=TRANSCRIPT_TIMEOUT_MS
+    )
+    return page.locator(".menny-transcript").all_inner_texts()
+
+
+def spoken_text(transcript: str) -> str:
+    """A transcript's words without the segment times ("0:00.0 → 0:08.1") that start its lines."""
+    return " ".join(re.sub(r"^\s*[\d:.]+ → [\d:.]+", "", line) for line in transcript.splitlines())
+
+
+def test_upload_jfk_shows_transcript_waveform_and_spectrogram(open_page) -> None:
+    page = open_page(closed_port_url())
+    page.get_by_role("tab", name="Upload").click()
+    page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(UPLOAD_CLIP.path)
+    [transcript] = transcripts(page)
+    assert wer([UPLOAD_CLIP.transcript], [spoken_text(transcript)]) <= MAX_WER, transcript
+    card = page.locator('[class*="st-key-menny-clip-"]')
+    expect(card.locator("audio")).to_have_count(1)
+    expect(card.locator('[data-testid="stImage"] img')).to_have_count(2)
+    expect(card.get_by_role("button", name="SRT")).to_be_visible()
+    expect(card).to_contain_text("language: English")
+    # Word timings are on: each word tells its time on hover, and a click plays from there.
+    word = card.locator(".menny-word", has_text="country").last
+    assert "–" in word.get_attribute("title")
+    word.click()
+    start = float(word.get_attribute("data-start"))
+    assert card.locator("audio").evaluate("a => a.currentTime") >= start - 0.05
+    save_screenshots(page, "1-upload-jfk")
+
+
+def test_record_through_the_server_with_the_virtual_microphone(
+    open_page, audio_server: Callable[..., ServerProcess], virtual_mic: VirtualMic
+) -> None:
+    server = audio_server()
+    page = open_page(server.url)
+    expect(page.get_by_text("Records this computer's microphone")).to_be_visible()
+    page.get_by_role("button", name="Record").click()
+    expect(page.get_by_text("Recording", exact=True)).to_be_visible()
+    speaking = threading.Thread(target=virtual_mic.play, args=(SERVER_CLIP.path,))
+    speaking.start()
+    try:
+        # Live feedback while it speaks: the level meter moves and the waveform so far appears.
+        expect(page.get_by_text("dBFS")).to_be_visible()
+        expect(page.locator('[data-testid="stImage"] img')).to_have_count(2)  # the avatar and the live waveform
+        save_screenshots(page, "2a-server-recording")
+    finally:
+        speaking.join()
+    page.get_by_role("button", name="Stop").click()
+    [transcript] = transcripts(page)
+    assert wer([SERVER_CLIP.transcript], [spoken_text(transcript)]) <= MAX_WER, transcript
+    expect(page.locator('[class*="st-key-menny-clip-"]')).to_contain_text("server microphone")
+    expect(page.get_by_role("button", name="Record")).to_be_visible()
+    save_screenshots(page, "2b-server-transcript")
+
+
+def test_record_in_the_browser_with_audio_input(open_page) -> None:
+    page = open_page(closed_port_url())
+    page.get_by_role("tab", name="Browser mic").click()
+    recorder = page.locator('[data-testid="stAudioInput"]')
+    recorder.get_by_role("button", name="Record").click()
+    # Record the clip once through (the fake microphone starts it when the page opens it).
+    page.wait_for_timeout(int((BROWSER_CLIP.duration + 0.3) * 1000))
+    recorder.get_by_role("button", name="Stop recording").click()
+    [transcript] = transcripts(page)
+    text = spoken_text(transcript)
+    assert wer([BROWSER_CLIP.transcript], [text]) <= MAX_WER, transcript
+    expect(page.locator('[class*="st-key-menny-clip-"]')).to_contain_text("browser microphone")
+    save_screenshots(page, "3-browser-recording")
+
+
+def test_stopped_server_is_reported_with_the_command_to_start_it(
+    open_page, audio_server: Callable[..., ServerProcess]
+) -> None:
+    server = audio_server()
+    page = open_page(server.url)
+    expect(page.get_by_role("button", name="Record")).to_be_visible()
+    server.stop()
+    # The recorder panel polls the server, so the message comes without touching the page.
+    warning = page.locator('[data-testid="stAlert"]', has_text="not running")
+    expect(warning).to_be_visible()
+    expect(warning).to_contain_text("record in the browser")
+    expect(page.locator('[data-testid="stCode"]')).to_contain_text(f"audio_server.py --port {server.port}")
+    save_screenshots(page, "4-server-stopped")
