@@ -317,6 +317,7 @@ def health() -> Health:
 @router.post(
     "/start",
     responses={
+        400: _error("The body is not JSON."),
         409: _error("Already recording."),
         422: {"model": ValidationProblem, "description": "No such input device."},
         503: UNAVAILABLE,
