@@ -16,8 +16,8 @@ do"}``; a request that fails validation gets 422 with FastAPI's list of problems
 
 ``POST /start``, optional body ``{"device": "pulse"}`` (name, or a part of it) or ``{"device": 3}``
     200 ``{"clip_id": "20250102-130405-123456", "device": "pulse", "sample_rate": 16000,
-    "capture_rate": 16000, "max_clip_s": 1800.0}``; 409 already recording; 422 no such device;
-    503 no input device or PortAudio missing (the detail says how to fix it).
+    "capture_rate": 16000, "max_clip_s": 1800.0}``; 400 body not JSON; 409 already recording;
+    422 no such device; 503 no input device or PortAudio missing (the detail says the fix).
 ``POST /stop``
     200 ``{"id": "20250102-130405-123456", "duration_s": 5.86, "peak_dbfs": -3.1,
     "size_bytes": 187604, "overflows": 0, "limit_reached": false, "device": "pulse",
@@ -87,7 +87,7 @@ log = logging.getLogger("menny.audio_server")
 
 DEFAULT_PORT = 8765
 MIN_TOKEN_LENGTH = 16
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # as Host headers name them
 
 
 def default_data_dir() -> Path:
@@ -464,8 +464,10 @@ def create_app(settings: Settings) -> FastAPI:
     origins = {*settings.allowed_origins}
     if is_loopback(settings.host):
         # Other web sites can reach 127.0.0.1 through DNS rebinding; the Host header exposes it.
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_HOSTS))
-        origins |= {f"http://{host}:{settings.port}" for host in ("127.0.0.1", "localhost")}
+        own = f"[{settings.host}]" if ":" in settings.host else settings.host
+        hosts = sorted({*LOOPBACK_HOSTS, own})
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
+        origins |= {f"http://{host}:{settings.port}" for host in hosts}  # the page at /docs
 
     @app.middleware("http")
     async def refuse_foreign_origins(

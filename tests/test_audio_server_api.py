@@ -4,6 +4,7 @@ OpenAPI schema."""
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,7 +58,11 @@ def test_recording_lifecycle_and_its_errors(client: TestClient, mic_env: Virtual
     assert client.get("/wav").status_code == 404  # nothing finished yet
     assert client.get("/clips").json() == []
 
-    mic_env.play(SPEECH.path)
+    speaking = threading.Thread(target=mic_env.play, args=(SPEECH.path,))
+    speaking.start()
+    # The meter shows speech while it plays (silence reads -100 dBFS).
+    wait_for(lambda: client.get("/status").json()["level_dbfs"] > -40, "speech on the level meter")
+    speaking.join()
     status = wait_for(
         lambda: (s := client.get("/status").json())["elapsed_s"] > SPEECH.duration + 0.5 and s,
         "the played clip to be recorded",

@@ -246,6 +246,22 @@ def test_without_an_input_device_recording_fails_with_the_fix(
     assert server.client.post("/stop").status_code == 409
 
 
+def test_configured_device(audio_server: Callable[..., ServerProcess]) -> None:
+    chosen = audio_server("--device", "pulse")
+    assert chosen.client.get("/status").json()["device"] == "pulse"
+    assert chosen.client.post("/start").json()["device"] == "pulse"
+    chosen.client.post("/stop")
+
+    missing = audio_server("--device", "no such microphone")
+    status = missing.client.get("/status").json()
+    assert status["device"] is None
+    assert "The configured input device is not available" in status["error"]
+    start = missing.client.post("/start")
+    assert start.status_code == 503 and "restart the server with another --device" in start.json()["detail"]
+    # A device the client names is still usable.
+    assert missing.client.post("/start", json={"device": "default"}).status_code == 200
+
+
 def test_other_hosts_refuse_to_start_without_a_token(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "MENNY_TOKEN"}
     result = subprocess.run(
