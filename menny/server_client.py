@@ -43,7 +43,7 @@ class ServerUnavailable(ServerError):
             f"The microphone server is not running at {url} ({reason}). "
             f"Start it in a terminal in Menny's folder with `{start_command(url)}` "
             "(or start the server and the page together with `scripts/start`), "
-            "or record in the browser instead."
+            "or record in the browser instead (the Browser mic tab)."
         )
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
 from whisper.audio import SAMPLE_RATE, AudioError, load_audio
 from whisper.model import Whisper
@@ -34,6 +36,7 @@ LIVE_POLL_S = 0.5
 IDLE_POLL_S = 3.0
 METER_FLOOR_DBFS = -60.0
 AUTO_LANGUAGE = "auto"
+SOURCE_TABS = (":material/mic: Server mic", ":material/language: Browser mic", ":material/upload_file: Upload")
 HEADER_STYLE = "<style>@media (max-width: 640px) { .st-key-menny-header h1 { font-size: 1.75rem; } }</style>"
 
 
@@ -194,13 +197,24 @@ def browser_tab(model: Whisper | None, settings: Settings) -> None:
 # --- the server's microphone ----------------------------------------------------------------
 
 
-def server_tab(server_url: str, model: Whisper | None, settings: Settings) -> None:
-    """Record / Stop through audio_server.py, with live feedback polled by a fragment."""
-    client = ServerClient(server_url)
+def server_status(client: ServerClient) -> ServerStatus | None:
+    """The microphone server's status, or None when it does not answer."""
     try:
-        live = client.status().recording
+        return client.status()
     except ServerError:
-        live = False
+        return None
+
+
+def source_tabs(server_up: bool) -> Sequence[DeltaGenerator]:
+    """The three ways in. A session that opens while the server is down starts on the browser's
+    microphone (the tabs do not rerun the page, so a click never interrupts a transcription)."""
+    first = st.session_state.setdefault("first_tab", SOURCE_TABS[0] if server_up else SOURCE_TABS[1])
+    return st.tabs(SOURCE_TABS, default=first)
+
+
+def server_tab(client: ServerClient, status: ServerStatus | None, model: Whisper | None, settings: Settings) -> None:
+    """Record / Stop through audio_server.py, with live feedback polled by a fragment."""
+    live = status is not None and status.recording
     st.fragment(_recorder, run_every=LIVE_POLL_S if live else IDLE_POLL_S)(client, live, model, settings)
 
 

@@ -64,11 +64,11 @@ def free_page_port() -> int:
 class PageProcess:
     """`streamlit run menny_the_sonic_whisperer.py` as a child process, as scripts/start runs it."""
 
-    def __init__(self, server_url: str, log_path: Path) -> None:
+    def __init__(self, server_url: str, log_path: Path, model: str = "tiny.en") -> None:
         self.port = free_page_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        env = {**os.environ, "MENNY_MODEL": "tiny.en", "MENNY_SERVER_URL": server_url}
+        env = {**os.environ, "MENNY_MODEL": model, "MENNY_SERVER_URL": server_url}
         env.pop("MENNY_TOKEN", None)
         command = [
             sys.executable, "-m", "streamlit", "run", PAGE, "--server.headless", "true",

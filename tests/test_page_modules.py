@@ -1,0 +1,148 @@
+"""The page's building blocks without a browser: pictures, transcript HTML, the server client,
+history records and exports."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+
+import numpy as np
+import pytest
+from speech import clip, model
+from virtual_mic import ServerProcess
+
+from menny import visuals
+from menny.server_client import ServerClient, ServerError, ServerUnavailable, start_command
+from menny.session import ClipResult, History, wav_bytes
+from menny.transcript_view import clock, transcript_html
+from menny.transcription import ClipError, Settings, decode, transcribe_clip
+from whisper.audio import SAMPLE_RATE, load_audio
+
+
+def test_waveform_envelope_keeps_every_peak_in_a_bounded_number_of_columns() -> None:
+    rng = np.random.default_rng(0)
+    audio = rng.uniform(-0.5, 0.5, SAMPLE_RATE * 600).astype(np.float32)  # ten minutes
+    audio[1_234_567] = 0.99
+    audio[7_654_321] = -0.98
+    times, low, high = visuals.waveform_envelope(audio)
+    assert len(times) <= visuals.MAX_COLUMNS
+    assert high.max() == pytest.approx(0.99) and low.min() == pytest.approx(-0.98)
+    assert times[0] > 0 and times[-1] < 600 and np.all(np.diff(times) > 0)
+
+
+def test_short_audio_envelope_is_the_samples_themselves() -> None:
+    audio = np.array([0.1, -0.2, 0.3], dtype=np.float32)
+    times, low, high = visuals.waveform_envelope(audio)
+    assert np.array_equal(low, audio) and np.array_equal(high, audio)
+    assert times == pytest.approx(np.array([0.5, 1.5, 2.5]) / SAMPLE_RATE)
+
+
+def test_spectrogram_is_the_models_log_mel_in_db_averaged_down_for_long_audio() -> None:
+    audio = load_audio(clip("jfk.flac").path)
+    db = visuals.log_mel_db(audio, n_mels=80)
+    assert db.shape == (80, 1100)  # 100 frames a second
+    # Whisper keeps 8 decades (80 dB) below the loudest bin.
+    assert db.max() - db.min() == pytest.approx(80.0, abs=0.01)
+    long_db = visuals.log_mel_db(np.tile(audio, 40), n_mels=80)  # over 7 minutes: two slices
+    assert long_db.shape == (80, visuals.MAX_COLUMNS)
+
+
+def test_mel_axis_centres_rise_through_the_speech_band() -> None:
+    centres = visuals.mel_bin_centres_hz(80)
+    assert np.all(np.diff(centres) > 0)
+    assert 0 < centres[0] < 60 and 7000 < centres[-1] < 8000
+
+
+def test_figures_render_to_png() -> None:
+    audio = load_audio(clip("ps_goforward.flac").path)
+    for figure in (visuals.waveform_figure(audio), visuals.spectrogram_figure(audio, 80)):
+        png = visuals.figure_png(figure)
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_transcript_html_escapes_text_and_times_each_word() -> None:
+    result = {
+        "segments": [
+            {"start": 0.0, "end": 2.5, "text": " Tom <b>& Jerry", "words": [
+                {"word": " Tom", "start": 0.0, "end": 0.4},
+                {"word": " <b>&", "start": 0.4, "end": 1.0},
+                {"word": " Jerry", "start": 1.0, "end": 2.5},
+            ]},
+            {"start": 65.0, "end": 3725.25, "text": " No words timed <here>"},
+        ]
+    }
+    page = transcript_html(result)
+    assert "<b>&" not in page and html.escape("<b>&") in page and html.escape("<here>") in page
+    assert page.count('class="menny-word"') == 3
+    assert 'data-start="1.00" data-end="2.50" title="1.00–2.50 s">Jerry</span>' in page
+    assert "1:05.0 → 1:02:05.2" in page
+    assert "No speech heard" in transcript_html({"segments": []})
+
+
+def test_clock() -> None:
+    assert clock(0) == "0:00.0" and clock(7.34) == "0:07.3" and clock(3600 + 62.5) == "1:01:02.5"
+
+
+def test_client_for_a_stopped_server_names_the_command_to_start_it() -> None:
+    client = ServerClient("http://127.0.0.1:9")  # the discard port: nothing listens
+    with pytest.raises(ServerUnavailable) as caught:
+        client.status()
+    message = str(caught.value)
+    assert "not running at http://127.0.0.1:9" in message and "audio_server.py --port 9" in message
+    assert start_command("http://127.0.0.1:8765") == ".venv/bin/python audio_server.py"
+
+
+def test_client_against_the_real_server(audio_server, virtual_mic) -> None:
+    server: ServerProcess = audio_server()
+    client = ServerClient(server.url)
+    status = client.status()
+    assert not status.recording and status.device and status.error is None
+    with pytest.raises(ServerError, match="Not recording"):
+        client.stop()
+    client.start()
+    virtual_mic.play(clip("ps_cards_001.wav").path)
+    recording = client.status()
+    assert recording.recording and recording.elapsed_s > 0.5 and recording.clip_id
+    partial = client.partial_wav(recording.clip_id)
+    assert partial is not None and load_audio(partial).size > SAMPLE_RATE // 2
+    saved = client.stop()
+    assert saved.clip_id == recording.clip_id and saved.duration_s >= recording.elapsed_s
+    assert load_audio(client.clip_wav(saved.clip_id)).size == pytest.approx(saved.duration_s * SAMPLE_RATE, abs=1)
+    assert client.partial_wav("some-other-clip") is None
+
+
+def test_decode_turns_bad_input_into_advice() -> None:
+    with pytest.raises(ClipError, match=r"Could not read “notes\.txt”.*FFmpeg"):
+        decode(b"plain text", "notes.txt")
+    with pytest.raises(ClipError, match="empty"):
+        decode(wav_bytes(np.zeros(800, dtype=np.float32)), "blip.wav")  # 50 ms
+
+
+def test_transcribed_record_exports_and_history() -> None:
+    reference = clip("ps_goforward.flac")
+    audio = decode(reference.path.read_bytes(), reference.file)
+    record = transcribe_clip(
+        model("tiny.en"), audio, name=reference.file, source="upload", settings=Settings(model="tiny.en")
+    )
+    assert isinstance(record, ClipResult)
+    assert record.duration_s == pytest.approx(audio.size / SAMPLE_RATE)
+    assert np.allclose(record.samples(), audio, atol=1 / 32768)
+    assert record.export_name("srt") == "ps_goforward.srt"
+    assert "-->" in record.export("srt") and json.loads(record.export("json"))["segments"]
+    assert record.waveform_png.startswith(b"\x89PNG") and record.spectrogram_png.startswith(b"\x89PNG")
+    history = History()
+    history.add(record)
+    history.add(dataclasses.replace(record, name="second", uid="x"))
+    assert [r.name for r in history] == ["second", reference.file]
+    history.clear()
+    assert len(history) == 0
+
+
+def test_settings_map_to_transcribe_options() -> None:
+    assert Settings().transcribe_options() == {
+        "language": None, "task": "transcribe", "word_timestamps": False, "beam_size": None,
+    }
+    assert Settings(language="de", task="translate", word_timestamps=True, beam_size=5).transcribe_options() == {
+        "language": "de", "task": "translate", "word_timestamps": True, "beam_size": 5,
+    }
