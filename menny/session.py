@@ -14,7 +14,7 @@ from whisper.audio import SAMPLE_RATE
 from whisper.writers import render
 
 from . import visuals
-from .wav import HEADER_BYTES, float_to_pcm16, wav_header
+from .wav import HEADER_BYTES, float_to_pcm16, parse_header, wav_header
 
 EXPORT_FORMATS = {
     "txt": "text/plain",
@@ -47,7 +47,7 @@ class ClipResult:
         return (len(self.wav) - HEADER_BYTES) / 2 / SAMPLE_RATE
 
     def samples(self) -> np.ndarray:
-        return np.frombuffer(self.wav, "<i2", offset=HEADER_BYTES).astype(np.float32) / 32768.0
+        return wav_samples(self.wav)
 
     @cached_property
     def waveform_png(self) -> bytes:
@@ -89,6 +89,14 @@ class History:
 
     def __len__(self) -> int:
         return len(self._records)
+
+
+def wav_samples(wav: bytes) -> np.ndarray:
+    """Float samples of a WAV laid out as wav_bytes and the server write it (44-byte header);
+    read directly, because decoding a long recording on every poll would cost seconds."""
+    if parse_header(wav) is None:
+        raise ValueError("not a 16-bit mono WAV with a 44-byte header")
+    return np.frombuffer(wav, "<i2", offset=HEADER_BYTES).astype(np.float32) / 32768.0
 
 
 def wav_bytes(audio: np.ndarray) -> bytes:

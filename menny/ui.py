@@ -14,15 +14,15 @@ from pathlib import Path
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 
-from whisper.audio import SAMPLE_RATE, AudioError, load_audio
+from whisper.audio import SAMPLE_RATE
 from whisper.model import Whisper
 from whisper.models import available_models
 from whisper.models import load_model as load_whisper_model
 from whisper.tokenizer import LANGUAGES
 
 from . import visuals
-from .server_client import ServerClient, ServerError, ServerStatus, ServerUnavailable, default_url, start_command
-from .session import EXPORT_FORMATS, ClipResult, History
+from .server_client import Clip, ServerClient, ServerError, ServerStatus, ServerUnavailable, default_url, start_command
+from .session import EXPORT_FORMATS, ClipResult, History, wav_samples
 from .transcript_view import STYLE, clock, transcript_html
 from .transcription import ClipError, Settings, decode, transcribe_clip
 
@@ -221,7 +221,14 @@ def server_tab(client: ServerClient, status: ServerStatus | None, model: Whisper
 def _recorder(client: ServerClient, live: bool, model: Whisper | None, settings: Settings) -> None:
     if st.session_state.get("server_stop"):
         # Stop was pressed: straight to the transcript; redrawing the live view would delay it.
-        st.session_state["recorder_notice"] = _stop_and_transcribe(client, model, settings)
+        try:
+            st.session_state["pending_clip"] = client.stop()
+        except ServerError as error:
+            st.session_state["recorder_notice"] = f"{error} Whatever was recorded stays on the server."
+    if clip := st.session_state.get("pending_clip"):
+        # Kept until its transcript is in, so a rerun that interrupts the transcription resumes it.
+        st.session_state["recorder_notice"] = _transcribe_server_clip(client, clip, model, settings)
+        del st.session_state["pending_clip"]
         st.rerun()
     try:
         status = client.status()
@@ -266,22 +273,33 @@ def _live_view(client: ServerClient, status: ServerStatus) -> None:
         text=f"Level {status.level_dbfs:.0f} dBFS" if status.level_dbfs > METER_FLOOR_DBFS else "Level: silence",
     )
     st.button("Stop", icon=":material/stop_circle:", type="primary", key="server_stop")
+    if png := _live_waveform(client, status):
+        st.image(png, width="stretch")
+
+
+def _live_waveform(client: ServerClient, status: ServerStatus) -> bytes | None:
+    """The picture of the recording so far. Redrawn less often as it grows (every 1/60 of its
+    length), since each redraw fetches all of it: the cost per second stays flat."""
+    clip_id, drawn_at, png = st.session_state.get("live_waveform", (None, 0.0, None))
+    if clip_id == status.clip_id and status.elapsed_s - drawn_at < max(LIVE_POLL_S, status.elapsed_s / 60):
+        return png
     try:
         wav = client.partial_wav(status.clip_id)
-        audio = load_audio(wav) if wav else None
-    except (ServerError, AudioError):
-        audio = None  # a poll that misses is redrawn by the next one
-    if audio is not None and audio.size:
-        figure = visuals.waveform_figure(audio, title="Recorded so far", size=visuals.LIVE_FIGURE_SIZE)
-        st.image(visuals.figure_png(figure), width="stretch")
+        audio = wav_samples(wav) if wav else None
+    except (ServerError, ValueError):
+        audio = None
+    if audio is None or not audio.size:
+        return png if clip_id == status.clip_id else None  # a poll that misses: the next one redraws
+    png = visuals.figure_png(visuals.waveform_figure(audio, title="Recorded so far", size=visuals.LIVE_FIGURE_SIZE))
+    st.session_state["live_waveform"] = (status.clip_id, status.elapsed_s, png)
+    return png
 
 
-def _stop_and_transcribe(client: ServerClient, model: Whisper | None, settings: Settings) -> str | None:
+def _transcribe_server_clip(client: ServerClient, clip: Clip, model: Whisper | None, settings: Settings) -> str | None:
     try:
-        clip = client.stop()
         data = client.clip_wav(clip.clip_id)
     except ServerError as error:
-        return f"{error} Whatever was recorded stays on the server."
+        return f"{error} The recording stays on the server as clip {clip.clip_id}."
     problem = transcribe_and_keep(data, f"recording {clip.clip_id}.wav", "server microphone", model, settings)
     if clip.error:
         problem = f"{problem or ''} While recording, the server reported: {clip.error}".strip()

@@ -14,7 +14,7 @@ from virtual_mic import ServerProcess
 
 from menny import visuals
 from menny.server_client import ServerClient, ServerError, ServerUnavailable, start_command
-from menny.session import ClipResult, History, wav_bytes
+from menny.session import ClipResult, History, wav_bytes, wav_samples
 from menny.transcript_view import clock, transcript_html
 from menny.transcription import ClipError, Settings, decode, transcribe_clip
 from whisper.audio import SAMPLE_RATE, load_audio
@@ -106,6 +106,7 @@ def test_client_against_the_real_server(audio_server, virtual_mic) -> None:
     assert recording.recording and recording.elapsed_s > 0.5 and recording.clip_id
     partial = client.partial_wav(recording.clip_id)
     assert partial is not None and load_audio(partial).size > SAMPLE_RATE // 2
+    assert np.array_equal(wav_samples(partial), load_audio(partial))  # read directly, as the live view does
     saved = client.stop()
     assert saved.clip_id == recording.clip_id and saved.duration_s >= recording.elapsed_s
     assert load_audio(client.clip_wav(saved.clip_id)).size == pytest.approx(saved.duration_s * SAMPLE_RATE, abs=1)
@@ -117,6 +118,8 @@ def test_decode_turns_bad_input_into_advice() -> None:
         decode(b"plain text", "notes.txt")
     with pytest.raises(ClipError, match="empty"):
         decode(wav_bytes(np.zeros(800, dtype=np.float32)), "blip.wav")  # 50 ms
+    with pytest.raises(ValueError):
+        wav_samples(clip("ps_goforward.flac").path.read_bytes())
 
 
 def test_transcribed_record_exports_and_history() -> None:
