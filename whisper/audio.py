@@ -119,7 +119,7 @@ def _hann_window() -> np.ndarray:
     return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
 
 
-def _power_spectrum(audio: np.ndarray) -> np.ndarray:
+def power_spectrum(audio: np.ndarray) -> np.ndarray:
     """|STFT|^2 with centred, reflect-padded frames; (frames, bins), the last frame dropped."""
     half = N_FFT // 2
     if audio.shape[0] <= half:
@@ -137,7 +137,7 @@ def log_mel_frames(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -> np.
     audio = np.asarray(audio, dtype=np.float32).reshape(-1)
     if padding:
         audio = np.pad(audio, (0, padding))
-    mel = _power_spectrum(audio) @ mel_filters(n_mels).T
+    mel = power_spectrum(audio) @ mel_filters(n_mels).T
     log_spec = np.log10(np.maximum(mel, 1e-10))
     log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
     return (log_spec + 4.0) / 4.0

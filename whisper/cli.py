@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("audio", nargs="+", help="audio or video files to transcribe")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="tiny.en, base, a model folder or a Hugging Face id")
+    parser.add_argument(
+        "--quantize", type=int, choices=[8, 4], default=None, help="quantize weights at load (GPU, Apple)"
+    )
+    parser.add_argument("--vad-filter", type=_bool, default=False, help="decode only where speech is detected")
     parser.add_argument("--output-dir", "-o", default=".", help="where the outputs are written")
     parser.add_argument("--output-format", "-f", default="all", choices=[*FORMATS, "all"], help="output format")
     parser.add_argument("--verbose", type=_bool, default=True, help="print each segment as it is decoded")
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--max-line-count needs --max-line-width", file=sys.stderr)
         return 2
     try:
-        model = load_model(args.model)
+        model = load_model(args.model, quantize=args.quantize)
     except (ModelNotFoundError, ModelFormatError) as error:
         print(f"cannot load the model: {error}", file=sys.stderr)
         return 1
@@ -129,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 append_punctuations=args.append_punctuations,
                 clip_timestamps=args.clip_timestamps,
                 hallucination_silence_threshold=args.hallucination_silence_threshold,
+                vad_filter=args.vad_filter,
                 language=language,
                 task=args.task,
                 best_of=args.best_of,

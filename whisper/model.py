@@ -190,7 +190,7 @@ class Whisper(nn.Module):
 
     @property
     def dtype(self) -> mx.Dtype:
-        return self.decoder.token_embedding.weight.dtype
+        return self.encoder.conv1.weight.dtype  # never quantized
 
     def embed_audio(self, mel: mx.array) -> mx.array:
         return self.encoder(mel.astype(self.dtype))

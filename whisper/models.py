@@ -182,8 +182,7 @@ def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> Whisper:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as error:
         raise ModelFormatError(f"{weights_path}: the weights do not fit config.json ({error})") from None
-    if not quantization:
-        model.set_dtype(dtype)
+    model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model
 
@@ -268,9 +267,27 @@ def default_dtype() -> mx.Dtype:
     return mx.float16 if mx.default_device() == mx.gpu else mx.float32
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: mx.Dtype | None = None) -> Whisper:
-    """Load a Whisper model by bundled name, folder path or Hugging Face repo id."""
-    return load_mlx_folder(prepare(str(name_or_path)), dtype or default_dtype())
+QUANTIZE_BITS = (4, 8)
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL, dtype: mx.Dtype | None = None, quantize: int | None = None
+) -> Whisper:
+    """Load a Whisper model by bundled name, folder path or Hugging Face repo id.
+
+    `quantize` (8 or 4 bits) shrinks the linear layers and embeddings at load: less memory
+    and faster on GPUs and Apple silicon, but slower on Linux CPUs, where MLX has no fast
+    quantized matrix product yet.
+    """
+    model = load_mlx_folder(prepare(str(name_or_path)), dtype or default_dtype())
+    if quantize is not None:
+        if quantize not in QUANTIZE_BITS:
+            raise ValueError(f"quantize takes {' or '.join(map(str, QUANTIZE_BITS))} bits, not {quantize}")
+        if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in model.modules()):
+            raise ValueError("this model is quantized already")
+        nn.quantize(model, group_size=64, bits=quantize)
+        mx.eval(model.parameters())
+    return model
 
 
 def available_models() -> list[str]:
@@ -283,4 +300,3 @@ def available_models() -> list[str]:
             if _cache_entry_complete(folder) and folder.name.split("-")[0] not in bundled_hashes:
                 names.append(str(folder))
     return names
-

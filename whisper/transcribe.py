@@ -28,6 +28,7 @@ from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_lang
 from .model import Whisper
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
 from .tokenizer import LANGUAGES, Tokenizer, get_tokenizer, language_code
+from .vad import speech_regions
 from .writers import format_timestamp
 
 ProgressCallback = Callable[[float, float], None]  # (seconds done, seconds in all)
@@ -52,6 +53,7 @@ class TranscribeOptions:
     # Windows whose loudest sample is below this many dBFS are skipped undecoded: given
     # silence, the model invents text ("you", "Thank you.") with little doubt.
     silence_floor_db: float | None = -60.0
+    vad_filter: bool = False  # decode only where whisper.vad finds speech
 
 
 # ------------------------------------------------------------- one window
@@ -285,6 +287,7 @@ def transcribe(
     clip_timestamps: str | list[float] = "0",
     hallucination_silence_threshold: float | None = None,
     silence_floor_db: float | None = -60.0,
+    vad_filter: bool = False,
     **decode_options,
 ) -> dict:
     """Transcribe (or translate) audio of any length.
@@ -308,6 +311,7 @@ def transcribe(
         clip_timestamps=clip_timestamps,
         hallucination_silence_threshold=hallucination_silence_threshold,
         silence_floor_db=silence_floor_db,
+        vad_filter=vad_filter,
     )
     if options.hallucination_silence_threshold is not None and not options.word_timestamps:
         raise ValueError("hallucination_silence_threshold needs word_timestamps=True")
@@ -323,7 +327,15 @@ def transcribe(
     tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language=language, task=task)
     decode_options["language"] = language
 
-    clips = _seek_clips(options.clip_timestamps, content_frames)
+    clip_timestamps = options.clip_timestamps
+    if options.vad_filter:
+        if clip_timestamps not in ("0", [0], [0.0]):
+            raise ValueError("vad_filter chooses the clips itself: give it or clip_timestamps, not both")
+        regions = speech_regions(waveform)
+        if not regions:
+            return {"text": "", "segments": [], "language": language}
+        clip_timestamps = [t for region in regions for t in region]
+    clips = _seek_clips(clip_timestamps, content_frames)
     prompt_tokens = tokenizer.encode(" " + initial_prompt.strip()) if initial_prompt else []
     state = _Progress(seek=clips[0][0], all_tokens=list(prompt_tokens))
     total_seconds = content_frames / FRAMES_PER_SECOND
