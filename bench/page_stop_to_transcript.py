@@ -65,7 +65,9 @@ def main() -> None:
                     transcripts(page, run + 1)
                     elapsed = time.perf_counter() - started
                     speaking.join()
-                    caption = page.locator('[class*="st-key-menny-clip-"]').first.inner_text()
+                    card = page.locator('[class*="st-key-menny-clip-"]').first
+                    card.get_by_text("transcribed in").wait_for()
+                    caption = card.inner_text()
                     engine = float(re.search(r"transcribed in ([\d.]+) s", caption).group(1))
                     label = "warm-up" if run == 0 else f"run {run}"
                     print(f"{label}: Stop -> transcript {elapsed:.2f} s (transcribe() {engine:.1f} s)", flush=True)

@@ -211,6 +211,8 @@ def test_record_through_the_server_with_the_virtual_microphone(
         # Live feedback while it speaks: the level meter moves and the waveform so far appears.
         expect(page.get_by_text("dBFS")).to_be_visible()
         expect(page.locator('[data-testid="stImage"] img')).to_have_count(2)  # the avatar and the live waveform
+        wait_for(lambda: server.client.get("/status").json()["elapsed_s"] > 4, "4 s of recording")
+        page.wait_for_timeout(1000)  # for the next poll to draw them
         save_screenshots(page, "2a-server-recording")
     finally:
         speaking.join()
