@@ -79,7 +79,7 @@ def load_model(name: str) -> Whisper | None:
         st.error(
             f"The model “{name}” could not be loaded: {error}. "
             f"Choose one of {', '.join(BUNDLED_MODELS)} in the sidebar, or prepare it once with "
-            f"`.venv/bin/python -m whisper.models prepare {name}`."
+            f"`.venv/bin/python -m whisper.prepare {name}`."
         )
         return None
 

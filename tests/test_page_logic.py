@@ -116,7 +116,7 @@ def test_missing_model_is_explained_and_nothing_breaks(monkeypatch: pytest.Monke
     app = AppTest.from_file(PAGE, default_timeout=RUN_TIMEOUT_S).run()
     assert not app.exception
     assert "could not be loaded" in messages(app.error)
-    assert "python -m whisper.models prepare" in messages(app.error)
+    assert "python -m whisper.prepare" in messages(app.error)
     reference = clip("ps_goforward.flac")
     app.file_uploader(key="uploads").upload(reference.file, reference.path.read_bytes(), "audio/flac").run()
     assert not app.exception
