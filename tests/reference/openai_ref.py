@@ -1,0 +1,95 @@
+"""Load openai-whisper next to our own `whisper` package, in .venv-ref only.
+
+Both projects name their top-level package `whisper`. We keep `import whisper` for ours
+(the repo root goes first on sys.path) and load OpenAI's package from site-packages
+under the name `openai_whisper`. OpenAI's modules import each other relatively only, so
+they register as `openai_whisper.audio`, `openai_whisper.decoding`, ... and never
+resolve to ours. Import this module before anything imports `whisper`.
+
+torch is imported before our package on purpose: ours preloads the system OpenBLAS
+globally for MLX, and loading torch first keeps torch's own BLAS symbols its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+import sysconfig
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[2]
+SPEECH = REPO.parent / "shared" / "data" / "speech"
+
+
+def _load_openai_whisper() -> ModuleType:
+    if "openai_whisper" in sys.modules:
+        return sys.modules["openai_whisper"]
+    package_dir = Path(sysconfig.get_paths()["purelib"]) / "whisper"
+    if not (package_dir / "decoding.py").exists():
+        raise SystemExit(
+            f"openai-whisper is not installed in {sys.prefix}: run scripts/reference_env.sh "
+            "and use .venv-ref/bin/python"
+        )
+    spec = importlib.util.spec_from_file_location(
+        "openai_whisper", package_dir / "__init__.py", submodule_search_locations=[str(package_dir)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["openai_whisper"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+openai_whisper = _load_openai_whisper()
+if str(REPO) not in sys.path[:1]:
+    sys.path.insert(0, str(REPO))
+if "whisper" in sys.modules and not sys.modules["whisper"].__file__.startswith(str(REPO)):
+    raise SystemExit("another `whisper` package was imported before tests/reference/openai_ref.py")
+
+
+def english_clips() -> list[tuple[str, str]]:
+    """(file name, reference transcript) of every English row of the speech manifest."""
+    return [(row["file"], row["transcript"]) for row in manifest() if row["language"] == "en"]
+
+
+def manifest() -> list[dict[str, str]]:
+    lines = (SPEECH / "manifest.tsv").read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"))) for line in lines[1:] if line.strip()]
+
+
+def openai_model_from_ours(name: str):
+    """openai-whisper's PyTorch model (fp32, CPU) holding exactly our engine's weights.
+
+    Our converter keeps openai-whisper's names except `mlp1`/`mlp2` (theirs `mlp.0`/`mlp.2`)
+    and stores conv kernels as MLX's (out, kernel, in) where torch wants (out, in, kernel).
+    The encoder's sinusoidal positions are not in our weights: the torch model computes its
+    own. Alignment heads come from openai-whisper's table for the same checkpoint name.
+    """
+    import torch
+
+    from whisper.convert import load_ct2
+    from whisper.models import bundled_model_dir
+
+    dims, weights = load_ct2(bundled_model_dir(name))
+    model = openai_whisper.model.Whisper(openai_whisper.model.ModelDimensions(**dataclasses.asdict(dims)))
+    state = {"encoder.positional_embedding": model.encoder.positional_embedding}
+    for key, value in weights.items():
+        if key.startswith("encoder.conv") and value.ndim == 3:
+            value = value.transpose(0, 2, 1)
+        key = key.replace(".mlp1.", ".mlp.0.").replace(".mlp2.", ".mlp.2.")
+        state[key] = torch.from_numpy(value.copy())
+    model.load_state_dict(state, strict=True)
+    model.set_alignment_heads(openai_whisper._ALIGNMENT_HEADS[name])
+    return model.float().eval()
+
+
+def normalized_wer(references: list[str], hypotheses: list[str]) -> float:
+    """Corpus WER after Whisper's English normaliser on both sides (transcript styles differ)."""
+    import jiwer
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    normalize = EnglishTextNormalizer()
+    return float(jiwer.wer([normalize(r) for r in references], [normalize(h) for h in hypotheses]))
