@@ -204,7 +204,8 @@ class Take:
         self._recent = np.zeros(0, np.float32)
         self._resampler = None if rate == SAMPLE_RATE else StreamResampler(rate)
         self._queue: queue.SimpleQueue[np.ndarray | None] = queue.SimpleQueue()
-        self._writer = threading.Thread(target=self._write_loop, name="menny-wav-writer")
+        # A daemon: everything it wrote is already in the file if the process ends without stop().
+        self._writer = threading.Thread(target=self._write_loop, name="menny-wav-writer", daemon=True)
         self._stream = sd.InputStream(
             device=device.index, samplerate=rate, channels=channels, dtype="float32",
             callback=self._callback,

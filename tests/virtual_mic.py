@@ -197,6 +197,7 @@ class ServerProcess:
     ) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
+        self.host = host
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -219,6 +220,9 @@ class ServerProcess:
         def healthy() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"audio_server.py exited with {self.proc.returncode}:\n{self.log()}")
+            # Only once this process has the port: another test session may hold it meanwhile.
+            if f"Uvicorn running on http://{self.host}:{self.port}" not in self.log():
+                return False
             with contextlib.suppress(httpx.TransportError):
                 return self.client.get("/health").status_code == 200
             return False
