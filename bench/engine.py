@@ -1,0 +1,327 @@
+"""Engine benchmark: our MLX Whisper next to openai-whisper and faster-whisper, on this CPU.
+
+    scripts/reference_env.sh           # once: creates .venv-ref
+    .venv-ref/bin/python bench/engine.py [--runs 3] [--models tiny.en base] [--engines ...]
+
+Every engine uses the same weights: our bundled CTranslate2 models (faster-whisper reads
+the folder itself; our engine converts it to MLX; openai-whisper gets our converter's fp32
+weights as a PyTorch state dict). All decode greedily at temperature 0 (no fallback), with
+timestamps, conditioned on previous text, language English.
+
+Each engine+model runs in its own worker process, so its peak RSS is its own. Workers stay
+alive and take turns, run by run and clip by clip, so load drift on the machine spreads
+over all engines instead of biasing one. Timings exclude model loading and a warm-up.
+Reported per engine+model: WER on the English dev clips (one pass, normalised), median
+seconds for jfk.flac (11 s) and a ~2 min clip (English dev clips joined), load seconds,
+peak RSS while transcribing (VmHWM reset after loading) and overall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / "tests" / "reference"
+SPEECH = REPO.parent / "shared" / "data" / "speech"
+ENGINES = ("ours", "openai", "faster-int8", "faster-fp32")
+# The dev-set pass is the slowest part; faster-whisper's accuracy is not what we compare.
+WER_ENGINES = ("ours", "openai")
+MODELS = ("tiny.en", "base")
+WARMUP_CLIP = "ps_goforward.flac"
+REPLY = "@@bench "  # marks the worker's replies among whatever libraries print
+# Intel OpenMP (CTranslate2) and libgomp (torch) spin their threads after each parallel
+# region; a short pause keeps one worker's spinning from slowing the next one's turn.
+SETTLE_SECONDS = 0.3
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def _hwm_kib() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def _reset_hwm() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _load_engine(engine: str, model: str, prepared: dict):
+    """Load one engine+model and return a function: audio path -> text."""
+    threads = os.cpu_count() or 1
+    if engine == "ours":
+        sys.path.insert(0, str(REPO))
+        import whisper
+
+        loaded = whisper.load_model(model)
+
+        def run(path: str) -> str:
+            return whisper.transcribe(loaded, path, language="en", temperature=0.0)["text"]
+
+        return run
+    if engine == "openai":
+        sys.path.insert(0, str(REFERENCE))
+        import torch
+        from openai_ref import openai_whisper
+
+        torch.set_num_threads(threads)
+        saved = torch.load(prepared["openai_state"][model], weights_only=True)
+        loaded = openai_whisper.model.Whisper(openai_whisper.model.ModelDimensions(**saved["dims"]))
+        loaded.load_state_dict(saved["state"])
+        loaded.set_alignment_heads(openai_whisper._ALIGNMENT_HEADS[model])
+        loaded.eval()
+        del saved
+
+        def run(path: str) -> str:
+            options = {"temperature": 0.0, "condition_on_previous_text": True, "fp16": False, "language": "en"}
+            return openai_whisper.transcribe(loaded, path, verbose=None, **options)["text"]
+
+        return run
+    from faster_whisper import WhisperModel
+
+    compute_type = {"faster-int8": "int8", "faster-fp32": "float32"}[engine]
+    loaded = WhisperModel(prepared["model_dir"][model], device="cpu", compute_type=compute_type, cpu_threads=threads)
+
+    def run(path: str) -> str:
+        segments, _ = loaded.transcribe(
+            path, language="en", beam_size=1, temperature=0.0, condition_on_previous_text=True, vad_filter=False
+        )
+        return "".join(segment.text for segment in segments)
+
+    return run
+
+
+def worker(engine: str, model: str, prepared_path: str) -> None:
+    """Serve commands (JSON lines on stdin) until stdin closes; reply on stdout."""
+    prepared = json.loads(Path(prepared_path).read_text())
+
+    def reply(**payload) -> None:
+        sys.stdout.write(REPLY + json.dumps(payload) + "\n")
+        sys.stdout.flush()
+
+    start = time.perf_counter()
+    run = _load_engine(engine, model, prepared)
+    reply(load_s=time.perf_counter() - start, loading_peak_kib=_hwm_kib())
+    _reset_hwm()
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["op"] == "transcribe":
+            start, cpu_start = time.perf_counter(), time.process_time()
+            text = run(command["path"])
+            reply(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start, text=text)
+        elif command["op"] == "peak":
+            reply(transcribing_peak_kib=_hwm_kib())
+
+
+# ---------------------------------------------------------------- parent side
+
+
+def prepare(workdir: Path, models: list[str], engines: list[str]) -> Path:
+    """Resolve model folders, convert ours into its cache, save openai-whisper state dicts.
+
+    Workers read the result, so none of them loads more than its own engine.
+    """
+    sys.path.insert(0, str(REFERENCE))
+    import torch
+    from openai_ref import openai_model_from_ours
+
+    import whisper
+    from whisper.models import bundled_model_dir
+
+    prepared: dict[str, dict[str, str]] = {"model_dir": {}, "openai_state": {}}
+    for name in models:
+        prepared["model_dir"][name] = str(bundled_model_dir(name))
+        if "ours" in engines:
+            whisper.load_model(name)  # converts once into the cache: workers then load as users do
+        if "openai" in engines:
+            model = openai_model_from_ours(name)
+            path = workdir / f"openai-{name}.pt"
+            torch.save({"dims": dataclasses.asdict(model.dims), "state": model.state_dict()}, path)
+            prepared["openai_state"][name] = str(path)
+    path = workdir / "prepared.json"
+    path.write_text(json.dumps(prepared))
+    return path
+
+
+def make_long_clip(path: Path, english: list[str], seconds: float) -> float:
+    """Join English dev clips, 0.5 s apart, up to `seconds`; returns the clip's length."""
+    rate, pcm = 16000, bytearray()
+    gap = bytes(2 * rate // 2)
+    for clip in english:
+        command = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(SPEECH / clip)]
+        command += ["-f", "s16le", "-ac", "1", "-ar", str(rate), "-"]
+        decoded = subprocess.run(command, check=True, capture_output=True).stdout
+        if pcm and len(pcm) + len(decoded) > 2 * rate * seconds:
+            break
+        pcm += decoded + gap
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(bytes(pcm))
+    return len(pcm) / 2 / rate
+
+
+@dataclass
+class Worker:
+    engine: str
+    model: str
+    process: subprocess.Popen
+    load_s: float = 0.0
+    loading_peak_kib: int = 0
+    transcribing_peak_kib: int = 0
+    times: dict[str, list[float]] = field(default_factory=dict)
+    cpu_times: dict[str, list[float]] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
+    dev_seconds: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.engine} {self.model}"
+
+    def read_reply(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY) :])
+        raise RuntimeError(f"worker {self.label} exited (code {self.process.wait()}); see its output above")
+
+    def ask(self, **command) -> dict:
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        answer = self.read_reply()
+        time.sleep(SETTLE_SECONDS)
+        return answer
+
+
+def start_worker(engine: str, model: str, prepared_path: Path) -> Worker:
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--worker", engine, model, str(prepared_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
+    w = Worker(engine, model, process)
+    loaded = w.read_reply()
+    w.load_s, w.loading_peak_kib = loaded["load_s"], loaded["loading_peak_kib"]
+    return w
+
+
+def manifest_english() -> list[tuple[str, str]]:
+    lines = (SPEECH / "manifest.tsv").read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    rows = [dict(zip(header, line.split("\t"))) for line in lines[1:] if line.strip()]
+    return [(row["file"], row["transcript"]) for row in rows if row["language"] == "en"]
+
+
+def mib(kib: int) -> str:
+    return f"{kib / 1024:.0f}"
+
+
+def report(workers: list[Worker], references: dict[str, str], long_s: float) -> str:
+    sys.path.insert(0, str(REFERENCE))
+    from openai_ref import normalized_wer
+
+    clips = list(references)
+    header = (
+        f"| engine | model | WER | jfk 11 s: wall (CPU) s | long {long_s:.0f} s: wall (CPU) s | dev set pass (s) "
+        "| load (s) | peak RSS loading (MiB) | peak RSS transcribing (MiB) |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    medians: dict[tuple[str, str], dict[str, float]] = {}
+    for w in workers:
+        med = medians[(w.engine, w.model)] = {clip: statistics.median(v) for clip, v in w.times.items()}
+        cpu = {clip: statistics.median(v) for clip, v in w.cpu_times.items()}
+        if w.texts:
+            wer = f"{normalized_wer([references[c] for c in clips], [w.texts[c] for c in clips]):.2%}"
+            dev = f"{w.dev_seconds:.1f}"
+        else:
+            wer = dev = "-"
+        lines.append(
+            f"| {w.engine} | {w.model} | {wer} | {med['jfk']:.2f} ({cpu['jfk']:.1f}) "
+            f"| {med['long']:.2f} ({cpu['long']:.1f}) | {dev} | {w.load_s:.1f} "
+            f"| {mib(w.loading_peak_kib)} | {mib(w.transcribing_peak_kib)} |"
+        )
+    lines += ["", "Median wall time relative to ours (> 1: ours is faster):", ""]
+    for (engine, model), med in medians.items():
+        ours = medians.get(("ours", model))
+        if ours and engine != "ours":
+            jfk, long = med["jfk"] / ours["jfk"], med["long"] / ours["long"]
+            lines.append(f"- {model}, {engine}: jfk x{jfk:.2f}, long x{long:.2f}")
+    return "\n".join(lines)
+
+
+def measure(workers: list[Worker], references: dict[str, str], long_path: Path, runs: int) -> None:
+    for w in workers:
+        w.ask(op="transcribe", path=str(SPEECH / WARMUP_CLIP))
+        if w.engine in WER_ENGINES:
+            for clip in references:
+                answer = w.ask(op="transcribe", path=str(SPEECH / clip))
+                w.texts[clip] = answer["text"]
+                w.dev_seconds += answer["seconds"]
+            print(f"dev set done: {w.label} in {w.dev_seconds:.1f} s", flush=True)
+    clips = {"jfk": SPEECH / "jfk.flac", "long": long_path}
+    for run in range(runs):
+        turn = workers[run % len(workers) :] + workers[: run % len(workers)]
+        for key, path in clips.items():
+            for w in turn:
+                answer = w.ask(op="transcribe", path=str(path))
+                w.times.setdefault(key, []).append(answer["seconds"])
+                w.cpu_times.setdefault(key, []).append(answer["cpu_seconds"])
+        print(f"run {run + 1}/{runs} done", flush=True)
+    for w in workers:
+        w.transcribing_peak_kib = w.ask(op="peak")["transcribing_peak_kib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per clip and engine (default 3)")
+    parser.add_argument("--long-seconds", type=float, default=120.0, help="length of the long clip (default 120)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--worker", nargs=3, metavar=("ENGINE", "MODEL", "PREPARED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker)
+        return
+
+    started = time.perf_counter()
+    references = dict(manifest_english())
+    with tempfile.TemporaryDirectory(prefix="menny-bench-") as tmp:
+        workdir = Path(tmp)
+        long_path = workdir / "long.wav"
+        long_s = make_long_clip(long_path, list(references), args.long_seconds)
+        prepared_path = prepare(workdir, args.models, args.engines)
+        workers = []
+        try:
+            for model in args.models:
+                for engine in args.engines:
+                    print(f"loading {engine} {model}", flush=True)
+                    workers.append(start_worker(engine, model, prepared_path))
+            measure(workers, references, long_path, args.runs)
+        finally:
+            for w in workers:
+                w.process.stdin.close()
+                w.process.wait()
+    load = os.getloadavg()[0]
+    print(
+        f"\n{os.cpu_count()} CPU cores, load average {load:.1f} at the end; {args.runs} runs, medians; "
+        "greedy, temperature 0, English."
+    )
+    print(report(workers, references, long_s))
+    print(f"\n(benchmark took {time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
