@@ -135,8 +135,12 @@ def segments_of(result: dict, with_words: bool = False) -> list[dict]:
         item = {k: round(segment[k], 6) if isinstance(segment[k], float) else segment[k] for k in keys}
         if with_words:
             item["words"] = [
-                {"word": w["word"], "start": round(w["start"], 3), "end": round(w["end"], 3),
-                 "probability": round(w["probability"], 4)}
+                {
+                    "word": w["word"],
+                    "start": round(w["start"], 3),
+                    "end": round(w["end"], 3),
+                    "probability": round(w["probability"], 4),
+                }
                 for w in segment["words"]
             ]
         out.append(item)
@@ -162,8 +166,11 @@ def write_mel() -> dict:
         "goforward_128": audio_mod.log_mel_spectrogram(audio_mod.load_audio(str(SPEECH / MEL_128_CLIP)), 128),
     }
     np.savez_compressed(FIXTURES / "reference_mel.npz", **{k: v.numpy().astype(np.float32) for k, v in arrays.items()})
-    return {"file": "reference_mel.npz", "jfk_80": {"clip": JFK, "n_mels": 80},
-            "goforward_128": {"clip": MEL_128_CLIP, "n_mels": 128}}
+    return {
+        "file": "reference_mel.npz",
+        "jfk_80": {"clip": JFK, "n_mels": 80},
+        "goforward_128": {"clip": MEL_128_CLIP, "n_mels": 128},
+    }
 
 
 def write_first_step(name: str, model) -> dict:
@@ -225,8 +232,12 @@ def run_model(name: str, recorder: GapRecorder) -> dict:
     }
 
     result = transcribe(model, JFK, WORDS)
-    entry["word_timestamps"] = {"clip": JFK, "options": WORDS, "text": result["text"],
-                                "segments": segments_of(result, with_words=True)}
+    entry["word_timestamps"] = {
+        "clip": JFK,
+        "options": WORDS,
+        "text": result["text"],
+        "segments": segments_of(result, with_words=True),
+    }
 
     if model.is_multilingual:
         detection, auto = {}, {}
@@ -238,9 +249,12 @@ def run_model(name: str, recorder: GapRecorder) -> dict:
             with torch.no_grad():
                 _, probs = model.detect_language(mel)
             top = sorted(probs.items(), key=lambda kv: -kv[1])[:5]
-            detection[clip] = {"expected": row["language"], "detected": top[0][0],
-                               "probability": round(top[0][1], 6),
-                               "top5": {lang: round(p, 6) for lang, p in top}}
+            detection[clip] = {
+                "expected": row["language"],
+                "detected": top[0][0],
+                "probability": round(top[0][1], 6),
+                "top5": {lang: round(p, 6) for lang, p in top},
+            }
             result = transcribe(model, clip, AUTO_LANGUAGE)
             auto[clip] = {"language": result["language"], "text": result["text"], "segments": segments_of(result)}
             print(f"{name} {clip}: {top[0][0]} {top[0][1]:.3f} {result['text']}", flush=True)
