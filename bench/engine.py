@@ -34,7 +34,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "tests" / "reference"
-SPEECH = REPO.parent / "shared" / "data" / "speech"
 ENGINES = ("ours", "openai", "faster-int8", "faster-fp32")
 # The dev-set pass is the slowest part; faster-whisper's accuracy is not what we compare.
 WER_ENGINES = ("ours", "openai")
@@ -132,7 +131,6 @@ def prepare(workdir: Path, models: list[str], engines: list[str]) -> Path:
 
     Workers read the result, so none of them loads more than its own engine.
     """
-    sys.path.insert(0, str(REFERENCE))
     import torch
     from openai_ref import openai_model_from_ours
 
@@ -154,12 +152,12 @@ def prepare(workdir: Path, models: list[str], engines: list[str]) -> Path:
     return path
 
 
-def make_long_clip(path: Path, english: list[str], seconds: float) -> float:
+def make_long_clip(path: Path, english: list[Path], seconds: float) -> float:
     """Join English dev clips, 0.5 s apart, up to `seconds`; returns the clip's length."""
     rate, pcm = 16000, bytearray()
     gap = bytes(2 * rate // 2)
     for clip in english:
-        command = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(SPEECH / clip)]
+        command = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(clip)]
         command += ["-f", "s16le", "-ac", "1", "-ar", str(rate), "-"]
         decoded = subprocess.run(command, check=True, capture_output=True).stdout
         if pcm and len(pcm) + len(decoded) > 2 * rate * seconds:
@@ -218,20 +216,12 @@ def start_worker(engine: str, model: str, prepared_path: Path) -> Worker:
     return w
 
 
-def manifest_english() -> list[tuple[str, str]]:
-    lines = (SPEECH / "manifest.tsv").read_text(encoding="utf-8").splitlines()
-    header = lines[0].split("\t")
-    rows = [dict(zip(header, line.split("\t"))) for line in lines[1:] if line.strip()]
-    return [(row["file"], row["transcript"]) for row in rows if row["language"] == "en"]
-
-
 def mib(kib: int) -> str:
     return f"{kib / 1024:.0f}"
 
 
 def report(workers: list[Worker], references: dict[str, str], long_s: float) -> str:
-    sys.path.insert(0, str(REFERENCE))
-    from openai_ref import normalized_wer
+    from speech import wer
 
     clips = list(references)
     header = (
@@ -244,34 +234,38 @@ def report(workers: list[Worker], references: dict[str, str], long_s: float) -> 
         med = medians[(w.engine, w.model)] = {clip: statistics.median(v) for clip, v in w.times.items()}
         cpu = {clip: statistics.median(v) for clip, v in w.cpu_times.items()}
         if w.texts:
-            wer = f"{normalized_wer([references[c] for c in clips], [w.texts[c] for c in clips]):.2%}"
+            error_rate = f"{wer([references[c] for c in clips], [w.texts[c] for c in clips]):.2f}%"
             dev = f"{w.dev_seconds:.1f}"
         else:
-            wer = dev = "-"
+            error_rate = dev = "-"
         lines.append(
-            f"| {w.engine} | {w.model} | {wer} | {med['jfk']:.2f} ({cpu['jfk']:.1f}) "
+            f"| {w.engine} | {w.model} | {error_rate} | {med['jfk']:.2f} ({cpu['jfk']:.1f}) "
             f"| {med['long']:.2f} ({cpu['long']:.1f}) | {dev} | {w.load_s:.1f} "
             f"| {mib(w.loading_peak_kib)} | {mib(w.transcribing_peak_kib)} |"
         )
-    lines += ["", "Median wall time relative to ours (> 1: ours is faster):", ""]
+    ratios = []
     for (engine, model), med in medians.items():
         ours = medians.get(("ours", model))
         if ours and engine != "ours":
             jfk, long = med["jfk"] / ours["jfk"], med["long"] / ours["long"]
-            lines.append(f"- {model}, {engine}: jfk x{jfk:.2f}, long x{long:.2f}")
+            ratios.append(f"- {model}, {engine}: jfk x{jfk:.2f}, long x{long:.2f}")
+    if ratios:
+        lines += ["", "Median wall time relative to ours (> 1: ours is faster):", "", *ratios]
     return "\n".join(lines)
 
 
 def measure(workers: list[Worker], references: dict[str, str], long_path: Path, runs: int) -> None:
+    from speech import SPEECH_DIR
+
     for w in workers:
-        w.ask(op="transcribe", path=str(SPEECH / WARMUP_CLIP))
+        w.ask(op="transcribe", path=str(SPEECH_DIR / WARMUP_CLIP))
         if w.engine in WER_ENGINES:
             for clip in references:
-                answer = w.ask(op="transcribe", path=str(SPEECH / clip))
+                answer = w.ask(op="transcribe", path=str(SPEECH_DIR / clip))
                 w.texts[clip] = answer["text"]
                 w.dev_seconds += answer["seconds"]
             print(f"dev set done: {w.label} in {w.dev_seconds:.1f} s", flush=True)
-    clips = {"jfk": SPEECH / "jfk.flac", "long": long_path}
+    clips = {"jfk": SPEECH_DIR / "jfk.flac", "long": long_path}
     for run in range(runs):
         turn = workers[run % len(workers) :] + workers[: run % len(workers)]
         for key, path in clips.items():
@@ -297,11 +291,16 @@ def main() -> None:
         return
 
     started = time.perf_counter()
-    references = dict(manifest_english())
+    # Only this parent process loads the reference helpers (and with them torch).
+    sys.path.insert(0, str(REFERENCE))
+    import openai_ref  # noqa: F401  (puts tests/ and ours on sys.path)
+    from speech import english_clips
+
+    references = {clip.file: clip.transcript for clip in english_clips()}
     with tempfile.TemporaryDirectory(prefix="menny-bench-") as tmp:
         workdir = Path(tmp)
         long_path = workdir / "long.wav"
-        long_s = make_long_clip(long_path, list(references), args.long_seconds)
+        long_s = make_long_clip(long_path, [clip.path for clip in english_clips()], args.long_seconds)
         prepared_path = prepare(workdir, args.models, args.engines)
         workers = []
         try:

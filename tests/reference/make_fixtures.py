@@ -29,15 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 import torch
-from openai_ref import (  # must run before `whisper` is imported
-    REPO,
-    SPEECH,
-    english_clips,
-    manifest,
-    normalized_wer,
-    openai_model_from_ours,
-    openai_whisper,
-)
+from openai_ref import REPO, openai_model_from_ours, openai_whisper  # must run before `whisper` is imported
+from speech import SPEECH_DIR, clips, english_clips, other_language_clips, wer
 
 from whisper.models import bundled_model_dir
 
@@ -150,7 +143,7 @@ def segments_of(result: dict, with_words: bool = False) -> list[dict]:
 def audio_facts(clips: list[str]) -> dict:
     facts = {}
     for clip in clips:
-        audio = openai_whisper.audio.load_audio(str(SPEECH / clip))
+        audio = openai_whisper.audio.load_audio(str(SPEECH_DIR / clip))
         facts[clip] = {
             "samples": int(audio.shape[0]),
             "rms": round(float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))), 7),
@@ -162,8 +155,8 @@ def audio_facts(clips: list[str]) -> dict:
 def write_mel() -> dict:
     audio_mod = openai_whisper.audio
     arrays = {
-        "jfk_80": audio_mod.log_mel_spectrogram(audio_mod.load_audio(str(SPEECH / JFK)), 80),
-        "goforward_128": audio_mod.log_mel_spectrogram(audio_mod.load_audio(str(SPEECH / MEL_128_CLIP)), 128),
+        "jfk_80": audio_mod.log_mel_spectrogram(audio_mod.load_audio(str(SPEECH_DIR / JFK)), 80),
+        "goforward_128": audio_mod.log_mel_spectrogram(audio_mod.load_audio(str(SPEECH_DIR / MEL_128_CLIP)), 128),
     }
     np.savez_compressed(FIXTURES / "reference_mel.npz", **{k: v.numpy().astype(np.float32) for k, v in arrays.items()})
     return {
@@ -178,7 +171,7 @@ def write_first_step(name: str, model) -> dict:
         model.is_multilingual, num_languages=model.num_languages, language="en", task="transcribe"
     )
     initial = list(tokenizer.sot_sequence)
-    mel = first_window_mel(openai_whisper.audio.load_audio(str(SPEECH / JFK)), model.dims.n_mels)
+    mel = first_window_mel(openai_whisper.audio.load_audio(str(SPEECH_DIR / JFK)), model.dims.n_mels)
     with torch.no_grad():
         features = model.embed_audio(mel[None])
         logits = model.logits(torch.tensor([initial]), features)[0, -1]
@@ -193,7 +186,7 @@ def write_first_step(name: str, model) -> dict:
 
 
 def transcribe(model, clip: str, options: dict) -> dict:
-    return openai_whisper.transcribe(model, str(SPEECH / clip), verbose=None, **options)
+    return openai_whisper.transcribe(model, str(SPEECH_DIR / clip), verbose=None, **options)
 
 
 def run_model(name: str, recorder: GapRecorder) -> dict:
@@ -206,28 +199,31 @@ def run_model(name: str, recorder: GapRecorder) -> dict:
         "config_alignment_heads": config_heads,
         "first_step": write_first_step(name, model),
     }
-    clips = english_clips()
-    references = [ref for _, ref in clips]
+    english = [clip.file for clip in english_clips()]
+    references = [clip.transcript for clip in english_clips()]
+
+    def corpus_wer(results: dict) -> float:
+        return round(wer(references, [results[c]["text"] for c in english]) / 100, 6)
 
     greedy = {}
-    for clip, _ in clips:
+    for clip in english:
         result, windows = recorder.record(lambda clip=clip: transcribe(model, clip, GREEDY))
         greedy[clip] = {"text": result["text"], "segments": segments_of(result), "windows": windows}
         print(f"{name} greedy {clip}: {result['text']}", flush=True)
     entry["greedy"] = {
         "options": GREEDY,
-        "wer": round(normalized_wer(references, [greedy[c]["text"] for c, _ in clips]), 6),
+        "wer": corpus_wer(greedy),
         "clips": greedy,
     }
 
     beam = {}
-    for clip, _ in clips:
+    for clip in english:
         result = transcribe(model, clip, BEAM)
         beam[clip] = {"text": result["text"], "segments": segments_of(result)}
         print(f"{name} beam {clip}: {result['text']}", flush=True)
     entry["beam"] = {
         "options": BEAM,
-        "wer": round(normalized_wer(references, [beam[c]["text"] for c, _ in clips]), 6),
+        "wer": corpus_wer(beam),
         "clips": beam,
     }
 
@@ -241,16 +237,14 @@ def run_model(name: str, recorder: GapRecorder) -> dict:
 
     if model.is_multilingual:
         detection, auto = {}, {}
-        for row in manifest():
-            if row["language"] == "en":
-                continue
-            clip = row["file"]
-            mel = first_window_mel(openai_whisper.audio.load_audio(str(SPEECH / clip)), model.dims.n_mels)
+        for other in other_language_clips():
+            clip = other.file
+            mel = first_window_mel(openai_whisper.audio.load_audio(str(SPEECH_DIR / clip)), model.dims.n_mels)
             with torch.no_grad():
                 _, probs = model.detect_language(mel)
             top = sorted(probs.items(), key=lambda kv: -kv[1])[:5]
             detection[clip] = {
-                "expected": row["language"],
+                "expected": other.language,
                 "detected": top[0][0],
                 "probability": round(top[0][1], 6),
                 "top5": {lang: round(p, 6) for lang, p in top},
@@ -273,7 +267,7 @@ def main() -> None:
         "generated_by": "tests/reference/make_fixtures.py",
         "openai_whisper": openai_whisper.__version__,
         "torch": torch.__version__,
-        "audio": audio_facts([row["file"] for row in manifest()]),
+        "audio": audio_facts([clip.file for clip in clips()]),
         "mel": write_mel(),
         "models": {name: run_model(name, recorder) for name in MODELS},
     }

@@ -20,7 +20,6 @@ from pathlib import Path
 from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[2]
-SPEECH = REPO.parent / "shared" / "data" / "speech"
 
 
 def _load_openai_whisper() -> ModuleType:
@@ -43,21 +42,12 @@ def _load_openai_whisper() -> ModuleType:
 
 
 openai_whisper = _load_openai_whisper()
-if str(REPO) not in sys.path[:1]:
-    sys.path.insert(0, str(REPO))
+# Ours first; tests/ gives the shared clip list and WER (tests/speech.py).
+for _path in (str(REPO / "tests"), str(REPO)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 if "whisper" in sys.modules and not sys.modules["whisper"].__file__.startswith(str(REPO)):
     raise SystemExit("another `whisper` package was imported before tests/reference/openai_ref.py")
-
-
-def english_clips() -> list[tuple[str, str]]:
-    """(file name, reference transcript) of every English row of the speech manifest."""
-    return [(row["file"], row["transcript"]) for row in manifest() if row["language"] == "en"]
-
-
-def manifest() -> list[dict[str, str]]:
-    lines = (SPEECH / "manifest.tsv").read_text(encoding="utf-8").splitlines()
-    header = lines[0].split("\t")
-    return [dict(zip(header, line.split("\t"))) for line in lines[1:] if line.strip()]
 
 
 def openai_model_from_ours(name: str):
@@ -84,12 +74,3 @@ def openai_model_from_ours(name: str):
     model.load_state_dict(state, strict=True)
     model.set_alignment_heads(openai_whisper._ALIGNMENT_HEADS[name])
     return model.float().eval()
-
-
-def normalized_wer(references: list[str], hypotheses: list[str]) -> float:
-    """Corpus WER after Whisper's English normaliser on both sides (transcript styles differ)."""
-    import jiwer
-    from whisper_normalizer.english import EnglishTextNormalizer
-
-    normalize = EnglishTextNormalizer()
-    return float(jiwer.wer([normalize(r) for r in references], [normalize(h) for h in hypotheses]))
