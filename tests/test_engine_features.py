@@ -23,6 +23,7 @@ REFERENCE = json.loads((REPO / "tests" / "fixtures" / "reference_transcripts.jso
 JFK = str(SPEECH_DIR / "jfk.flac")
 
 
+@pytest.mark.timeout(2400)  # a beam-5 pass over the dev set
 @pytest.mark.parametrize("name", ["tiny.en", "base"])
 def test_beam_search_matches_the_reference(name):
     reference = REFERENCE["models"][name]["beam"]["clips"]

@@ -24,6 +24,8 @@ MODELS = ("tiny.en", "base")
 # `whisper.transcribe` is also the function's name; the module is reached by its full name.
 transcribe_module = importlib.import_module("whisper.transcribe")
 TOLERANCE = 1e-3
+# A whole dev-set pass of base takes minutes on two loaded cores: more than the default limit.
+DEV_SET_TIMEOUT = 2400
 
 
 @pytest.mark.parametrize("clip", sorted(REFERENCE["audio"]))
@@ -82,6 +84,7 @@ def _first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+@pytest.mark.timeout(DEV_SET_TIMEOUT)
 @pytest.mark.parametrize("name", MODELS)
 def test_greedy_tokens_match_the_reference(name):
     reference = REFERENCE["models"][name]["greedy"]["clips"]
@@ -104,6 +107,7 @@ def test_greedy_tokens_match_the_reference(name):
     assert len(diverged) <= 1, f"near-tie divergences on {diverged}"
 
 
+@pytest.mark.timeout(DEV_SET_TIMEOUT)
 @pytest.mark.parametrize("name", MODELS)
 def test_wer_is_no_worse_than_the_reference(name):
     ours = greedy_transcripts(name)
