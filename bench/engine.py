@@ -344,7 +344,7 @@ def main() -> None:
                 w.process.wait()
     load = os.getloadavg()[0]
     print(
-        f"\n{os.cpu_count()} CPU cores, load average {load:.1f} at the end; {runs} runs, medians; "
+        f"\n{os.cpu_count()} CPU cores, load average {load:.1f} at the end; {runs} run(s), medians; "
         "greedy, temperature 0, English."
     )
     print(report(workers, references, long_s))
