@@ -15,7 +15,8 @@ die() { printf 'menny: error: %s\n' "$*" >&2; exit 1; }
 
 # Prints the Debian packages that $1 (start|test) needs.
 system_packages() {
-    local pkgs=(libportaudio2 libopenblas0-pthread)
+    # cmake and g++ compile the engine's CPU kernels (whisper/kernels) against the installed mlx.
+    local pkgs=(libportaudio2 libopenblas0-pthread cmake g++)
     if [[ $1 == test ]]; then
         # A virtual microphone (PulseAudio), speech synthesis and audio tools, a real browser,
         # and ffmpeg for the reference openai-whisper that some tests compare against.
@@ -25,7 +26,7 @@ system_packages() {
     local python="${PYTHON:-python3}"
     if ! command -v "$python" >/dev/null ||
         [[ "$("$python" -c 'import sys; print(sys.base_prefix)')" == /usr ]]; then
-        pkgs+=(python3 python3-venv)
+        pkgs+=(python3 python3-venv python3-dev)
     fi
     printf '%s\n' "${pkgs[@]}"
 }
@@ -92,11 +93,19 @@ ensure_python_packages() {
     fi
 }
 
+# The engine's compiled CPU kernels: rebuilt only when their sources, mlx or nanobind changed
+# (python -m whisper.kernels.build checks). Without them the engine runs, on MLX's slower ops.
+ensure_kernels() {
+    "$venv/bin/python" -m whisper.kernels.build ||
+        say "warning: the compiled kernels did not build; the engine falls back to MLX's own (slower) ops"
+}
+
 setup() {
     local mode=$1 pkgs
     mapfile -t pkgs < <(system_packages "$mode")
     ensure_system_packages "${pkgs[@]}"
     ensure_venv
     ensure_python_packages "$mode"
+    ensure_kernels
     export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH"
 }

@@ -12,6 +12,8 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
+from . import kernels
+
 # A self-attention cache per decoder layer: (keys, values), each (batch, tokens, state).
 KVCache = list[tuple[mx.array, mx.array] | None]
 
@@ -51,13 +53,7 @@ class MultiHeadAttention(nn.Module):
         return self.key(source), self.value(source)
 
     def attend(self, x: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
-        q = self.query(x)
-        batch, n_q, n_state = q.shape
-        head_dim = n_state // self.n_head
-        out = mx.fast.scaled_dot_product_attention(
-            self._heads(q), self._heads(k), self._heads(v), scale=head_dim**-0.5, mask=mask
-        )
-        return self.out(out.transpose(0, 2, 1, 3).reshape(batch, n_q, n_state))
+        return self.out(kernels.multi_head_attention(self.query(x), k, v, self.n_head, mask))
 
     def attention_logits(self, x: mx.array, k: mx.array) -> mx.array:
         """Scaled query-key products before the softmax, (batch, heads, queries, keys)."""
@@ -101,7 +97,7 @@ class ResidualAttentionBlock(nn.Module):
             if cross_logits is not None:
                 cross_logits.append(self.cross_attn.attention_logits(h, cross_kv[0]))
             x = x + self.cross_attn.attend(h, *cross_kv, None)
-        x = x + self.mlp2(nn.gelu(self.mlp1(self.mlp_ln(x))))
+        x = x + self.mlp2(kernels.gelu(self.mlp1(self.mlp_ln(x))))
         return x, (k, v)
 
 
@@ -115,8 +111,8 @@ class AudioEncoder(nn.Module):
         self.ln_post = nn.LayerNorm(n_state)
 
     def __call__(self, mel: mx.array) -> mx.array:
-        x = nn.gelu(self.conv1(mel))
-        x = nn.gelu(self.conv2(x))
+        x = kernels.gelu(self.conv1(mel))
+        x = kernels.gelu(self.conv2(x))
         if x.shape[1] != self._positional_embedding.shape[0]:
             raise ValueError(f"the encoder takes 30-second windows (3000 frames); got {mel.shape[1]} frames")
         x = x + self._positional_embedding

@@ -1,0 +1,262 @@
+"""The compiled CPU kernels (whisper/kernels) against MLX's own ops and exact float64 values.
+
+scripts/test builds the kernels first, so a missing or broken build fails here; only
+MENNY_NO_KERNELS=1 (which forces MLX's ops everywhere) skips the compiled-kernel tests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx import nn
+from speech import REPO, SPEECH_DIR
+
+import whisper
+from whisper import kernels
+from whisper.audio import N_SAMPLES, load_audio
+
+FORCED_OFF = os.environ.get("MENNY_NO_KERNELS") == "1"
+needs_kernels = pytest.mark.skipif(FORCED_OFF, reason="MENNY_NO_KERNELS=1 forces MLX's own ops")
+RNG = np.random.default_rng(6)
+
+
+@pytest.fixture(scope="module")
+def fast():
+    module, detail = kernels.load()
+    assert module is not None, f"the compiled kernels did not load: {detail}"
+    return module
+
+
+def exact_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def exact_gelu(x: np.ndarray) -> np.ndarray:
+    return np.array([v * 0.5 * math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64).ravel()]).reshape(x.shape)
+
+
+@needs_kernels
+def test_the_kernels_are_built_and_used_on_this_cpu(fast):
+    assert kernels.compiled() is fast
+    assert fast.threads() >= 1
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 8), (5, 9), (4, 1500), (1, 6, 40, 1500), (2, 3, 1, 17)])
+def test_softmax_matches_mlx_and_exact_values(fast, shape):
+    x = (RNG.standard_normal(shape) * 6).astype(np.float32)
+    ours = np.array(fast.softmax(mx.array(x)))
+    reference = np.array(mx.softmax(mx.array(x), axis=-1, precise=True))
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ours, exact_softmax(x), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(ours.sum(axis=-1), 1.0, rtol=1e-5)
+
+
+@needs_kernels
+def test_softmax_of_large_and_masked_scores(fast):
+    x = (RNG.standard_normal((6, 1500)) * 3).astype(np.float32)
+    x[0] -= 1e30  # everything hugely negative: only differences matter
+    x[1, ::3] = -np.inf  # an additive mask
+    x[2, :-1] = -np.inf  # one survivor
+    x[3] = -1e4  # all equal
+    x[3, 5] = 0.0
+    x[4, 100:] = -100.0  # far below the maximum: exp underflows to 0
+    x[5] *= 1000
+    ours = np.array(fast.softmax(mx.array(x)))
+    reference = np.array(mx.softmax(mx.array(x), axis=-1, precise=True))
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-7)
+    assert np.all(ours[1, ::3] == 0)
+    np.testing.assert_array_equal(ours[2], np.eye(1500, dtype=np.float32)[-1])
+    assert ours[3, 5] == 1.0
+
+
+@needs_kernels
+def test_softmax_propagates_nan_like_mlx(fast):
+    x = np.zeros((3, 10), np.float32)
+    x[0] = -np.inf  # a fully masked row has no distribution
+    x[1, 4] = np.nan
+    x[2, 4] = np.inf
+    ours = np.array(fast.softmax(mx.array(x)))
+    reference = np.array(mx.softmax(mx.array(x), axis=-1, precise=True))
+    assert np.isnan(ours).all() and np.isnan(reference).all()
+
+
+@needs_kernels
+def test_softmax_of_non_contiguous_views(fast):
+    base = mx.array((RNG.standard_normal((40, 30)) * 4).astype(np.float32))
+    for view in (
+        base.T,
+        base[::3, 1::2],
+        mx.broadcast_to(base[:1], (5, 30)),
+        base.reshape(2, 20, 30).transpose(1, 0, 2),
+    ):
+        np.testing.assert_allclose(
+            np.array(fast.softmax(view)), np.array(mx.softmax(view, axis=-1, precise=True)), rtol=1e-5, atol=1e-7
+        )
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_half_precision_inputs_are_computed_in_float32(fast, dtype):
+    x = mx.array((RNG.standard_normal((8, 333)) * 4).astype(np.float32)).astype(dtype)
+    ours = fast.softmax(x)
+    assert ours.dtype == dtype
+    reference = mx.softmax(x, axis=-1, precise=True)
+    # Both round the same float32 values; at most one unit in the last place apart.
+    np.testing.assert_allclose(np.array(ours.astype(mx.float32)), np.array(reference.astype(mx.float32)), rtol=1e-2)
+    gelu = fast.gelu(x)
+    assert gelu.dtype == dtype
+    np.testing.assert_allclose(
+        np.array(gelu.astype(mx.float32)), np.array(nn.gelu(x.astype(mx.float32))), rtol=1e-2, atol=1e-3
+    )
+
+
+@needs_kernels
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 16, 100, 1500 * 384])
+def test_gelu_matches_mlx_and_exact_values(fast, size):
+    x = (RNG.standard_normal(size) * 3).astype(np.float32)
+    ours = np.array(fast.gelu(mx.array(x)))
+    np.testing.assert_allclose(ours, np.array(nn.gelu(mx.array(x))), rtol=1e-5, atol=1e-6)
+    if size <= 10_000:
+        np.testing.assert_allclose(ours, exact_gelu(x), rtol=1e-6, atol=1e-30)
+
+
+@needs_kernels
+def test_gelu_edge_values(fast):
+    x = np.array([0.0, -0.0, 1e-30, -1e-30, 1e-40, 5.0, -5.0, 9.9, -9.9, 14.0, -14.0, 20.0, -20.0, -30.0, 1e4, -1e4,
+                  np.inf, -np.inf, np.nan], np.float32)  # fmt: skip
+    ours = np.array(fast.gelu(mx.array(x)))
+    finite = np.isfinite(x)
+    np.testing.assert_allclose(ours[finite], exact_gelu(x[finite]), rtol=1e-6, atol=1e-37)
+    # Negative values keep their relative accuracy far into the tail, where erf(x) rounds to -1.
+    assert ours[8] == pytest.approx(-9.9 * 0.5 * math.erfc(9.9 / math.sqrt(2)), rel=1e-6) and ours[8] < -1e-22
+    assert ours[-3] == np.inf and np.isnan(ours[-2]) and np.isnan(ours[-1])
+    reference = np.array(nn.gelu(mx.array(x)))
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(reference))
+
+
+@needs_kernels
+def test_kernels_take_unevaluated_inputs_and_leave_them_intact(fast):
+    a = mx.array(RNG.standard_normal((300, 64)).astype(np.float32))
+    scores = a @ a.T  # not evaluated yet: the kernel must wait for the product
+    probabilities = fast.softmax(scores)
+    activated = fast.gelu(scores)
+    mx.eval(probabilities, activated, scores)
+    expected = np.array(a) @ np.array(a).T
+    np.testing.assert_allclose(np.array(scores), expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.array(probabilities), exact_softmax(np.array(scores)), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(np.array(activated), np.array(nn.gelu(scores)), rtol=1e-5, atol=1e-6)
+    # A temporary may be overwritten in place; the result stays right.
+    np.testing.assert_allclose(
+        np.array(fast.softmax(scores * 0.5)), exact_softmax(expected * 0.5), rtol=1e-4, atol=1e-7
+    )
+
+
+@needs_kernels
+def test_non_float_input_is_refused_with_a_message(fast):
+    with pytest.raises(ValueError, match="floating-point"):
+        fast.softmax(mx.array([[1, 2, 3]]))
+
+
+def reference_attention(q: mx.array, k: mx.array, v: mx.array, n_head: int, mask=None) -> np.ndarray:
+    batch, n_q, state = q.shape
+
+    def heads(t):
+        return t.reshape(batch, t.shape[1], n_head, state // n_head).transpose(0, 2, 1, 3)
+
+    out = mx.fast.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=(state // n_head) ** -0.5, mask=mask)
+    return np.array(out.transpose(0, 2, 1, 3).reshape(batch, n_q, state))
+
+
+def random_qkv(batch: int, n_q: int, n_k: int, state: int, spread: float = 1.0) -> list[mx.array]:
+    return [mx.array((RNG.standard_normal((batch, n, state)) * spread).astype(np.float32)) for n in (n_q, n_k, n_k)]
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("batch", "n_q", "n_k", "n_head", "head_dim"),
+    [(1, 1500, 1500, 6, 64), (2, 7, 13, 2, 16), (1, 49, 100, 3, 32), (1, 97, 1, 1, 16), (3, 1, 17, 2, 64)],
+)
+def test_fused_attention_matches_mlx(fast, batch, n_q, n_k, n_head, head_dim):
+    q, k, v = random_qkv(batch, n_q, n_k, n_head * head_dim, spread=2.0)
+    ours = np.array(fast.attention(q, k, v, n_head, head_dim**-0.5))
+    np.testing.assert_allclose(ours, reference_attention(q, k, v, n_head), rtol=1e-4, atol=1e-5)
+
+
+@needs_kernels
+def test_fused_attention_takes_views_and_half_precision(fast):
+    q, k, v = random_qkv(1, 40, 60, 128)
+    views = [t.transpose(1, 0, 2).transpose(1, 0, 2)[:, ::2] for t in (q, k, v)]
+    ours = np.array(fast.attention(*views, 4, 32**-0.5))
+    np.testing.assert_allclose(ours, reference_attention(*views, 4), rtol=1e-4, atol=1e-5)
+    half = [t.astype(mx.float16) for t in (q, k, v)]
+    ours = fast.attention(*half, 4, 32**-0.5)
+    assert ours.dtype == mx.float16
+    np.testing.assert_allclose(
+        np.array(ours.astype(mx.float32)), reference_attention(*[t.astype(mx.float32) for t in half], 4), atol=2e-3
+    )
+
+
+@needs_kernels
+def test_fused_attention_refuses_what_it_cannot_do(fast):
+    q, k, v = random_qkv(1, 4, 4, 40)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        fast.attention(q, k, v, 4, 0.3)  # heads of 10
+    with pytest.raises(ValueError, match="batch, keys, state"):
+        fast.attention(q, k[:, :, :16], v, 1, 0.3)
+    with pytest.raises(ValueError, match="positive"):
+        fast.attention(q[..., :32], k[..., :32], v[..., :32], 2, 0.0)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("n_q", "n_k", "masked"), [(1500, 1500, False), (1, 1500, False), (5, 9, True), (3, 448, False)]
+)
+def test_multi_head_attention_matches_mlx(n_q, n_k, masked):
+    q, k, v = random_qkv(1, n_q, n_k, 512)
+    mask = mx.triu(mx.full((n_q, n_k), -np.inf), k=n_k - n_q + 1) if masked else None
+    ours = np.array(kernels.multi_head_attention(q, k, v, 8, mask))
+    np.testing.assert_allclose(ours, reference_attention(q, k, v, 8, mask), rtol=1e-4, atol=1e-5)
+
+
+def _encoder_features(name: str) -> np.ndarray:
+    audio = load_audio(SPEECH_DIR / "jfk.flac")
+    mel = whisper.log_mel_spectrogram(np.concatenate([audio, np.zeros(N_SAMPLES - len(audio), np.float32)]))
+    return np.array(whisper.load_model(name).embed_audio(mel.T[None, :3000]))
+
+
+@needs_kernels
+def test_encoder_features_agree_with_and_without_the_kernels():
+    ours = _encoder_features("tiny.en")
+    with kernels.fallback():
+        assert kernels.softmax(mx.zeros((1, 1))).item() == 1.0
+        reference = _encoder_features("tiny.en")
+    # Float32 rounding differs (MLX's erf is a 1.5e-7 approximation); the features may not.
+    assert np.abs(ours - reference).max() < 1e-3
+    assert np.abs(ours - reference).mean() < 1e-5
+
+
+def test_fallback_on_request_uses_mlx_ops():
+    code = (
+        "import whisper, mlx.core as mx, numpy as np\nfrom mlx import nn\n"
+        "from whisper import kernels\n"
+        "assert kernels.compiled() is None and kernels.load()[1] == 'MENNY_NO_KERNELS=1'\n"
+        "x = mx.array(np.linspace(-8, 8, 3000, dtype=np.float32).reshape(2, 1500))\n"
+        "assert mx.array_equal(kernels.softmax(x), mx.softmax(x, axis=-1, precise=True))\n"
+        "assert mx.array_equal(kernels.gelu(x), nn.gelu(x))\n"
+        "q = x.reshape(1, 1500, 2, 1).transpose(0, 2, 1, 3)\n"
+        "a = kernels.multi_head_attention(x.reshape(1, 1500, 2), x.reshape(1, 1500, 2), x.reshape(1, 1500, 2), 2)\n"
+        "b = mx.fast.scaled_dot_product_attention(q, q, q, scale=1.0).transpose(0, 2, 1, 3).reshape(1, 1500, 2)\n"
+        "assert mx.array_equal(a, b)\n"
+    )
+    env = {**os.environ, "MENNY_NO_KERNELS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

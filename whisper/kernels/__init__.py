@@ -1,0 +1,128 @@
+"""Fast CPU kernels for the encoder's element-wise hot spots, with MLX's own ops as the fallback.
+
+On a Linux CPU the mlx[cpu] wheel computes exp and erf one lane at a time on one thread, so
+softmax and GELU, not the matrix products, dominate the encoder.  `fast_ops.cpp` implements
+both, and a fused attention, as MLX primitives (AVX2+FMA when the CPU has it, split across
+cores); it is compiled by
+`python -m whisper.kernels.build` (scripts/setup.sh runs it).  Where the library is missing,
+was built for another mlx, or the default device is a GPU, these functions use MLX's ops.
+MENNY_NO_KERNELS=1 forces the fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import json
+import logging
+import os
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import mlx.core as mx
+from mlx import nn
+
+log = logging.getLogger("whisper")
+
+BUILD_DIR = Path(__file__).resolve().parent / "_build"
+STAMP = BUILD_DIR / "stamp.json"
+MODULE_NAME = "_fast_ops"
+LIBRARY = BUILD_DIR / f"{MODULE_NAME}{sysconfig.get_config_var('EXT_SUFFIX')}"
+
+
+@functools.cache
+def load() -> tuple[ModuleType | None, str]:
+    """The compiled module and a note on it, or None and why it is unavailable."""
+    if os.environ.get("MENNY_NO_KERNELS") == "1":
+        return None, "MENNY_NO_KERNELS=1"
+    if not LIBRARY.exists() or not STAMP.exists():
+        return None, "not built (run: python -m whisper.kernels.build)"
+    # A library built against another mlx may not even load safely: check before importing.
+    built_for = json.loads(STAMP.read_text()).get("mlx_version")
+    if built_for != mx.__version__:
+        return None, f"built for mlx {built_for}, this is mlx {mx.__version__} (run: python -m whisper.kernels.build)"
+    spec = importlib.util.spec_from_file_location(f"{__name__}.{MODULE_NAME}", LIBRARY)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        # mx.array must cross into the library: a nanobind mismatch shows up here as a TypeError.
+        with mx.stream(mx.cpu):
+            mx.eval(module.softmax(mx.zeros((1, 2), dtype=mx.float32)))
+    except (ImportError, TypeError, RuntimeError) as error:
+        return None, f"the built library does not work with this mlx ({error}); rebuild it"
+    return module, f"AVX2+FMA: {module.uses_avx2()}, threads: {module.threads()}"
+
+
+@functools.cache
+def compiled() -> ModuleType | None:
+    """The compiled kernels if they load here; logs once which implementation is used."""
+    module, detail = load()
+    if module is None:
+        log.debug("softmax/GELU: MLX's ops (compiled kernels unavailable: %s)", detail)
+    else:
+        log.debug("softmax/GELU: compiled CPU kernels (%s)", detail)
+    return module
+
+
+_forced_fallback = False
+
+
+@contextlib.contextmanager
+def fallback() -> Iterator[None]:
+    """Use MLX's own ops inside the block, so one process can compare both (not thread-safe)."""
+    global _forced_fallback
+    previous, _forced_fallback = _forced_fallback, True
+    try:
+        yield
+    finally:
+        _forced_fallback = previous
+
+
+def _on_cpu() -> ModuleType | None:
+    if _forced_fallback or mx.default_device() != mx.cpu:
+        return None
+    return compiled()
+
+
+def softmax(x: mx.array) -> mx.array:
+    """Softmax over the last axis, computed in float32 (`mx.softmax(x, axis=-1, precise=True)`)."""
+    module = _on_cpu()
+    return module.softmax(x) if module else mx.softmax(x, axis=-1, precise=True)
+
+
+def gelu(x: mx.array) -> mx.array:
+    """Exact GELU, x * Phi(x) (`mlx.nn.gelu`)."""
+    module = _on_cpu()
+    return module.gelu(x) if module else nn.gelu(x)
+
+
+def multi_head_attention(q: mx.array, k: mx.array, v: mx.array, n_head: int, mask: mx.array | None = None) -> mx.array:
+    """Scaled dot-product attention of q (batch, queries, state) over k, v (batch, keys, state).
+
+    The state splits into `n_head` heads; the result has q's shape, heads merged back.
+    `mask` is additive, broadcast against (batch, heads, queries, keys).
+    """
+    batch, n_q, n_state = q.shape
+    head_dim = n_state // n_head
+    scale = head_dim**-0.5
+    module = _on_cpu()
+    # One primitive for the whole attention: the (heads, queries, keys) scores never reach
+    # memory.  For a single query (a decoding step) repacking the keys costs what it saves.
+    if module is not None and module.uses_avx2() and mask is None and n_q > 1 and head_dim % 16 == 0:
+        return module.attention(q, k, v, n_head, scale)
+
+    def heads(t: mx.array) -> mx.array:
+        return t.reshape(batch, t.shape[1], n_head, head_dim).transpose(0, 2, 1, 3)
+
+    if module is None:
+        out = mx.fast.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=scale, mask=mask)
+    else:
+        # MLX computes its CPU attention this way too, with its own (slower) softmax.
+        scores = (heads(q) * scale) @ heads(k).swapaxes(-1, -2)
+        if mask is not None:
+            scores = scores + mask
+        out = module.softmax(scores) @ heads(v)
+    return out.transpose(0, 2, 1, 3).reshape(batch, n_q, n_state)

@@ -1,0 +1,585 @@
+// Fast CPU kernels for the element-wise work that dominates Whisper's encoder on a CPU:
+// softmax over the last axis and exact (erf) GELU, as MLX primitives.
+//
+// Why: the mlx[cpu] wheel for Linux is built for baseline x86-64, so its exp/erf run one lane
+// at a time, and a CPU stream runs on one thread.  These kernels use AVX2+FMA when the CPU has
+// them (checked at run time, so the library loads on any x86-64 and on other architectures)
+// and split rows across the cores the process may use.  Without AVX2 they fall back to libm.
+//
+// Numerics: float32 in and out (the Python side casts other dtypes).  exp is a range reduction
+// plus a degree-5 polynomial (error ~2e-10 before rounding), erfc a fitted polynomial in
+// t = 2 / (2 + z) under an exp (relative error < 4e-7 in float32), so both results stay within
+// ~1e-6 relative of MLX's own ops.
+
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstddef>
+#include <cstdlib>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <nanobind/nanobind.h>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// Threads
+// ------------------------------------------------------------------------------------------
+
+// Below this many elements per thread, starting a thread costs more than it saves.
+constexpr std::size_t kMinElementsPerThread = 1 << 15;
+// Work is handed out in blocks of about this many elements, first come first served: on a
+// busy machine (or next to BLAS threads still spinning after a matrix product) one thread may
+// get far less CPU than another, and a static split would wait for the slowest.
+constexpr std::size_t kElementsPerBlock = 1 << 14;
+
+// The cores this process may run on, or MENNY_KERNEL_THREADS if set lower.
+std::size_t kernel_threads() {
+  static const std::size_t count = [] {
+    cpu_set_t set;
+    std::size_t cpus = std::max(1u, std::thread::hardware_concurrency());
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+      cpus = static_cast<std::size_t>(std::max(1, CPU_COUNT(&set)));
+    }
+    if (const char* wanted = std::getenv("MENNY_KERNEL_THREADS")) {
+      const long n = std::strtol(wanted, nullptr, 10);
+      if (n > 0) {
+        cpus = std::min(cpus, static_cast<std::size_t>(n));
+      }
+    }
+    return cpus;
+  }();
+  return count;
+}
+
+// Calls fn(begin, end) on disjoint ranges covering [0, items), each a multiple of `grain`
+// items (but the last), on up to kernel_threads() threads including the calling one.
+template <class Fn>
+void parallel_for(std::size_t items, std::size_t elements_per_item, std::size_t grain, Fn fn) {
+  const std::size_t elements = items * elements_per_item;
+  const std::size_t threads = std::min(kernel_threads(), elements / kMinElementsPerThread);
+  if (threads <= 1) {
+    fn(std::size_t{0}, items);
+    return;
+  }
+  std::size_t block = std::max<std::size_t>(1, kElementsPerBlock / std::max<std::size_t>(1, elements_per_item));
+  block = (block + grain - 1) / grain * grain;
+  std::atomic<std::size_t> next{0};
+  auto worker = [&] {
+    for (std::size_t begin = next.fetch_add(block); begin < items; begin = next.fetch_add(block)) {
+      fn(begin, std::min(items, begin + block));
+    }
+  };
+  std::vector<std::thread> helpers;
+  for (std::size_t i = 1; i < threads; ++i) {
+    helpers.emplace_back(worker);
+  }
+  worker();
+  for (auto& helper : helpers) {
+    helper.join();
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Portable kernels (libm)
+// ------------------------------------------------------------------------------------------
+
+void softmax_rows_portable(const float* in, float* out, std::size_t rows, std::size_t n) {
+  for (std::size_t row = 0; row < rows; ++row, in += n, out += n) {
+    float maximum = -INFINITY;
+    for (std::size_t i = 0; i < n; ++i) {
+      maximum = std::max(maximum, in[i]);
+    }
+    float sum = 0.0f;
+    for (std::size_t i = 0; i < n; ++i) {
+      out[i] = std::exp(in[i] - maximum);
+      sum += out[i];
+    }
+    const float inverse = 1.0f / sum;
+    for (std::size_t i = 0; i < n; ++i) {
+      out[i] *= inverse;
+    }
+  }
+}
+
+void gelu_portable(const float* in, float* out, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) {
+    // Phi(x) = erfc(-x / sqrt(2)) / 2 keeps its relative accuracy for negative x.
+    out[i] = in[i] * 0.5f * std::erfc(in[i] * -0.70710678118654752f);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// AVX2 + FMA kernels
+// ------------------------------------------------------------------------------------------
+
+#if defined(__x86_64__)
+#define MENNY_AVX2 __attribute__((target("avx2,fma")))
+
+bool cpu_has_avx2_fma() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+// e^(hi + lo) for |lo| << |hi|: the split lets erfc pass -z^2 exactly as a float pair.
+// Results below FLT_MIN are flushed to 0, above FLT_MAX are infinite; NaN stays NaN.
+MENNY_AVX2 inline __m256 exp_pair(__m256 hi, __m256 lo) {
+  const __m256 arg = _mm256_add_ps(hi, lo);
+  const __m256 in_range = _mm256_min_ps(_mm256_max_ps(arg, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(in_range, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // ln 2 in two parts: n * 0.693359375 is exact for |n| < 2^15.
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), hi);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  r = _mm256_add_ps(r, lo);
+  // e^r = 1 + r + r^2 q(r) on |r| <= ln(2) / 2, q fitted by Chebyshev least squares.
+  __m256 q = _mm256_set1_ps(1.9899280e-4f);
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.3933651e-3f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(8.3332985e-3f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(4.1666465e-2f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.6666667e-1f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(5.0000000e-1f));
+  const __m256 p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(r, r), q, r), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  result = _mm256_andnot_ps(_mm256_cmp_ps(arg, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ), result);
+  result = _mm256_blendv_ps(result, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(arg, _mm256_set1_ps(88.72283f), _CMP_GT_OQ));
+  return _mm256_blendv_ps(result, arg, _mm256_cmp_ps(arg, arg, _CMP_UNORD_Q));
+}
+
+MENNY_AVX2 inline __m256i tail_mask(std::size_t remaining) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(remaining)), lanes);
+}
+
+MENNY_AVX2 inline float horizontal_max(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+MENNY_AVX2 inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// out = e^(scale * (in - max(in))) for one row (scale > 0; in place is fine); returns the sum.
+MENNY_AVX2 float exp_row_avx2(const float* in, float* out, std::size_t n, float scale) {
+  const std::size_t full = n / 8 * 8;
+  const __m256i mask = tail_mask(n - full);
+  const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 vmax = minus_inf;
+  for (std::size_t i = 0; i < full; i += 8) {
+    vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(in + i));
+  }
+  if (full < n) {
+    const __m256 x = _mm256_blendv_ps(minus_inf, _mm256_maskload_ps(in + full, mask), _mm256_castsi256_ps(mask));
+    vmax = _mm256_max_ps(vmax, x);
+  }
+  const __m256 maximum = _mm256_set1_ps(horizontal_max(vmax));
+  const __m256 vscale = _mm256_set1_ps(scale);
+  __m256 vsum = zero;
+  for (std::size_t i = 0; i < full; i += 8) {
+    const __m256 e = exp_pair(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(in + i), maximum), vscale), zero);
+    _mm256_storeu_ps(out + i, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  if (full < n) {
+    __m256 e = exp_pair(_mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(in + full, mask), maximum), vscale), zero);
+    e = _mm256_and_ps(e, _mm256_castsi256_ps(mask));
+    _mm256_maskstore_ps(out + full, mask, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  return horizontal_sum(vsum);
+}
+
+MENNY_AVX2 void softmax_rows_avx2(const float* in, float* out, std::size_t rows, std::size_t n) {
+  const std::size_t full = n / 8 * 8;
+  const __m256i mask = tail_mask(n - full);
+  for (std::size_t row = 0; row < rows; ++row, in += n, out += n) {
+    const __m256 inverse = _mm256_set1_ps(1.0f / exp_row_avx2(in, out, n, 1.0f));
+    for (std::size_t i = 0; i < full; i += 8) {
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(out + i), inverse));
+    }
+    if (full < n) {
+      _mm256_maskstore_ps(out + full, mask, _mm256_mul_ps(_mm256_maskload_ps(out + full, mask), inverse));
+    }
+  }
+}
+
+// x * Phi(x) with Phi from erfc(z), z = |x| / sqrt(2):  erfc(z) = t * e^(-z^2 + P(t)),
+// t = 2 / (2 + z), P a degree-10 Chebyshev least-squares fit in u = 2.4 t - 1.4 (t over
+// [1/6, 1], i.e. z <= 10; beyond, erfc is below float range anyway).  z^2 = x^2 / 2 is kept
+// exact as a float pair: rounding it would cost ~1e-7 * z^2 relative error in the tail.
+MENNY_AVX2 inline __m256 gelu8(__m256 x) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  const __m256 a = _mm256_min_ps(_mm256_andnot_ps(sign_bit, x), _mm256_set1_ps(14.0f));
+  const __m256 z = _mm256_mul_ps(a, _mm256_set1_ps(0.70710678118654752f));
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(z, _mm256_set1_ps(2.0f)));
+  const __m256 u = _mm256_fmadd_ps(t, _mm256_set1_ps(2.4f), _mm256_set1_ps(-1.4f));
+  __m256 p = _mm256_set1_ps(-2.0848480e-05f);
+  p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(5.5786346e-05f));
+  p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(1.2507163e-04f));
+  p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(-5.3624128e-04f));
+  p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(-2.7197215e-04f));
+  p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(3.7087894e-03f));
+  p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(-1.0468961e-03f));
+  p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(-2.9470664e-02f));
+  p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(1.5745232e-02f));
+  p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(5.7030714e-01f));
+  p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(-5.5859536e-01f));
+  // -z^2 as the exact pair (-zz, -zz_low).
+  const __m256 half = _mm256_set1_ps(0.5f);
+  const __m256 aa = _mm256_mul_ps(a, a);
+  const __m256 zz = _mm256_mul_ps(aa, half);
+  const __m256 zz_low = _mm256_mul_ps(_mm256_fmsub_ps(a, a, aa), half);
+  const __m256 half_erfc = _mm256_mul_ps(
+      _mm256_mul_ps(t, half), exp_pair(_mm256_xor_ps(zz, sign_bit), _mm256_sub_ps(p, zz_low)));
+  const __m256 negative = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
+  const __m256 phi = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), half_erfc), half_erfc, negative);
+  return _mm256_mul_ps(x, phi);
+}
+
+MENNY_AVX2 void gelu_avx2(const float* in, float* out, std::size_t n) {
+  const std::size_t full = n / 8 * 8;
+  for (std::size_t i = 0; i < full; i += 8) {
+    _mm256_storeu_ps(out + i, gelu8(_mm256_loadu_ps(in + i)));
+  }
+  if (full < n) {
+    const __m256i mask = tail_mask(n - full);
+    _mm256_maskstore_ps(out + full, mask, gelu8(_mm256_maskload_ps(in + full, mask)));
+  }
+}
+
+// C[ROWS x 16] = A[ROWS x depth] * B[depth x 16], row r of C scaled by row_scale[r] if given.
+// The register tile of an AVX2 matrix product: 2 * ROWS accumulators (ROWS <= 6 fits the 16
+// ymm registers), one broadcast of A and two loads of B per 2 * ROWS multiply-adds.  Named
+// accumulators, not an array: GCC keeps an array of them in memory, storing every iteration.
+#define MENNY_TILE_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+template <int ROWS>
+MENNY_AVX2 inline void tile16(const float* a, std::size_t lda, const float* b, std::size_t ldb, float* c,
+                              std::size_t ldc, std::size_t depth, const float* row_scale) {
+#define MENNY_DECLARE(r) __m256 acc##r##a = _mm256_setzero_ps(), acc##r##b = _mm256_setzero_ps();
+  MENNY_TILE_ROWS(MENNY_DECLARE)
+#undef MENNY_DECLARE
+  for (std::size_t k = 0; k < depth; ++k, b += ldb) {
+    const __m256 b0 = _mm256_loadu_ps(b);
+    const __m256 b1 = _mm256_loadu_ps(b + 8);
+#define MENNY_ACCUMULATE(r)                                   \
+  if constexpr (ROWS > r) {                                   \
+    const __m256 x = _mm256_broadcast_ss(a + r * lda + k);    \
+    acc##r##a = _mm256_fmadd_ps(x, b0, acc##r##a);            \
+    acc##r##b = _mm256_fmadd_ps(x, b1, acc##r##b);            \
+  }
+    MENNY_TILE_ROWS(MENNY_ACCUMULATE)
+#undef MENNY_ACCUMULATE
+  }
+#define MENNY_STORE(r)                                                             \
+  if constexpr (ROWS > r) {                                                        \
+    const __m256 scale = _mm256_set1_ps(row_scale ? row_scale[r] : 1.0f);          \
+    _mm256_storeu_ps(c + r * ldc, _mm256_mul_ps(acc##r##a, scale));                \
+    _mm256_storeu_ps(c + r * ldc + 8, _mm256_mul_ps(acc##r##b, scale));            \
+  }
+  MENNY_TILE_ROWS(MENNY_STORE)
+#undef MENNY_STORE
+}
+#undef MENNY_TILE_ROWS
+
+// C[rows x cols] = A[rows x depth] * B[depth x cols] for cols a multiple of 16.
+MENNY_AVX2 void matmul16(const float* a, std::size_t lda, const float* b, std::size_t ldb, float* c, std::size_t ldc,
+                         std::size_t rows, std::size_t cols, std::size_t depth, const float* row_scale) {
+  for (std::size_t col = 0; col < cols; col += 16) {
+    std::size_t row = 0;
+    for (; row + 6 <= rows; row += 6) {
+      tile16<6>(a + row * lda, lda, b + col, ldb, c + row * ldc + col, ldc, depth, row_scale ? row_scale + row : nullptr);
+    }
+    const float* a_rest = a + row * lda;
+    float* c_rest = c + row * ldc + col;
+    const float* scale_rest = row_scale ? row_scale + row : nullptr;
+    switch (rows - row) {
+      case 5: tile16<5>(a_rest, lda, b + col, ldb, c_rest, ldc, depth, scale_rest); break;
+      case 4: tile16<4>(a_rest, lda, b + col, ldb, c_rest, ldc, depth, scale_rest); break;
+      case 3: tile16<3>(a_rest, lda, b + col, ldb, c_rest, ldc, depth, scale_rest); break;
+      case 2: tile16<2>(a_rest, lda, b + col, ldb, c_rest, ldc, depth, scale_rest); break;
+      case 1: tile16<1>(a_rest, lda, b + col, ldb, c_rest, ldc, depth, scale_rest); break;
+      default: break;
+    }
+  }
+}
+
+// One block of queries of one head: scores = q k^T into `scores` (rows x keys_padded, keys
+// transposed and zero-padded in `keys_t`), e = exp(scale * (scores - row max)) in place, then
+// out = (e v) / row sums, so the probabilities are never normalised one by one.
+MENNY_AVX2 void attention_block_avx2(const float* q, const float* keys_t, const float* v, float* out, float* scores,
+                                     float* inverse_sums, std::size_t rows, std::size_t keys, std::size_t keys_padded,
+                                     std::size_t head_dim, std::size_t row_stride, float scale) {
+  matmul16(q, row_stride, keys_t, keys_padded, scores, keys_padded, rows, keys_padded, head_dim, nullptr);
+  for (std::size_t r = 0; r < rows; ++r) {
+    float* row = scores + r * keys_padded;
+    inverse_sums[r] = 1.0f / exp_row_avx2(row, row, keys, scale);
+  }
+  matmul16(scores, keys_padded, v, row_stride, out, row_stride, rows, head_dim, keys, inverse_sums);
+}
+
+const bool kUseAvx2 = cpu_has_avx2_fma();
+#else
+const bool kUseAvx2 = false;
+#endif
+
+void softmax_rows(const float* in, float* out, std::size_t rows, std::size_t n) {
+#if defined(__x86_64__)
+  if (kUseAvx2) {
+    softmax_rows_avx2(in, out, rows, n);
+    return;
+  }
+#endif
+  softmax_rows_portable(in, out, rows, n);
+}
+
+void gelu(const float* in, float* out, std::size_t n) {
+#if defined(__x86_64__)
+  if (kUseAvx2) {
+    gelu_avx2(in, out, n);
+    return;
+  }
+#endif
+  gelu_portable(in, out, n);
+}
+
+// ------------------------------------------------------------------------------------------
+// MLX primitives
+// ------------------------------------------------------------------------------------------
+
+// Gives `out` the input's buffer when MLX may reuse it, else a fresh row-major one.
+void allocate_like(const mx::array& in, mx::array& out) {
+  if (in.is_donatable()) {
+    out.copy_shared_buffer(in);
+  } else {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+}
+
+class CpuKernel : public mx::UnaryPrimitive {
+ public:
+  using mx::UnaryPrimitive::UnaryPrimitive;
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error(std::string(name()) + " runs on the CPU only; use MLX's own op on a GPU");
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return std::string(name()) == other.name();
+  }
+};
+
+class MennySoftmax : public CpuKernel {
+ public:
+  using CpuKernel::CpuKernel;
+
+  const char* name() const override {
+    return "MennySoftmax";
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const mx::array& in = inputs[0];
+    allocate_like(in, out);
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    const std::size_t n = in.shape(-1);
+    const std::size_t rows = n == 0 ? 0 : in.size() / n;
+    encoder.dispatch([in, out, rows, n]() mutable {
+      const float* src = in.data<float>();
+      float* dst = out.data<float>();
+      parallel_for(rows, n, 1, [=](std::size_t begin, std::size_t end) {
+        softmax_rows(src + begin * n, dst + begin * n, end - begin, n);
+      });
+    });
+  }
+};
+
+class MennyGelu : public CpuKernel {
+ public:
+  using CpuKernel::CpuKernel;
+
+  const char* name() const override {
+    return "MennyGelu";
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const mx::array& in = inputs[0];
+    allocate_like(in, out);
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    encoder.dispatch([in, out]() mutable {
+      const float* src = in.data<float>();
+      float* dst = out.data<float>();
+      // Ranges of whole cache lines, so threads never write the same line.
+      parallel_for(in.size(), 1, 16, [=](std::size_t begin, std::size_t end) {
+        gelu(src + begin, dst + begin, end - begin);
+      });
+    });
+  }
+};
+
+// Queries per task: the block's scores (48 x keys) stay in the core's L2 cache between the
+// two products.
+constexpr std::size_t kQueriesPerBlock = 48;
+
+#if defined(__x86_64__)
+// out (batch, n_q, state) = attention of q (batch, n_q, state) over k, v (batch, n_k, state),
+// head h being columns [h * head_dim, (h + 1) * head_dim) of each.
+void attention(const float* q, const float* k, const float* v, float* out, std::size_t batch, std::size_t n_q,
+               std::size_t n_k, std::size_t state, std::size_t n_head, float scale) {
+  const std::size_t head_dim = state / n_head;
+  const std::size_t keys_padded = (n_k + 15) / 16 * 16;
+  const std::size_t heads = batch * n_head;
+  // Keys transposed per head, (head_dim, keys_padded), zero past n_k: the layout the tiles read.
+  std::vector<float> keys_t(heads * head_dim * keys_padded);
+  parallel_for(heads, n_k * head_dim, 1, [&](std::size_t begin, std::size_t end) {
+    for (std::size_t bh = begin; bh < end; ++bh) {
+      const float* src = k + (bh / n_head) * n_k * state + (bh % n_head) * head_dim;
+      float* dst = keys_t.data() + bh * head_dim * keys_padded;
+      for (std::size_t j0 = 0; j0 < n_k; j0 += 8) {
+        for (std::size_t d = 0; d < head_dim; ++d) {
+          for (std::size_t j = j0; j < std::min(n_k, j0 + 8); ++j) {
+            dst[d * keys_padded + j] = src[j * state + d];
+          }
+        }
+      }
+    }
+  });
+  const std::size_t blocks = (n_q + kQueriesPerBlock - 1) / kQueriesPerBlock;
+  parallel_for(heads * blocks, kQueriesPerBlock * n_k * head_dim, 1, [&](std::size_t begin, std::size_t end) {
+    thread_local std::vector<float> scratch;
+    scratch.resize(kQueriesPerBlock * (keys_padded + 1));
+    for (std::size_t task = begin; task < end; ++task) {
+      const std::size_t bh = task / blocks, b = bh / n_head, h = bh % n_head;
+      const std::size_t first = (task % blocks) * kQueriesPerBlock;
+      const std::size_t offset = (b * n_q + first) * state + h * head_dim;
+      attention_block_avx2(q + offset, keys_t.data() + bh * head_dim * keys_padded,
+                           v + b * n_k * state + h * head_dim, out + offset, scratch.data(),
+                           scratch.data() + kQueriesPerBlock * keys_padded, std::min(kQueriesPerBlock, n_q - first),
+                           n_k, keys_padded, head_dim, state, scale);
+    }
+  });
+}
+#endif
+
+class MennyAttention : public CpuKernel {
+ public:
+  MennyAttention(mx::Stream stream, int n_head, float scale) : CpuKernel(stream), n_head_(n_head), scale_(scale) {}
+
+  const char* name() const override {
+    return "MennyAttention";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto* same = dynamic_cast<const MennyAttention*>(&other);
+    return same && same->n_head_ == n_head_ && same->scale_ == scale_;
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& input : inputs) {
+      encoder.set_input_array(input);
+    }
+    encoder.set_output_array(out);
+#if defined(__x86_64__)
+    encoder.dispatch([q = inputs[0], k = inputs[1], v = inputs[2], out, n_head = n_head_, scale = scale_]() mutable {
+      attention(q.data<float>(), k.data<float>(), v.data<float>(), out.data<float>(), q.shape(0), q.shape(1),
+                k.shape(1), q.shape(2), n_head, scale);
+    });
+#else
+    throw std::runtime_error("MennyAttention needs an x86-64 CPU with AVX2 and FMA");
+#endif
+  }
+
+ private:
+  int n_head_;
+  float scale_;
+};
+
+mx::Stream cpu_stream() {
+  const mx::Stream stream = mx::to_stream({});
+  if (stream.device != mx::Device::cpu) {
+    throw std::invalid_argument("these kernels run on the CPU; the default device is a GPU");
+  }
+  return stream;
+}
+
+// A row-major float32 version of x (no copy when it is one already).
+mx::array float32_rows(const mx::array& x, mx::Stream stream) {
+  if (!mx::issubdtype(x.dtype(), mx::floating)) {
+    throw std::invalid_argument("expected a floating-point array, got another dtype");
+  }
+  return mx::contiguous(mx::astype(x, mx::float32, stream), false, stream);
+}
+
+template <class Kernel>
+mx::array apply(const mx::array& x) {
+  const mx::Stream stream = cpu_stream();
+  const mx::array in = float32_rows(x, stream);
+  mx::array out(in.shape(), mx::float32, std::make_shared<Kernel>(stream), {in});
+  return x.dtype() == mx::float32 ? out : mx::astype(out, x.dtype(), stream);
+}
+
+mx::array multi_head_attention(const mx::array& q, const mx::array& k, const mx::array& v, int n_head, float scale) {
+  if (!kUseAvx2) {
+    throw std::invalid_argument("fused attention needs a CPU with AVX2 and FMA");
+  }
+  if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3 || k.shape() != v.shape() || q.shape(0) != k.shape(0) ||
+      q.shape(2) != k.shape(2)) {
+    throw std::invalid_argument("expected q (batch, queries, state) and k, v (batch, keys, state)");
+  }
+  if (n_head <= 0 || q.shape(2) % n_head != 0 || (q.shape(2) / n_head) % 16 != 0 || k.shape(1) == 0) {
+    throw std::invalid_argument("the state must split into heads of a multiple of 16, over at least one key");
+  }
+  if (!(scale > 0.0f)) {
+    throw std::invalid_argument("the scale must be positive");
+  }
+  const mx::Stream stream = cpu_stream();
+  mx::array out(q.shape(), mx::float32, std::make_shared<MennyAttention>(stream, n_head, scale),
+                {float32_rows(q, stream), float32_rows(k, stream), float32_rows(v, stream)});
+  return q.dtype() == mx::float32 ? out : mx::astype(out, q.dtype(), stream);
+}
+
+}  // namespace
+
+NB_MODULE(_fast_ops, m) {
+  m.doc() = "Menny's CPU kernels for softmax, GELU and attention as MLX primitives";
+  m.def("softmax", &apply<MennySoftmax>, nb::arg("x"),
+        "Softmax over the last axis, like mx.softmax(x, axis=-1, precise=True).");
+  m.def("gelu", &apply<MennyGelu>, nb::arg("x"), "Exact GELU, x * Phi(x), like mlx.nn.gelu.");
+  m.def("attention", &multi_head_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("n_head"),
+        nb::arg("scale"),
+        "Unmasked attention of q (batch, queries, state) over k, v (batch, keys, state) with n_head heads, "
+        "heads merged: (batch, queries, state).  Needs AVX2+FMA and heads of a multiple of 16.");
+  m.def("uses_avx2", [] { return kUseAvx2; }, "Whether this CPU runs the AVX2+FMA kernels.");
+  m.def("threads", [] { return kernel_threads(); }, "How many threads a large op is split across.");
+}
