@@ -23,6 +23,8 @@ def test_48k_stereo_capture_is_converted_to_16k_mono(mic_env: VirtualMic, tmp_pa
     take = Take(portaudio(), pulse, WavAppender(path), rate=48000, channels=2, max_frames=60 * 16000)
     take.start()
     try:
+        # A loaded machine can take a while to open the stream: play only once it delivers.
+        wait_for(lambda: take.captured > 4800, "the stream to deliver")
         mic_env.play(SPEECH.path)
         after_play = take.captured
         wait_for(lambda: take.captured > after_play + 24000, "half a second more")
