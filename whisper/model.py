@@ -110,12 +110,14 @@ class AudioEncoder(nn.Module):
         self.blocks = [ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer)]
         self.ln_post = nn.LayerNorm(n_state)
 
-    def __call__(self, mel: mx.array) -> mx.array:
+    def __call__(self, mel: mx.array, *, partial: bool = False) -> mx.array:
+        """Features of a 30-second window; with `partial`, of its first frames only (an even number)."""
         x = kernels.gelu(self.conv1(mel))
         x = kernels.gelu(self.conv2(x))
-        if x.shape[1] != self._positional_embedding.shape[0]:
+        n_ctx = self._positional_embedding.shape[0]
+        if x.shape[1] > n_ctx or (x.shape[1] < n_ctx and not partial):
             raise ValueError(f"the encoder takes 30-second windows (3000 frames); got {mel.shape[1]} frames")
-        x = x + self._positional_embedding
+        x = x + self._positional_embedding[: x.shape[1]]
         for block in self.blocks:
             x, _ = block(x)
         return self.ln_post(x)
@@ -188,8 +190,8 @@ class Whisper(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.encoder.conv1.weight.dtype  # never quantized
 
-    def embed_audio(self, mel: mx.array) -> mx.array:
-        return self.encoder(mel.astype(self.dtype))
+    def embed_audio(self, mel: mx.array, *, partial: bool = False) -> mx.array:
+        return self.encoder(mel.astype(self.dtype), partial=partial)
 
     def logits(self, tokens: mx.array, audio_features: mx.array) -> mx.array:
         logits, _ = self.decoder(tokens, self.decoder.cross_kv(audio_features))

@@ -91,11 +91,15 @@ def find_alignment(
     medfilt_width: int = 7,
     qk_scale: float = 1.0,
 ) -> list[WordTiming]:
-    """Each word of `text_tokens` with its start and end in seconds within the window."""
+    """Each word of `text_tokens` with its start and end in seconds within the window.
+
+    `mel` is the window's (frames, n_mels) log-mel, or its features if already encoded.
+    """
     if not text_tokens:
         return []
     tokens = [*tokenizer.sot_sequence, tokenizer.no_timestamps, *text_tokens, tokenizer.eot]
-    audio_features = model.embed_audio(mel[None])
+    encoded = mel.shape == (model.dims.n_audio_ctx, model.dims.n_audio_state)
+    audio_features = mel[None] if encoded else model.embed_audio(mel[None])
     cross_logits: list[mx.array] = []
     logits, _ = model.decoder(mx.array([tokens]), model.decoder.cross_kv(audio_features), None, cross_logits)
     n_sot = len(tokenizer.sot_sequence)
