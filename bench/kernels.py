@@ -6,27 +6,32 @@
 Each row times MLX's op ("mlx") and the compiled kernel ("ours") alternately in the same
 process, run by run, so load from other processes spreads over both; the table shows medians
 and their ratio.  The encoder rows time `model.embed_audio` on one 30 s window of real speech
-(jfk.flac padded with silence) with the kernels on and inside `kernels.fallback()`.
+(jfk.flac padded with silence), the transcribe rows a whole greedy `whisper.transcribe` of
+jfk.flac, each with the kernels on and inside `kernels.fallback()`.
 Prints a markdown table; results and predictions go in bench/NOTES.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import mlx.core as mx  # noqa: E402  (whisper.backend must load OpenBLAS first: imported via whisper)
+# whisper first: whisper.backend loads OpenBLAS, which must happen before mlx.core is imported.
+import whisper  # noqa: E402
+
+# isort: split
+import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-import whisper  # noqa: E402
 from whisper import kernels  # noqa: E402
 from whisper.audio import N_SAMPLES, load_audio  # noqa: E402
 
@@ -61,33 +66,38 @@ def attention_inputs(heads: int, n_q: int, n_k: int) -> tuple[mx.array, mx.array
     return q, k, v
 
 
-def op_rows(runs: int) -> list[tuple[str, str, float, float]]:
-    rows = []
+Row = tuple[str, str, float, float]
+
+
+def op_rows(runs: int) -> Iterator[Row]:
     for shape in [(1, 6, 1500, 1500), (1, 8, 1500, 1500), (1, 8, 1, 1500)]:
         x = mx.random.normal(shape) * 4
         mx.eval(x)
-        rows.append(("softmax", str(shape), *compare(runs, lambda x=x: kernels.softmax(x))))
+        yield "softmax", str(shape), *compare(runs, lambda x=x: kernels.softmax(x))
     for shape in [(1, 1500, 1536), (1, 1500, 2048), (1, 1, 2048)]:
         x = mx.random.normal(shape) * 2
         mx.eval(x)
-        rows.append(("gelu", str(shape), *compare(runs, lambda x=x: kernels.gelu(x))))
+        yield "gelu", str(shape), *compare(runs, lambda x=x: kernels.gelu(x))
     for heads, n_q, n_k in [(6, 1500, 1500), (8, 1500, 1500), (8, 1, 1500), (8, 100, 1500), (8, 4, 4)]:
         q, k, v = attention_inputs(heads, n_q, n_k)
         attention = lambda q=q, k=k, v=v, heads=heads: kernels.multi_head_attention(q, k, v, heads)  # noqa: E731
-        rows.append(("attention", f"{heads} heads, {n_q} queries x {n_k} keys", *compare(runs, attention)))
-    return rows
+        yield "attention", f"{heads} heads, {n_q} queries x {n_k} keys", *compare(runs, attention)
 
 
-def encoder_rows(runs: int, models: list[str]) -> list[tuple[str, str, float, float]]:
-    audio = load_audio(SPEECH / "jfk.flac")
-    audio = np.concatenate([audio, np.zeros(N_SAMPLES - len(audio), np.float32)])
-    rows = []
+def model_rows(runs: int, models: list[str]) -> Iterator[Row]:
+    speech = load_audio(SPEECH / "jfk.flac")
+    window = np.concatenate([speech, np.zeros(N_SAMPLES - len(speech), np.float32)])
     for name in models:
         model = whisper.load_model(name)
-        mel = whisper.log_mel_spectrogram(audio, n_mels=model.dims.n_mels).T[None]
+        mel = whisper.log_mel_spectrogram(window, n_mels=model.dims.n_mels).T[None]
         mx.eval(mel)
-        rows.append(("encoder", f"{name}, one 30 s window", *compare(runs, lambda m=model, x=mel: m.embed_audio(x))))
-    return rows
+        yield "encoder", f"{name}, one 30 s window", *compare(runs, lambda m=model, x=mel: m.embed_audio(x))
+
+        def transcribe(m: whisper.Whisper = model) -> mx.array:
+            whisper.transcribe(m, speech, language="en", temperature=0.0)
+            return mx.array(0)
+
+        yield "transcribe", f"{name}, jfk.flac (11 s), greedy", *compare(runs, transcribe)
 
 
 def main() -> None:
@@ -103,11 +113,10 @@ def main() -> None:
         f"mlx {mx.__version__}, AVX2+FMA kernels: {module.uses_avx2()}, threads: {module.threads()}, "
         f"load average at start: {os.getloadavg()[0]:.1f}, median of {args.runs} runs\n"
     )
-    rows = op_rows(args.runs) + encoder_rows(args.runs, args.models)
     print("| op | shape | MLX ms | ours ms | speed-up |")
     print("|---|---|---:|---:|---:|")
-    for op, shape, theirs, ours in rows:
-        print(f"| {op} | {shape} | {theirs * 1e3:.2f} | {ours * 1e3:.2f} | {theirs / ours:.2f}x |")
+    for op, shape, theirs, ours in itertools.chain(op_rows(args.runs), model_rows(args.runs, args.models)):
+        print(f"| {op} | {shape} | {theirs * 1e3:.2f} | {ours * 1e3:.2f} | {theirs / ours:.2f}x |", flush=True)
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
 
 

@@ -110,8 +110,8 @@ def multi_head_attention(q: mx.array, k: mx.array, v: mx.array, n_head: int, mas
     scale = head_dim**-0.5
     module = _on_cpu()
     # One primitive for the whole attention: the (heads, queries, keys) scores never reach
-    # memory.  For a single query (a decoding step) repacking the keys costs what it saves.
-    if module is not None and module.uses_avx2() and mask is None and n_q > 1 and head_dim % 16 == 0:
+    # memory, and the heads are read in place.
+    if module is not None and module.uses_avx2() and mask is None and head_dim % 16 == 0:
         return module.attention(q, k, v, n_head, scale)
 
     def heads(t: mx.array) -> mx.array:

@@ -15,9 +15,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cmath>
 #include <cstddef>
 #include <cstdlib>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -41,7 +46,7 @@ namespace {
 // Threads
 // ------------------------------------------------------------------------------------------
 
-// Below this many elements per thread, starting a thread costs more than it saves.
+// Below this many elements per thread, waking a helper costs more than it saves.
 constexpr std::size_t kMinElementsPerThread = 1 << 15;
 // Work is handed out in blocks of about this many elements, first come first served: on a
 // busy machine (or next to BLAS threads still spinning after a matrix product) one thread may
@@ -67,31 +72,90 @@ std::size_t kernel_threads() {
   return count;
 }
 
+// Blocks of [0, items) for whichever threads come; finished when `done` reaches `items`.
+struct Job {
+  std::function<void(std::size_t, std::size_t)> fn;
+  std::size_t items;
+  std::size_t block;
+  std::atomic<std::size_t> next{0};
+  std::atomic<std::size_t> done{0};
+
+  void work() {
+    for (std::size_t begin = next.fetch_add(block); begin < items; begin = next.fetch_add(block)) {
+      const std::size_t end = std::min(items, begin + block);
+      fn(begin, end);
+      if (done.fetch_add(end - begin) + (end - begin) == items) {
+        done.notify_all();
+      }
+    }
+  }
+};
+
+// Helper threads started once and kept, waiting for jobs.  The caller works on its own job
+// too and returns as soon as every block is done: a helper the scheduler has not run yet
+// (the machine is busy) finds nothing left and costs the caller no wait.
+class Helpers {
+ public:
+  // Never destroyed: helpers still waiting at exit must not see their queue destroyed.
+  static Helpers& instance() {
+    static Helpers* helpers = new Helpers(kernel_threads() - 1);
+    return *helpers;
+  }
+
+  void offer(const std::shared_ptr<Job>& job, std::size_t count) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (std::size_t i = 0; i < count; ++i) {
+        queue_.push_back(job);
+      }
+    }
+    ready_.notify_all();
+  }
+
+ private:
+  explicit Helpers(std::size_t count) {
+    for (std::size_t i = 0; i < count; ++i) {
+      std::thread([this] { serve(); }).detach();
+    }
+  }
+
+  void serve() {
+    for (;;) {
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        ready_.wait(lock, [this] { return !queue_.empty(); });
+        job = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      job->work();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<std::shared_ptr<Job>> queue_;
+};
+
 // Calls fn(begin, end) on disjoint ranges covering [0, items), each a multiple of `grain`
 // items (but the last), on up to kernel_threads() threads including the calling one.
 template <class Fn>
 void parallel_for(std::size_t items, std::size_t elements_per_item, std::size_t grain, Fn fn) {
-  const std::size_t elements = items * elements_per_item;
-  const std::size_t threads = std::min(kernel_threads(), elements / kMinElementsPerThread);
+  const std::size_t threads = std::min(kernel_threads(), items * elements_per_item / kMinElementsPerThread);
   if (threads <= 1) {
     fn(std::size_t{0}, items);
     return;
   }
   std::size_t block = std::max<std::size_t>(1, kElementsPerBlock / std::max<std::size_t>(1, elements_per_item));
   block = (block + grain - 1) / grain * grain;
-  std::atomic<std::size_t> next{0};
-  auto worker = [&] {
-    for (std::size_t begin = next.fetch_add(block); begin < items; begin = next.fetch_add(block)) {
-      fn(begin, std::min(items, begin + block));
-    }
-  };
-  std::vector<std::thread> helpers;
-  for (std::size_t i = 1; i < threads; ++i) {
-    helpers.emplace_back(worker);
-  }
-  worker();
-  for (auto& helper : helpers) {
-    helper.join();
+  auto job = std::make_shared<Job>();
+  job->fn = fn;
+  job->items = items;
+  job->block = block;
+  Helpers::instance().offer(job, threads - 1);
+  job->work();
+  for (std::size_t done = job->done.load(); done < items; done = job->done.load()) {
+    job->done.wait(done);
   }
 }
 
@@ -304,40 +368,68 @@ MENNY_AVX2 inline void tile16(const float* a, std::size_t lda, const float* b, s
 }
 #undef MENNY_TILE_ROWS
 
-// C[rows x cols] = A[rows x depth] * B[depth x cols] for cols a multiple of 16.
-MENNY_AVX2 void matmul16(const float* a, std::size_t lda, const float* b, std::size_t ldb, float* c, std::size_t ldc,
-                         std::size_t rows, std::size_t cols, std::size_t depth, const float* row_scale) {
-  for (std::size_t col = 0; col < cols; col += 16) {
+// C[rows x cols] = A[rows x depth] * B[depth x cols] for cols a multiple of 16, B's columns
+// 16 at a time b_step apart (16 for a row-major B; depth * 16 for B in 16-column panels).
+MENNY_AVX2 void matmul16(const float* a, std::size_t lda, const float* b, std::size_t ldb, std::size_t b_step, float* c,
+                         std::size_t ldc, std::size_t rows, std::size_t cols, std::size_t depth,
+                         const float* row_scale) {
+  for (std::size_t col = 0; col < cols; col += 16, b += b_step) {
     std::size_t row = 0;
     for (; row + 6 <= rows; row += 6) {
-      tile16<6>(a + row * lda, lda, b + col, ldb, c + row * ldc + col, ldc, depth, row_scale ? row_scale + row : nullptr);
+      tile16<6>(a + row * lda, lda, b, ldb, c + row * ldc + col, ldc, depth, row_scale ? row_scale + row : nullptr);
     }
     const float* a_rest = a + row * lda;
     float* c_rest = c + row * ldc + col;
     const float* scale_rest = row_scale ? row_scale + row : nullptr;
     switch (rows - row) {
-      case 5: tile16<5>(a_rest, lda, b + col, ldb, c_rest, ldc, depth, scale_rest); break;
-      case 4: tile16<4>(a_rest, lda, b + col, ldb, c_rest, ldc, depth, scale_rest); break;
-      case 3: tile16<3>(a_rest, lda, b + col, ldb, c_rest, ldc, depth, scale_rest); break;
-      case 2: tile16<2>(a_rest, lda, b + col, ldb, c_rest, ldc, depth, scale_rest); break;
-      case 1: tile16<1>(a_rest, lda, b + col, ldb, c_rest, ldc, depth, scale_rest); break;
+      case 5: tile16<5>(a_rest, lda, b, ldb, c_rest, ldc, depth, scale_rest); break;
+      case 4: tile16<4>(a_rest, lda, b, ldb, c_rest, ldc, depth, scale_rest); break;
+      case 3: tile16<3>(a_rest, lda, b, ldb, c_rest, ldc, depth, scale_rest); break;
+      case 2: tile16<2>(a_rest, lda, b, ldb, c_rest, ldc, depth, scale_rest); break;
+      case 1: tile16<1>(a_rest, lda, b, ldb, c_rest, ldc, depth, scale_rest); break;
       default: break;
     }
   }
 }
 
-// One block of queries of one head: scores = q k^T into `scores` (rows x keys_padded, keys
-// transposed and zero-padded in `keys_t`), e = exp(scale * (scores - row max)) in place, then
-// out = (e v) / row sums, so the probabilities are never normalised one by one.
-MENNY_AVX2 void attention_block_avx2(const float* q, const float* keys_t, const float* v, float* out, float* scores,
-                                     float* inverse_sums, std::size_t rows, std::size_t keys, std::size_t keys_padded,
-                                     std::size_t head_dim, std::size_t row_stride, float scale) {
-  matmul16(q, row_stride, keys_t, keys_padded, scores, keys_padded, rows, keys_padded, head_dim, nullptr);
+// scores[r][j] = q_r . k_j straight from the key rows: for a few queries, cheaper than
+// transposing the keys first.
+MENNY_AVX2 void scores_direct_avx2(const float* q, const float* k, float* scores, std::size_t rows, std::size_t keys,
+                                   std::size_t ld_scores, std::size_t head_dim, std::size_t row_stride) {
+  for (std::size_t j = 0; j < keys; ++j) {
+    const float* key = k + j * row_stride;
+    for (std::size_t r = 0; r < rows; ++r) {
+      const float* query = q + r * row_stride;
+      // Two chains: one would wait on each multiply-add's latency.
+      __m256 even = _mm256_mul_ps(_mm256_loadu_ps(query), _mm256_loadu_ps(key));
+      __m256 odd = _mm256_mul_ps(_mm256_loadu_ps(query + 8), _mm256_loadu_ps(key + 8));
+      for (std::size_t d = 16; d < head_dim; d += 16) {
+        even = _mm256_fmadd_ps(_mm256_loadu_ps(query + d), _mm256_loadu_ps(key + d), even);
+        odd = _mm256_fmadd_ps(_mm256_loadu_ps(query + d + 8), _mm256_loadu_ps(key + d + 8), odd);
+      }
+      scores[r * ld_scores + j] = horizontal_sum(_mm256_add_ps(even, odd));
+    }
+  }
+}
+
+// One block of queries of one head: scores = q k^T into `scores` (rows x ld_scores), from the
+// keys transposed into panels and zero-padded to ld_scores in `keys_t` or, without those, from
+// k's rows; e = exp(scale * (scores - row max)) in place; then out = (e v) / row sums, so the
+// probabilities are never normalised one by one.
+MENNY_AVX2 void attention_block_avx2(const float* q, const float* keys_t, const float* k, const float* v, float* out,
+                                     float* scores, float* inverse_sums, std::size_t rows, std::size_t keys,
+                                     std::size_t ld_scores, std::size_t head_dim, std::size_t row_stride,
+                                     float scale) {
+  if (keys_t) {
+    matmul16(q, row_stride, keys_t, 16, head_dim * 16, scores, ld_scores, rows, ld_scores, head_dim, nullptr);
+  } else {
+    scores_direct_avx2(q, k, scores, rows, keys, ld_scores, head_dim, row_stride);
+  }
   for (std::size_t r = 0; r < rows; ++r) {
-    float* row = scores + r * keys_padded;
+    float* row = scores + r * ld_scores;
     inverse_sums[r] = 1.0f / exp_row_avx2(row, row, keys, scale);
   }
-  matmul16(scores, keys_padded, v, row_stride, out, row_stride, rows, head_dim, keys, inverse_sums);
+  matmul16(scores, ld_scores, v, row_stride, 16, out, row_stride, rows, head_dim, keys, inverse_sums);
 }
 
 const bool kUseAvx2 = cpu_has_avx2_fma();
@@ -449,6 +541,8 @@ class MennyGelu : public CpuKernel {
 // Queries per task: the block's scores (48 x keys) stay in the core's L2 cache between the
 // two products.
 constexpr std::size_t kQueriesPerBlock = 48;
+// From this many queries on, transposing the keys once pays for itself.
+constexpr std::size_t kQueriesToTransposeKeys = 16;
 
 #if defined(__x86_64__)
 // out (batch, n_q, state) = attention of q (batch, n_q, state) over k, v (batch, n_k, state),
@@ -458,33 +552,38 @@ void attention(const float* q, const float* k, const float* v, float* out, std::
   const std::size_t head_dim = state / n_head;
   const std::size_t keys_padded = (n_k + 15) / 16 * 16;
   const std::size_t heads = batch * n_head;
-  // Keys transposed per head, (head_dim, keys_padded), zero past n_k: the layout the tiles read.
-  std::vector<float> keys_t(heads * head_dim * keys_padded);
-  parallel_for(heads, n_k * head_dim, 1, [&](std::size_t begin, std::size_t end) {
-    for (std::size_t bh = begin; bh < end; ++bh) {
-      const float* src = k + (bh / n_head) * n_k * state + (bh % n_head) * head_dim;
-      float* dst = keys_t.data() + bh * head_dim * keys_padded;
-      for (std::size_t j0 = 0; j0 < n_k; j0 += 8) {
-        for (std::size_t d = 0; d < head_dim; ++d) {
-          for (std::size_t j = j0; j < std::min(n_k, j0 + 8); ++j) {
-            dst[d * keys_padded + j] = src[j * state + d];
+  // Keys transposed per head in panels of 16 keys, each (head_dim, 16) and contiguous, zero
+  // past n_k: a tile then reads one 4 KB panel instead of rows a whole key row apart.
+  std::vector<float> keys_t;
+  if (n_q >= kQueriesToTransposeKeys) {
+    keys_t.resize(heads * head_dim * keys_padded);
+    parallel_for(heads, n_k * head_dim, 1, [&](std::size_t begin, std::size_t end) {
+      for (std::size_t bh = begin; bh < end; ++bh) {
+        const float* src = k + (bh / n_head) * n_k * state + (bh % n_head) * head_dim;
+        float* panels = keys_t.data() + bh * head_dim * keys_padded;
+        for (std::size_t j = 0; j < n_k; ++j) {
+          float* dst = panels + j / 16 * head_dim * 16 + j % 16;
+          for (std::size_t d = 0; d < head_dim; ++d) {
+            dst[d * 16] = src[j * state + d];
           }
         }
       }
-    }
-  });
+    });
+  }
   const std::size_t blocks = (n_q + kQueriesPerBlock - 1) / kQueriesPerBlock;
-  parallel_for(heads * blocks, kQueriesPerBlock * n_k * head_dim, 1, [&](std::size_t begin, std::size_t end) {
+  const std::size_t block_rows = std::min(n_q, kQueriesPerBlock);
+  parallel_for(heads * blocks, block_rows * n_k * head_dim, 1, [&](std::size_t begin, std::size_t end) {
     thread_local std::vector<float> scratch;
-    scratch.resize(kQueriesPerBlock * (keys_padded + 1));
+    scratch.resize(block_rows * (keys_padded + 1));
     for (std::size_t task = begin; task < end; ++task) {
       const std::size_t bh = task / blocks, b = bh / n_head, h = bh % n_head;
       const std::size_t first = (task % blocks) * kQueriesPerBlock;
       const std::size_t offset = (b * n_q + first) * state + h * head_dim;
-      attention_block_avx2(q + offset, keys_t.data() + bh * head_dim * keys_padded,
-                           v + b * n_k * state + h * head_dim, out + offset, scratch.data(),
-                           scratch.data() + kQueriesPerBlock * keys_padded, std::min(kQueriesPerBlock, n_q - first),
-                           n_k, keys_padded, head_dim, state, scale);
+      const std::size_t kv_offset = b * n_k * state + h * head_dim;
+      attention_block_avx2(q + offset, keys_t.empty() ? nullptr : keys_t.data() + bh * head_dim * keys_padded,
+                           k + kv_offset, v + kv_offset, out + offset, scratch.data(),
+                           scratch.data() + block_rows * keys_padded, std::min(kQueriesPerBlock, n_q - first), n_k,
+                           keys_padded, head_dim, state, scale);
     }
   });
 }
