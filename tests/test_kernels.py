@@ -29,6 +29,8 @@ RNG = np.random.default_rng(6)
 @pytest.fixture(scope="module")
 def fast():
     module, detail = kernels.load()
+    if detail == kernels.NO_AVX2:
+        pytest.skip(detail)
     assert module is not None, f"the compiled kernels did not load: {detail}"
     return module
 
@@ -217,6 +219,7 @@ def test_fused_attention_refuses_what_it_cannot_do(fast):
 
 
 @needs_kernels
+@pytest.mark.usefixtures("fast")
 @pytest.mark.parametrize(
     ("n_q", "n_k", "masked"), [(1500, 1500, False), (1, 1500, False), (5, 9, True), (3, 448, False)]
 )
@@ -234,6 +237,7 @@ def _encoder_features(name: str) -> np.ndarray:
 
 
 @needs_kernels
+@pytest.mark.usefixtures("fast")
 def test_encoder_features_agree_with_and_without_the_kernels():
     ours = _encoder_features("tiny.en")
     with kernels.fallback():

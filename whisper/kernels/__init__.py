@@ -1,12 +1,11 @@
-"""Fast CPU kernels for the encoder's element-wise hot spots, with MLX's own ops as the fallback.
+"""Fast CPU kernels for the encoder's hot spots, with MLX's own ops as the fallback.
 
 On a Linux CPU the mlx[cpu] wheel computes exp and erf one lane at a time on one thread, so
-softmax and GELU, not the matrix products, dominate the encoder.  `fast_ops.cpp` implements
-both, and a fused attention, as MLX primitives (AVX2+FMA when the CPU has it, split across
-cores); it is compiled by
+softmax and GELU, not the matrix products, dominated the encoder.  `fast_ops.cpp` implements
+both, and a fused attention, as MLX primitives (AVX2+FMA, split across cores), compiled by
 `python -m whisper.kernels.build` (scripts/setup.sh runs it).  Where the library is missing,
-was built for another mlx, or the default device is a GPU, these functions use MLX's ops.
-MENNY_NO_KERNELS=1 forces the fallback.
+was built for another mlx, the CPU lacks AVX2 or the default device is a GPU, these functions
+use MLX's ops.  MENNY_NO_KERNELS=1 forces MLX's ops.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ BUILD_DIR = Path(__file__).resolve().parent / "_build"
 STAMP = BUILD_DIR / "stamp.json"
 MODULE_NAME = "_fast_ops"
 LIBRARY = BUILD_DIR / f"{MODULE_NAME}{sysconfig.get_config_var('EXT_SUFFIX')}"
+NO_AVX2 = "this CPU lacks AVX2 and FMA"
 
 
 @functools.cache
@@ -48,12 +48,17 @@ def load() -> tuple[ModuleType | None, str]:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
+    except ImportError as error:
+        return None, f"the built library does not load ({error}); rebuild it"
+    if not module.uses_avx2():
+        return None, NO_AVX2
+    try:
         # mx.array must cross into the library: a nanobind mismatch shows up here as a TypeError.
         with mx.stream(mx.cpu):
             mx.eval(module.softmax(mx.zeros((1, 2), dtype=mx.float32)))
-    except (ImportError, TypeError, RuntimeError) as error:
+    except (TypeError, ValueError, RuntimeError) as error:
         return None, f"the built library does not work with this mlx ({error}); rebuild it"
-    return module, f"AVX2+FMA: {module.uses_avx2()}, threads: {module.threads()}"
+    return module, f"{module.threads()} threads"
 
 
 @functools.cache
@@ -61,9 +66,9 @@ def compiled() -> ModuleType | None:
     """The compiled kernels if they load here; logs once which implementation is used."""
     module, detail = load()
     if module is None:
-        log.debug("softmax/GELU: MLX's ops (compiled kernels unavailable: %s)", detail)
+        log.debug("softmax, GELU, attention: MLX's ops (compiled kernels unavailable: %s)", detail)
     else:
-        log.debug("softmax/GELU: compiled CPU kernels (%s)", detail)
+        log.debug("softmax, GELU, attention: compiled CPU kernels (%s)", detail)
     return module
 
 
@@ -111,7 +116,7 @@ def multi_head_attention(q: mx.array, k: mx.array, v: mx.array, n_head: int, mas
     module = _on_cpu()
     # One primitive for the whole attention: the (heads, queries, keys) scores never reach
     # memory, and the heads are read in place.
-    if module is not None and module.uses_avx2() and mask is None and head_dim % 16 == 0:
+    if module is not None and mask is None and head_dim % 16 == 0:
         return module.attention(q, k, v, n_head, scale)
 
     def heads(t: mx.array) -> mx.array:

@@ -1,15 +1,15 @@
-// Fast CPU kernels for the element-wise work that dominates Whisper's encoder on a CPU:
-// softmax over the last axis and exact (erf) GELU, as MLX primitives.
+// Fast CPU kernels for the work that dominates Whisper's encoder on a CPU: softmax over the
+// last axis, exact (erf) GELU, and a fused multi-head attention, as MLX primitives.
 //
 // Why: the mlx[cpu] wheel for Linux is built for baseline x86-64, so its exp/erf run one lane
-// at a time, and a CPU stream runs on one thread.  These kernels use AVX2+FMA when the CPU has
-// them (checked at run time, so the library loads on any x86-64 and on other architectures)
-// and split rows across the cores the process may use.  Without AVX2 they fall back to libm.
+// at a time, and a CPU stream runs on one thread.  These kernels use AVX2+FMA (checked at run
+// time: the library loads on any CPU, and without AVX2 refuses to build its primitives, so the
+// engine keeps MLX's ops) and split the work across the cores the process may use.
 //
-// Numerics: float32 in and out (the Python side casts other dtypes).  exp is a range reduction
-// plus a degree-5 polynomial (error ~2e-10 before rounding), erfc a fitted polynomial in
-// t = 2 / (2 + z) under an exp (relative error < 4e-7 in float32), so both results stay within
-// ~1e-6 relative of MLX's own ops.
+// Numerics: computed in float32 (other float dtypes are cast in and out).  exp is a range
+// reduction plus a degree-5 polynomial (error ~2e-10 before rounding), erfc a fitted polynomial
+// in t = 2 / (2 + z) under an exp (relative error < 4e-7 in float32): as accurate as MLX's own
+// ops, and for GELU's negative tail far more.
 
 #include <sched.h>
 
@@ -56,11 +56,13 @@ constexpr std::size_t kElementsPerBlock = 1 << 14;
 // The cores this process may run on, or MENNY_KERNEL_THREADS if set lower.
 std::size_t kernel_threads() {
   static const std::size_t count = [] {
-    cpu_set_t set;
     std::size_t cpus = std::max(1u, std::thread::hardware_concurrency());
+#if defined(__linux__)
+    cpu_set_t set;
     if (sched_getaffinity(0, sizeof(set), &set) == 0) {
       cpus = static_cast<std::size_t>(std::max(1, CPU_COUNT(&set)));
     }
+#endif
     if (const char* wanted = std::getenv("MENNY_KERNEL_THREADS")) {
       const long n = std::strtol(wanted, nullptr, 10);
       if (n > 0) {
@@ -156,35 +158,6 @@ void parallel_for(std::size_t items, std::size_t elements_per_item, std::size_t 
   job->work();
   for (std::size_t done = job->done.load(); done < items; done = job->done.load()) {
     job->done.wait(done);
-  }
-}
-
-// ------------------------------------------------------------------------------------------
-// Portable kernels (libm)
-// ------------------------------------------------------------------------------------------
-
-void softmax_rows_portable(const float* in, float* out, std::size_t rows, std::size_t n) {
-  for (std::size_t row = 0; row < rows; ++row, in += n, out += n) {
-    float maximum = -INFINITY;
-    for (std::size_t i = 0; i < n; ++i) {
-      maximum = std::max(maximum, in[i]);
-    }
-    float sum = 0.0f;
-    for (std::size_t i = 0; i < n; ++i) {
-      out[i] = std::exp(in[i] - maximum);
-      sum += out[i];
-    }
-    const float inverse = 1.0f / sum;
-    for (std::size_t i = 0; i < n; ++i) {
-      out[i] *= inverse;
-    }
-  }
-}
-
-void gelu_portable(const float* in, float* out, std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) {
-    // Phi(x) = erfc(-x / sqrt(2)) / 2 keeps its relative accuracy for negative x.
-    out[i] = in[i] * 0.5f * std::erfc(in[i] * -0.70710678118654752f);
   }
 }
 
@@ -437,26 +410,6 @@ const bool kUseAvx2 = cpu_has_avx2_fma();
 const bool kUseAvx2 = false;
 #endif
 
-void softmax_rows(const float* in, float* out, std::size_t rows, std::size_t n) {
-#if defined(__x86_64__)
-  if (kUseAvx2) {
-    softmax_rows_avx2(in, out, rows, n);
-    return;
-  }
-#endif
-  softmax_rows_portable(in, out, rows, n);
-}
-
-void gelu(const float* in, float* out, std::size_t n) {
-#if defined(__x86_64__)
-  if (kUseAvx2) {
-    gelu_avx2(in, out, n);
-    return;
-  }
-#endif
-  gelu_portable(in, out, n);
-}
-
 // ------------------------------------------------------------------------------------------
 // MLX primitives
 // ------------------------------------------------------------------------------------------
@@ -503,13 +456,15 @@ class MennySoftmax : public CpuKernel {
     encoder.set_output_array(out);
     const std::size_t n = in.shape(-1);
     const std::size_t rows = n == 0 ? 0 : in.size() / n;
+#if defined(__x86_64__)
     encoder.dispatch([in, out, rows, n]() mutable {
       const float* src = in.data<float>();
       float* dst = out.data<float>();
       parallel_for(rows, n, 1, [=](std::size_t begin, std::size_t end) {
-        softmax_rows(src + begin * n, dst + begin * n, end - begin, n);
+        softmax_rows_avx2(src + begin * n, dst + begin * n, end - begin, n);
       });
     });
+#endif
   }
 };
 
@@ -527,14 +482,16 @@ class MennyGelu : public CpuKernel {
     auto& encoder = mx::cpu::get_command_encoder(stream());
     encoder.set_input_array(in);
     encoder.set_output_array(out);
+#if defined(__x86_64__)
     encoder.dispatch([in, out]() mutable {
       const float* src = in.data<float>();
       float* dst = out.data<float>();
       // Ranges of whole cache lines, so threads never write the same line.
       parallel_for(in.size(), 1, 16, [=](std::size_t begin, std::size_t end) {
-        gelu(src + begin, dst + begin, end - begin);
+        gelu_avx2(src + begin, dst + begin, end - begin);
       });
     });
+#endif
   }
 };
 
@@ -614,8 +571,6 @@ class MennyAttention : public CpuKernel {
       attention(q.data<float>(), k.data<float>(), v.data<float>(), out.data<float>(), q.shape(0), q.shape(1),
                 k.shape(1), q.shape(2), n_head, scale);
     });
-#else
-    throw std::runtime_error("MennyAttention needs an x86-64 CPU with AVX2 and FMA");
 #endif
   }
 
@@ -624,7 +579,12 @@ class MennyAttention : public CpuKernel {
   float scale_;
 };
 
+// The default stream, if the kernels can run on it (every primitive is built through here, so
+// none is evaluated on a CPU without the AVX2 code).
 mx::Stream cpu_stream() {
+  if (!kUseAvx2) {
+    throw std::invalid_argument("these kernels need an x86-64 CPU with AVX2 and FMA");
+  }
   const mx::Stream stream = mx::to_stream({});
   if (stream.device != mx::Device::cpu) {
     throw std::invalid_argument("these kernels run on the CPU; the default device is a GPU");
@@ -649,9 +609,6 @@ mx::array apply(const mx::array& x) {
 }
 
 mx::array multi_head_attention(const mx::array& q, const mx::array& k, const mx::array& v, int n_head, float scale) {
-  if (!kUseAvx2) {
-    throw std::invalid_argument("fused attention needs a CPU with AVX2 and FMA");
-  }
   if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3 || k.shape() != v.shape() || q.shape(0) != k.shape(0) ||
       q.shape(2) != k.shape(2)) {
     throw std::invalid_argument("expected q (batch, queries, state) and k, v (batch, keys, state)");
