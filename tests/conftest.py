@@ -29,6 +29,10 @@ from pathlib import Path
 import pytest
 from virtual_mic import ServerProcess, VirtualMic
 
+# Loads OpenBLAS before any test module imports mlx.core; otherwise MLX multiplies matrices
+# with the reference BLAS and engine tests run many times slower.
+import whisper  # noqa: F401
+
 
 @pytest.fixture(scope="session")
 def virtual_mic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VirtualMic]:
