@@ -1,23 +1,26 @@
-"""Engine benchmark: our MLX Whisper next to openai-whisper and faster-whisper, on this CPU.
+"""CPU speed: our MLX Whisper next to openai-whisper and faster-whisper, on this machine (issue 6).
 
     scripts/reference_env.sh           # once: creates .venv-ref
-    .venv-ref/bin/python bench/engine.py [--runs 3] [--models tiny.en base] [--engines ...]
+    .venv-ref/bin/python bench/cpu_speed.py [--runs 3] [--models tiny.en base] [--clips jfk long] [--engines ...]
 
 Every engine uses the same weights: our bundled CTranslate2 models (faster-whisper reads
-the folder itself; our engine converts it to MLX; openai-whisper gets our converter's fp32
-weights as a PyTorch state dict). All decode greedily at temperature 0 (no fallback), with
-timestamps, conditioned on previous text, language English.
+the folder itself, int8 and float32; our engine converts it to MLX; openai-whisper, the
+fp32 reference, gets our converter's fp32 weights as a PyTorch state dict). All decode
+greedily at temperature 0 (no fallback), with timestamps, conditioned on previous text,
+language English.
 
 Each engine+model runs in its own worker process, so its peak RSS is its own. Workers stay
 alive and take turns, run by run and clip by clip, so load drift on the machine spreads
 over all engines instead of biasing one. Timings exclude model loading and a warm-up.
 Up to --runs runs, but no run starts that would end past --budget-minutes (the slowest
-peer, openai-whisper on the long clip, dominates; a loaded machine gets fewer runs).
-Reported per engine+model: WER on the English dev clips (ours measured in one pass;
-openai-whisper's read from tests/fixtures, produced by the same code path, unless
---openai-wer), median wall and CPU seconds for jfk.flac (11 s) and a ~2 min clip (English
-dev clips joined), load seconds, peak RSS while loading and while transcribing (the
-kernel's high-water mark is reset after loading).
+peer, openai-whisper on the long clip, dominates; a loaded machine gets fewer runs);
+--models, --clips and --engines run it in parts.
+Reported per engine, model and clip: median wall seconds, real-time factor (seconds per
+second of audio), peak RSS while transcribing (the kernel's high-water mark is reset after
+loading), median ours / faster-whisper int8 and whether the text is identical to
+openai-whisper's. With --wer, also the WER on the English dev clips (ours and
+openai-whisper's, one pass each). The last line is
+`ratio_vs_faster_whisper_int8 <the largest ours / faster-whisper-int8 ratio over the cells>`.
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "tests" / "reference"
 ENGINES = ("ours", "openai", "faster-int8", "faster-fp32")
-# The dev-set pass is the slowest part; faster-whisper's accuracy is not what we compare.
+# The dev-set pass is slow; faster-whisper's accuracy is not what we compare.
 WER_ENGINES = ("ours", "openai")
 MODELS = ("tiny.en", "base")
+CLIPS = ("jfk", "long")
 WARMUP_CLIP = "ps_goforward.flac"
 REPLY = "@@bench "  # marks the worker's replies among whatever libraries print
 # Intel OpenMP (CTranslate2) and libgomp (torch) spin their threads after each parallel
@@ -120,9 +124,9 @@ def worker(engine: str, model: str, prepared_path: str) -> None:
     for line in sys.stdin:
         command = json.loads(line)
         if command["op"] == "transcribe":
-            start, cpu_start = time.perf_counter(), time.process_time()
+            start = time.perf_counter()
             text = run(command["path"])
-            reply(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start, text=text)
+            reply(seconds=time.perf_counter() - start, text=text)
         elif command["op"] == "peak":
             reply(transcribing_peak_kib=_hwm_kib())
 
@@ -156,8 +160,8 @@ def prepare(workdir: Path, models: list[str], engines: list[str]) -> Path:
     return path
 
 
-def make_long_clip(path: Path, english: list[Path], seconds: float) -> float:
-    """Join English dev clips, 0.5 s apart, up to `seconds`; returns the clip's length."""
+def make_long_clip(path: Path, english: list[Path], seconds: float) -> None:
+    """Join English dev clips, 0.5 s apart, up to `seconds`."""
     rate, pcm = 16000, bytearray()
     gap = bytes(2 * rate // 2)
     for clip in english:
@@ -172,7 +176,6 @@ def make_long_clip(path: Path, english: list[Path], seconds: float) -> float:
         out.setsampwidth(2)
         out.setframerate(rate)
         out.writeframes(bytes(pcm))
-    return len(pcm) / 2 / rate
 
 
 @dataclass
@@ -180,13 +183,12 @@ class Worker:
     engine: str
     model: str
     process: subprocess.Popen
-    fixture_wer: float | None = None  # openai-whisper's, from tests/fixtures, unless measured here
     load_s: float = 0.0
     loading_peak_kib: int = 0
     transcribing_peak_kib: int = 0
     times: dict[str, list[float]] = field(default_factory=dict)
-    cpu_times: dict[str, list[float]] = field(default_factory=dict)
-    texts: dict[str, str] = field(default_factory=dict)
+    last_text: dict[str, str] = field(default_factory=dict)  # per timed clip; greedy is deterministic
+    dev_texts: dict[str, str] = field(default_factory=dict)
     dev_seconds: float = 0.0
 
     @property
@@ -225,54 +227,62 @@ def mib(kib: int) -> str:
     return f"{kib / 1024:.0f}"
 
 
-def report(workers: list[Worker], references: dict[str, str], long_s: float) -> str:
+def report(workers: list[Worker], clips: dict[str, float]) -> tuple[str, float | None]:
+    """The markdown table, and the largest ours / faster-whisper-int8 ratio (None without both)."""
     from speech import wer
 
-    clips = list(references)
-    header = (
-        f"| engine | model | WER | jfk 11 s: wall (CPU) s | long {long_s:.0f} s: wall (CPU) s | dev set pass (s) "
-        "| load (s) | peak RSS loading (MiB) | peak RSS transcribing (MiB) |"
-    )
+    header = "| model | clip | engine | median s | RTF | peak RSS (MiB) | ours / fw-int8 | text = fp32 reference |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    medians: dict[tuple[str, str], dict[str, float]] = {}
-    for w in workers:
-        med = medians[(w.engine, w.model)] = {clip: statistics.median(v) for clip, v in w.times.items()}
-        cpu = {clip: statistics.median(v) for clip, v in w.cpu_times.items()}
-        error_rate = dev = "-"
-        if w.texts:
-            error_rate = f"{wer([references[c] for c in clips], [w.texts[c] for c in clips]):.2f}%"
-            dev = f"{w.dev_seconds:.1f}"
-        elif w.fixture_wer is not None:
-            error_rate = f"{w.fixture_wer:.2f}% (fixture)"
-        lines.append(
-            f"| {w.engine} | {w.model} | {error_rate} | {med['jfk']:.2f} ({cpu['jfk']:.1f}) "
-            f"| {med['long']:.2f} ({cpu['long']:.1f}) | {dev} | {w.load_s:.1f} "
-            f"| {mib(w.loading_peak_kib)} | {mib(w.transcribing_peak_kib)} |"
-        )
-    ratios = []
-    for (engine, model), med in medians.items():
-        ours = medians.get(("ours", model))
-        if ours and engine != "ours":
-            jfk, long = med["jfk"] / ours["jfk"], med["long"] / ours["long"]
-            ratios.append(f"- {model}, {engine}: jfk x{jfk:.2f}, long x{long:.2f}")
-    if ratios:
-        lines += ["", "Median wall time relative to ours (> 1: ours is faster):", "", *ratios]
-    return "\n".join(lines)
+    by_key = {(w.engine, w.model): w for w in workers}
+    ratios: list[float] = []
+    for model in dict.fromkeys(w.model for w in workers):
+        for clip, seconds in clips.items():
+            ours, int8 = by_key.get(("ours", model)), by_key.get(("faster-int8", model))
+            reference = by_key.get(("openai", model))
+            ratio = None
+            if ours and int8:
+                ratio = statistics.median(ours.times[clip]) / statistics.median(int8.times[clip])
+                ratios.append(ratio)
+            for w in (w for w in workers if w.model == model):
+                median = statistics.median(w.times[clip])
+                same = (
+                    "-" if reference is None or w is reference else str(w.last_text[clip] == reference.last_text[clip])
+                )
+                lines.append(
+                    f"| {model} | {clip} {seconds:.0f} s | {w.engine} | {median:.2f} | {median / seconds:.3f} "
+                    f"| {mib(w.transcribing_peak_kib)} | {f'{ratio:.2f}' if w.engine == 'ours' and ratio else ''} "
+                    f"| {same} |"
+                )
+    measured = [w for w in workers if w.dev_texts]
+    if measured:
+        references = english_references()
+        lines += ["", "| engine | model | WER (English dev clips) | dev-set pass (s) |", "|---|---|---|---|"]
+        for w in measured:
+            error_rate = wer(list(references.values()), [w.dev_texts[c] for c in references])
+            lines.append(f"| {w.engine} | {w.model} | {error_rate:.2f}% | {w.dev_seconds:.1f} |")
+    lines += ["", "| engine | model | load (s) | peak RSS loading (MiB) |", "|---|---|---|---|"]
+    lines += [f"| {w.engine} | {w.model} | {w.load_s:.1f} | {mib(w.loading_peak_kib)} |" for w in workers]
+    return "\n".join(lines), max(ratios) if ratios else None
 
 
-def measure(workers: list[Worker], references: dict[str, str], long_path: Path, runs: int, deadline: float) -> int:
-    """Dev-set pass, then up to `runs` timed runs while another one fits before `deadline`."""
+def english_references() -> dict[str, str]:
+    from speech import english_clips
+
+    return {clip.file: clip.transcript for clip in english_clips()}
+
+
+def measure(workers: list[Worker], clips: dict[str, Path], runs: int, deadline: float, with_wer: bool) -> int:
+    """Warm-up (and the dev-set pass), then up to `runs` timed runs while another one fits before `deadline`."""
     from speech import SPEECH_DIR
 
     for w in workers:
         w.ask(op="transcribe", path=str(SPEECH_DIR / WARMUP_CLIP))
-        if w.engine in WER_ENGINES and w.fixture_wer is None:
-            for clip in references:
+        if with_wer and w.engine in WER_ENGINES:
+            for clip in english_references():
                 answer = w.ask(op="transcribe", path=str(SPEECH_DIR / clip))
-                w.texts[clip] = answer["text"]
+                w.dev_texts[clip] = answer["text"]
                 w.dev_seconds += answer["seconds"]
             print(f"dev set done: {w.label} in {w.dev_seconds:.1f} s", flush=True)
-    clips = {"jfk": SPEECH_DIR / "jfk.flac", "long": long_path}
     done = 0
     while done < runs:
         run_started = time.perf_counter()
@@ -281,8 +291,8 @@ def measure(workers: list[Worker], references: dict[str, str], long_path: Path, 
             for w in turn:
                 answer = w.ask(op="transcribe", path=str(path))
                 w.times.setdefault(key, []).append(answer["seconds"])
-                w.cpu_times.setdefault(key, []).append(answer["cpu_seconds"])
-                print(f"run {done + 1} {key} {w.label}: {answer['seconds']:.1f} s", flush=True)
+                w.last_text[key] = answer["text"]
+                print(f"run {done + 1} {key} {w.label}: {answer['seconds']:.2f} s", flush=True)
         done += 1
         now = time.perf_counter()
         if done < runs and now + (now - run_started) > deadline:
@@ -300,13 +310,11 @@ def main() -> None:
         "--budget-minutes", type=float, default=14.0, help="start no run that would end later (default 14)"
     )
     parser.add_argument(
-        "--openai-wer",
-        action="store_true",
-        help="measure openai-whisper's WER here instead of reading it from tests/fixtures (same weights, "
-        "options and version; deterministic) - adds several minutes",
+        "--wer", action="store_true", help="also the WER of ours and openai-whisper on the English dev clips"
     )
     parser.add_argument("--long-seconds", type=float, default=120.0, help="length of the long clip (default 120)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--clips", nargs="+", default=list(CLIPS), choices=CLIPS)
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     parser.add_argument("--worker", nargs=3, metavar=("ENGINE", "MODEL", "PREPARED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -318,37 +326,39 @@ def main() -> None:
     # Only this parent process loads the reference helpers (and with them torch).
     sys.path.insert(0, str(REFERENCE))
     import openai_ref  # noqa: F401  (puts tests/ and ours on sys.path)
-    from speech import english_clips
+    from speech import SPEECH_DIR, english_clips
 
-    references = {clip.file: clip.transcript for clip in english_clips()}
-    fixture = json.loads((REPO / "tests" / "fixtures" / "reference_transcripts.json").read_text())
+    load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="menny-bench-") as tmp:
         workdir = Path(tmp)
-        long_path = workdir / "long.wav"
-        long_s = make_long_clip(long_path, [clip.path for clip in english_clips()], args.long_seconds)
+        paths = {"jfk": SPEECH_DIR / "jfk.flac", "long": workdir / "long.wav"}
+        make_long_clip(paths["long"], [clip.path for clip in english_clips()], args.long_seconds)
         prepared_path = prepare(workdir, args.models, args.engines)
+        from whisper.audio import SAMPLE_RATE, load_audio
+
+        seconds = {clip: len(load_audio(path)) / SAMPLE_RATE for clip, path in paths.items()}
         workers = []
         try:
             for model in args.models:
                 for engine in args.engines:
                     print(f"loading {engine} {model}", flush=True)
-                    w = start_worker(engine, model, prepared_path)
-                    if engine == "openai" and not args.openai_wer:
-                        w.fixture_wer = 100 * fixture["models"][model]["greedy"]["wer"]
-                    workers.append(w)
+                    workers.append(start_worker(engine, model, prepared_path))
             deadline = started + 60 * args.budget_minutes
-            runs = measure(workers, references, long_path, args.runs, deadline)
+            clips = {clip: paths[clip] for clip in args.clips}
+            runs = measure(workers, clips, args.runs, deadline, args.wer)
         finally:
             for w in workers:
                 w.process.stdin.close()
                 w.process.wait()
-    load = os.getloadavg()[0]
+    table, worst = report(workers, {clip: seconds[clip] for clip in args.clips})
     print(
-        f"\n{os.cpu_count()} CPU cores, load average {load:.1f} at the end; {runs} run(s), medians; "
-        "greedy, temperature 0, English."
+        f"\n{os.cpu_count()} CPU cores, load average {load_at_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end; {runs} run(s), medians; greedy, temperature 0, English."
     )
-    print(report(workers, references, long_s))
+    print(table)
     print(f"\n(benchmark took {time.perf_counter() - started:.0f} s)")
+    if worst is not None:
+        print(f"ratio_vs_faster_whisper_int8 {worst:.3f}")
 
 
 if __name__ == "__main__":
