@@ -1,4 +1,7 @@
-"""Choose how MLX computes on this machine.
+"""Choose how MLX computes on this machine: which device, and which BLAS on the CPU.
+
+MLX runs on a GPU where its wheel has one (mlx[cuda13] on NVIDIA cards, mlx on Apple
+silicon); `choose_device` picks it unless told otherwise.
 
 The mlx[cpu] wheel for Linux links the reference BLAS, which multiplies matrices ~35x
 slower than OpenBLAS.  Loading OpenBLAS globally before MLX makes MLX's BLAS calls
@@ -36,3 +39,23 @@ def _preload_openblas() -> str | None:
 
 
 OPENBLAS = _preload_openblas()
+
+
+DEVICES = ("cpu", "gpu")
+
+
+def choose_device(device: str | None = None):
+    """The MLX device to compute on: "gpu" or "cpu", or None for the GPU where MLX has one."""
+    import mlx.core as mx  # only here: OpenBLAS must be loaded before MLX
+
+    has_gpu = mx.is_available(mx.gpu)
+    if device is None:
+        return mx.gpu if has_gpu else mx.cpu
+    if device not in DEVICES:
+        raise ValueError(f"device is 'cpu' or 'gpu', not {device!r}")
+    if device == "gpu" and not has_gpu:
+        raise ValueError(
+            "MLX sees no GPU here: on an NVIDIA card install requirements-cuda.txt (mlx[cuda13]) "
+            "instead of mlx[cpu]; or use device='cpu'"
+        )
+    return mx.gpu if device == "gpu" else mx.cpu

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio import AudioError
+from .batch import transcribe_batch
 from .convert import ModelFormatError
 from .models import DEFAULT_MODEL, ModelNotFoundError, load_model
 from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quantize", type=int, choices=[8, 4], default=None, help="quantize weights at load (GPU, Apple)"
     )
+    parser.add_argument("--device", default=None, choices=["cpu", "gpu"], help="where to compute; default: GPU if any")
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="files decoded together, a 30-s window of each (for GPUs)"
+    )
     parser.add_argument("--vad-filter", type=_bool, default=False, help="decode only where speech is detected")
     parser.add_argument("--output-dir", "-o", default=".", help="where the outputs are written")
     parser.add_argument("--output-format", "-f", default="all", choices=[*FORMATS, "all"], help="output format")
@@ -61,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--initial-prompt", default=None, help="text that primes the first window (names, spelling)")
     parser.add_argument("--carry-initial-prompt", type=_bool, default=False, help="prefix the prompt to every window")
     parser.add_argument(
-        "--condition-on-previous-text", type=_bool, default=True, help="prompt each window with the text before it"
+        "--condition-on-previous-text",
+        type=_bool,
+        default=None,
+        help="prompt each window with the text before it (default: True; False with --batch-size above 1)",
     )
     parser.add_argument(
         "--temperature-increment-on-fallback", type=_optional_float, default=0.2, help="fallback temperature step"
@@ -102,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_line_count and not args.max_line_width:
         print("--max-line-count needs --max-line-width", file=sys.stderr)
         return 2
+    if args.batch_size < 1:
+        print("--batch-size must be at least 1", file=sys.stderr)
+        return 2
     try:
-        model = load_model(args.model, quantize=args.quantize)
-    except (ModelNotFoundError, ModelFormatError) as error:
+        model = load_model(args.model, quantize=args.quantize, device=args.device)
+    except (ModelNotFoundError, ModelFormatError, ValueError) as error:
         print(f"cannot load the model: {error}", file=sys.stderr)
         return 1
     language = args.language
@@ -114,42 +125,64 @@ def main(argv: list[str] | None = None) -> int:
     subtitle_options = SubtitleOptions(
         args.max_line_width, args.max_line_count, args.max_words_per_line, args.highlight_words
     )
+    batched = args.batch_size > 1
+    condition = args.condition_on_previous_text
+    options = dict(
+        temperature=_temperatures(args),
+        compression_ratio_threshold=args.compression_ratio_threshold,
+        logprob_threshold=args.logprob_threshold,
+        no_speech_threshold=args.no_speech_threshold,
+        condition_on_previous_text=not batched if condition is None else condition,
+        initial_prompt=args.initial_prompt,
+        carry_initial_prompt=args.carry_initial_prompt,
+        word_timestamps=args.word_timestamps,
+        prepend_punctuations=args.prepend_punctuations,
+        append_punctuations=args.append_punctuations,
+        clip_timestamps=args.clip_timestamps,
+        hallucination_silence_threshold=args.hallucination_silence_threshold,
+        vad_filter=args.vad_filter,
+        language=language,
+        task=args.task,
+        best_of=args.best_of,
+        beam_size=args.beam_size,
+        patience=args.patience,
+        length_penalty=args.length_penalty,
+        suppress_tokens=args.suppress_tokens,
+    )
     failures = 0
-    for audio_path in args.audio:
-        try:
-            result = transcribe(
-                model,
-                audio_path,
-                verbose=args.verbose,
-                temperature=_temperatures(args),
-                compression_ratio_threshold=args.compression_ratio_threshold,
-                logprob_threshold=args.logprob_threshold,
-                no_speech_threshold=args.no_speech_threshold,
-                condition_on_previous_text=args.condition_on_previous_text,
-                initial_prompt=args.initial_prompt,
-                carry_initial_prompt=args.carry_initial_prompt,
-                word_timestamps=args.word_timestamps,
-                prepend_punctuations=args.prepend_punctuations,
-                append_punctuations=args.append_punctuations,
-                clip_timestamps=args.clip_timestamps,
-                hallucination_silence_threshold=args.hallucination_silence_threshold,
-                vad_filter=args.vad_filter,
-                language=language,
-                task=args.task,
-                best_of=args.best_of,
-                beam_size=args.beam_size,
-                patience=args.patience,
-                length_penalty=args.length_penalty,
-                suppress_tokens=args.suppress_tokens,
-            )
-        except (AudioError, ValueError) as error:
-            print(f"skipped {audio_path}: {error}", file=sys.stderr)
-            failures += 1
-            continue
-        if not args.verbose:
+
+    def skip(audio_path: str, error: Exception) -> None:
+        nonlocal failures
+        print(f"skipped {audio_path}: {error}", file=sys.stderr)
+        failures += 1
+
+    def write(audio_path: str, result: dict, printed: bool) -> None:
+        if not printed:
             print(result["text"].strip())
         for path in write_result(result, audio_path, args.output_dir, args.output_format, subtitle_options):
             print(f"wrote {path}", file=sys.stderr)
         if not result["segments"]:
             print(f"{Path(audio_path).name}: no speech found", file=sys.stderr)
+
+    if batched:
+        try:
+            transcribe_batch(
+                model,
+                args.audio,
+                batch_size=args.batch_size,
+                on_result=lambda i, result: write(args.audio[i], result, printed=False),
+                on_error=lambda i, error: skip(args.audio[i], error),
+                **options,
+            )
+        except ValueError as error:  # options that cannot go together: nothing was transcribed
+            print(f"cannot transcribe: {error}", file=sys.stderr)
+            return 2
+        return 1 if failures else 0
+    for audio_path in args.audio:
+        try:
+            result = transcribe(model, audio_path, verbose=args.verbose, **options)
+        except (AudioError, ValueError) as error:
+            skip(audio_path, error)
+            continue
+        write(audio_path, result, printed=args.verbose)
     return 1 if failures else 0

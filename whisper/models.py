@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
+from .backend import choose_device
 from .convert import ModelFormatError, alignment_heads_from_config, load_ct2
 from .model import ModelDimensions, Whisper
 
@@ -271,14 +272,21 @@ QUANTIZE_BITS = (4, 8)
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL, dtype: mx.Dtype | None = None, quantize: int | None = None
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: mx.Dtype | None = None,
+    quantize: int | None = None,
+    device: str | None = None,
 ) -> Whisper:
     """Load a Whisper model by bundled name, folder path or Hugging Face repo id.
 
+    `device` ("gpu" or "cpu") is where MLX computes from now on, by default the GPU where
+    MLX has one; `dtype` defaults to float16 on a GPU and float32 on a CPU.
     `quantize` (8 or 4 bits) shrinks the linear layers and embeddings at load: less memory
     and faster on GPUs and Apple silicon, but slower on Linux CPUs, where MLX has no fast
     quantized matrix product yet.
     """
+    # MLX computes on its default device; every later call on this model runs there too.
+    mx.set_default_device(choose_device(device))
     model = load_mlx_folder(prepare(str(name_or_path)), dtype or default_dtype())
     if quantize is not None:
         if quantize not in QUANTIZE_BITS:

@@ -7,8 +7,9 @@ Where the decoder ends a window with a timestamp, the next window starts there.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -24,6 +25,7 @@ from .audio import (
     log_mel_frames,
     pad_or_trim,
 )
+from .backend import choose_device
 from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language
 from .model import Whisper
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
@@ -55,8 +57,36 @@ class TranscribeOptions:
     silence_floor_db: float | None = -60.0
     vad_filter: bool = False  # decode only where whisper.vad finds speech
 
+    def __post_init__(self) -> None:
+        if isinstance(self.temperature, (int, float)):  # one temperature: no fallback
+            object.__setattr__(self, "temperature", (self.temperature,))
+        else:
+            object.__setattr__(self, "temperature", tuple(self.temperature))
+
 
 # ------------------------------------------------------------- one window
+
+
+def decoding_options(decode_options: dict, temperature: float) -> DecodingOptions:
+    """The options of one decode: beams only at temperature 0, `best_of` only above it."""
+    kwargs = dict(decode_options)
+    if temperature > 0:
+        kwargs.pop("beam_size", None)
+        kwargs.pop("patience", None)
+    else:
+        kwargs.pop("best_of", None)
+    return DecodingOptions(**kwargs, temperature=temperature)
+
+
+def needs_fallback(result: DecodingResult, options: TranscribeOptions) -> bool:
+    """Whether a window's text is too repetitive, or too unlikely without being silence."""
+    too_repetitive = (
+        options.compression_ratio_threshold is not None
+        and result.compression_ratio > options.compression_ratio_threshold
+    )
+    too_unlikely = options.logprob_threshold is not None and result.avg_logprob < options.logprob_threshold
+    silent = options.no_speech_threshold is not None and result.no_speech_prob > options.no_speech_threshold
+    return too_repetitive or (too_unlikely and not silent)
 
 
 def decode_with_fallback(
@@ -65,20 +95,8 @@ def decode_with_fallback(
     """Decode at rising temperatures until the text is neither repetitive nor unlikely."""
     result = None
     for temperature in options.temperature:
-        kwargs = dict(decode_options)
-        if temperature > 0:
-            kwargs.pop("beam_size", None)
-            kwargs.pop("patience", None)
-        else:
-            kwargs.pop("best_of", None)
-        result = DecodingTask(model, DecodingOptions(**kwargs, temperature=temperature)).run(mel[None])[0]
-        too_repetitive = (
-            options.compression_ratio_threshold is not None
-            and result.compression_ratio > options.compression_ratio_threshold
-        )
-        too_unlikely = options.logprob_threshold is not None and result.avg_logprob < options.logprob_threshold
-        silent = options.no_speech_threshold is not None and result.no_speech_prob > options.no_speech_threshold
-        if not too_repetitive and (not too_unlikely or silent):
+        result = DecodingTask(model, decoding_options(decode_options, temperature)).run(mel[None])[0]
+        if not needs_fallback(result, options):
             break
     return result
 
@@ -274,6 +292,7 @@ def transcribe(
     *,
     verbose: bool | None = None,
     progress_callback: ProgressCallback | None = None,
+    device: str | None = None,
     temperature: float | tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
     compression_ratio_threshold: float | None = 2.4,
     logprob_threshold: float | None = -1.0,
@@ -295,10 +314,11 @@ def transcribe(
     `audio` is a path, file bytes or a 16 kHz waveform.  Returns openai-whisper's result:
     `{"text", "segments", "language"}`.  `verbose` True prints each segment, False shows
     a progress bar, None neither; `progress_callback(done, total)` gets seconds.
+    `device` ("cpu" or "gpu") overrides the device the model was loaded for.
     Other keyword arguments are `DecodingOptions` fields (language, task, beam_size, ...).
     """
     options = TranscribeOptions(
-        temperature=(temperature,) if isinstance(temperature, (int, float)) else tuple(temperature),
+        temperature=temperature,
         compression_ratio_threshold=compression_ratio_threshold,
         logprob_threshold=logprob_threshold,
         no_speech_threshold=no_speech_threshold,
@@ -313,93 +333,135 @@ def transcribe(
         silence_floor_db=silence_floor_db,
         vad_filter=vad_filter,
     )
-    if options.hallucination_silence_threshold is not None and not options.word_timestamps:
-        raise ValueError("hallucination_silence_threshold needs word_timestamps=True")
-    decode_options.pop("fp16", None)  # the precision is the model's dtype
-    waveform = audio if isinstance(audio, np.ndarray) else load_audio(audio)
-    mel = log_mel_frames(waveform, model.dims.n_mels, padding=N_FRAMES * HOP_LENGTH)
-    content_frames = mel.shape[0] - N_FRAMES
+    with on_device(device):
+        job = FileTranscription(model, audio, options, decode_options, verbose)
+        with tqdm.tqdm(total=job.content_frames, unit="frames", disable=verbose is not False) as bar:
 
-    language = _choose_language(model, mel, decode_options.pop("language", None), verbose)
-    task = decode_options.setdefault("task", "transcribe")
-    if task == "translate" and not model.is_multilingual:
-        raise ValueError("this model is English-only: it cannot translate; use a multilingual model such as base")
-    tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language=language, task=task)
-    decode_options["language"] = language
+            def report(previous_seek: int, done: int) -> None:
+                bar.update(done - previous_seek)
+                if progress_callback is not None:
+                    progress_callback(done / FRAMES_PER_SECOND, job.content_frames / FRAMES_PER_SECOND)
 
-    clip_timestamps = options.clip_timestamps
-    if options.vad_filter:
-        if clip_timestamps not in ("0", [0], [0.0]):
-            raise ValueError("vad_filter chooses the clips itself: give it or clip_timestamps, not both")
-        regions = speech_regions(waveform)
-        if not regions:
-            return {"text": "", "segments": [], "language": language}
-        clip_timestamps = [t for region in regions for t in region]
-    clips = _seek_clips(clip_timestamps, content_frames)
-    prompt_tokens = tokenizer.encode(" " + initial_prompt.strip()) if initial_prompt else []
-    state = _Progress(seek=clips[0][0], all_tokens=list(prompt_tokens))
-    total_seconds = content_frames / FRAMES_PER_SECOND
+            job.on_progress = report
+            while (window := job.next_window()) is not None:
+                job.add_result(decode_with_fallback(model, window, options, job.decode_options))
+        return job.result()
 
-    with tqdm.tqdm(total=content_frames, unit="frames", disable=verbose is not False) as bar:
-        clip_index = 0
-        while clip_index < len(clips):
-            clip_start, clip_end = clips[clip_index]
+
+@contextlib.contextmanager
+def on_device(device: str | None) -> Iterator[None]:
+    """Compute on `device` inside the block; None keeps MLX's default (set by load_model)."""
+    if device is None:
+        yield
+        return
+    with mx.stream(choose_device(device)):
+        yield
+
+
+class FileTranscription:
+    """One file's transcription, window by window.
+
+    `next_window()` returns the next 30-second window to decode (silent ones are skipped)
+    with `decode_options` set for it, or None at the end; `add_result()` takes that
+    window's decoding.  `transcribe` decodes each window alone; `whisper.batch` decodes
+    windows of several files together.
+    """
+
+    def __init__(
+        self,
+        model: Whisper,
+        audio: str | os.PathLike | bytes | np.ndarray,
+        options: TranscribeOptions,
+        decode_options: dict,
+        verbose: bool | None = None,
+    ):
+        if options.hallucination_silence_threshold is not None and not options.word_timestamps:
+            raise ValueError("hallucination_silence_threshold needs word_timestamps=True")
+        self.model = model
+        self.options = options
+        self.verbose = verbose
+        self.decode_options = dict(decode_options)
+        self.decode_options.pop("fp16", None)  # the precision is the model's dtype
+        self.on_progress: Callable[[int, int], None] | None = None  # (seek before, frames done)
+        self.waveform = audio if isinstance(audio, np.ndarray) else load_audio(audio)
+        self.mel = log_mel_frames(self.waveform, model.dims.n_mels, padding=N_FRAMES * HOP_LENGTH)
+        self.content_frames = self.mel.shape[0] - N_FRAMES
+
+        language = _choose_language(model, self.mel, self.decode_options.pop("language", None), verbose)
+        task = self.decode_options.setdefault("task", "transcribe")
+        if task == "translate" and not model.is_multilingual:
+            raise ValueError("this model is English-only: it cannot translate; use a multilingual model such as base")
+        self.tokenizer = get_tokenizer(
+            model.is_multilingual, num_languages=model.num_languages, language=language, task=task
+        )
+        self.decode_options["language"] = language
+
+        clip_timestamps = options.clip_timestamps
+        if options.vad_filter:
+            if clip_timestamps not in ("0", [0], [0.0]):
+                raise ValueError("vad_filter chooses the clips itself: give it or clip_timestamps, not both")
+            regions = speech_regions(self.waveform)
+            # No speech at all: a single empty clip, so no window is decoded.
+            clip_timestamps = [t for region in regions for t in region] or [0.0, 0.0]
+        self.clips = _seek_clips(clip_timestamps, self.content_frames)
+        self.clip_index = 0
+        prompt = options.initial_prompt
+        self.prompt_tokens = self.tokenizer.encode(" " + prompt.strip()) if prompt else []
+        self.state = _Progress(seek=self.clips[0][0], all_tokens=list(self.prompt_tokens))
+        self._window: tuple[int, int, mx.array] | None = None  # (seek, clip end, mel) being decoded
+
+    def next_window(self) -> mx.array | None:
+        """The next window to decode, (frames, n_mels); None once the audio is done."""
+        state = self.state
+        while self.clip_index < len(self.clips):
+            clip_start, clip_end = self.clips[self.clip_index]
             state.seek = max(state.seek, clip_start)
             if state.seek >= clip_end:
-                clip_index += 1
-                if clip_index < len(clips):
-                    state.seek = clips[clip_index][0]
+                self.clip_index += 1
+                if self.clip_index < len(self.clips):
+                    state.seek = self.clips[self.clip_index][0]
                 continue
-            previous_seek = state.seek
-            window_end = min(clip_end, state.seek + N_FRAMES)
-            if _is_silent(waveform[state.seek * HOP_LENGTH : window_end * HOP_LENGTH], options.silence_floor_db):
+            seek = state.seek
+            window_end = min(clip_end, seek + N_FRAMES)
+            if _is_silent(self.waveform[seek * HOP_LENGTH : window_end * HOP_LENGTH], self.options.silence_floor_db):
                 state.seek = window_end
-            else:
-                _transcribe_window(
-                    model,
-                    mel,
-                    tokenizer,
-                    options,
-                    decode_options,
-                    state,
-                    clip_end,
-                    content_frames,
-                    prompt_tokens,
-                    verbose,
-                )
-            done = min(content_frames, state.seek)
-            bar.update(done - previous_seek)
-            if progress_callback is not None:
-                progress_callback(done / FRAMES_PER_SECOND, total_seconds)
+                self._report(seek)
+                continue
+            segment_size = min(N_FRAMES, self.content_frames - seek, clip_end - seek)
+            window = mx.array(pad_or_trim(self.mel[seek : seek + segment_size], N_FRAMES, axis=0))
+            self.decode_options["prompt"] = _prompt(state, self.prompt_tokens, self.options, self.model.dims.n_text_ctx)
+            self._window = (seek, clip_end, window)
+            return window
+        return None
 
-    return {
-        "text": tokenizer.decode(state.all_tokens[len(prompt_tokens) :]),
-        "segments": state.all_segments,
-        "language": language,
-    }
+    def add_result(self, result: DecodingResult) -> None:
+        """Add the segments of the window `next_window` returned, and move past it."""
+        if self._window is None:
+            raise RuntimeError("add_result needs a window from next_window first")
+        seek, clip_end, window = self._window
+        self._window = None
+        _add_window(self, result, seek, clip_end, window)
+        self._report(seek)
+
+    def result(self) -> dict:
+        return {
+            "text": self.tokenizer.decode(self.state.all_tokens[len(self.prompt_tokens) :]),
+            "segments": self.state.all_segments,
+            "language": self.decode_options["language"],
+        }
+
+    def _report(self, previous_seek: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(previous_seek, min(self.content_frames, self.state.seek))
 
 
-def _transcribe_window(
-    model: Whisper,
-    mel: np.ndarray,
-    tokenizer: Tokenizer,
-    options: TranscribeOptions,
-    decode_options: dict,
-    state: _Progress,
-    clip_end: int,
-    content_frames: int,
-    prompt_tokens: list[int],
-    verbose: bool | None,
-) -> None:
-    """Decode the window at `state.seek`, add its segments, and move the seek on."""
-    seek = state.seek
+def _add_window(job: FileTranscription, result: DecodingResult, seek: int, clip_end: int, window: mx.array) -> None:
+    """Add a decoded window's segments to the job, and move its seek on."""
+    options, state, tokenizer = job.options, job.state, job.tokenizer
+    content_frames = job.content_frames
     time_offset = seek * HOP_LENGTH / SAMPLE_RATE
     segment_size = min(N_FRAMES, content_frames - seek, clip_end - seek)
     window_duration = segment_size * HOP_LENGTH / SAMPLE_RATE
-    window = mx.array(pad_or_trim(mel[seek : seek + segment_size], N_FRAMES, axis=0))
-
-    decode_options["prompt"] = _prompt(state, prompt_tokens, options, model.dims.n_text_ctx)
-    result = decode_with_fallback(model, window, options, decode_options)
 
     if options.no_speech_threshold is not None:
         silent = result.no_speech_prob > options.no_speech_threshold
@@ -413,7 +475,7 @@ def _transcribe_window(
     if options.word_timestamps:
         add_word_timestamps(
             segments=segments,
-            model=model,
+            model=job.model,
             tokenizer=tokenizer,
             mel=window,
             num_frames=segment_size,
@@ -439,7 +501,7 @@ def _transcribe_window(
         # A segment with no duration or no text is noise from the decoder: keep it empty.
         if segment["start"] == segment["end"] or not segment["text"].strip():
             segment.update(text="", tokens=[], words=[])
-    if verbose:
+    if job.verbose:
         _print_segments(segments)
     first_id = len(state.all_segments)
     state.all_segments.extend({"id": first_id + i, **segment} for i, segment in enumerate(segments))

@@ -1,0 +1,114 @@
+"""Transcribe many files at once: windows of several files encoded and decoded as one batch.
+
+Each file is still transcribed window by window (`transcribe.FileTranscription`), since
+where its next window starts depends on how the last one ended.  Batching adds breadth:
+the current windows of up to `batch_size` files go through the encoder in one call and
+are decoded together, each sequence stopping at its own end of text.  A file that ends
+hands its place to the next file.
+
+Windows are decoded together only where their decoding options agree, the prompt
+included.  With `condition_on_previous_text=True` each file's later windows carry their
+own previous text and so decode alone; batched mode therefore defaults to False, like
+faster-whisper's batched pipeline.  With the same options each file's text is the one
+`transcribe` gives (the batched arithmetic can at most flip a near-tie).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import fields, replace
+
+import mlx.core as mx
+import numpy as np
+
+from .audio import AudioError
+from .decoding import DecodingTask
+from .model import Whisper
+from .transcribe import (
+    FileTranscription,
+    TranscribeOptions,
+    decode_with_fallback,
+    decoding_options,
+    needs_fallback,
+    on_device,
+)
+
+AudioSource = str | os.PathLike | bytes | np.ndarray
+
+
+def transcribe_batch(
+    model: Whisper,
+    audios: Sequence[AudioSource],
+    *,
+    batch_size: int = 8,
+    condition_on_previous_text: bool = False,
+    device: str | None = None,
+    on_result: Callable[[int, dict], None] | None = None,
+    on_error: Callable[[int, AudioError], None] | None = None,
+    **options,
+) -> list[dict | None]:
+    """Transcribe every audio (path, file bytes or 16 kHz waveform); results in input order.
+
+    Takes `transcribe`'s options.  `on_result(index, result)` is called as each file
+    finishes.  An unreadable file raises its AudioError, unless `on_error(index, error)`
+    is given: then that file's result is None and the others go on.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    names = {f.name for f in fields(TranscribeOptions)}
+    transcribe_options = TranscribeOptions(
+        condition_on_previous_text=condition_on_previous_text, **{k: v for k, v in options.items() if k in names}
+    )
+    decode_options = {k: v for k, v in options.items() if k not in names}
+    results: list[dict | None] = [None] * len(audios)
+
+    def opened() -> Iterator[tuple[int, FileTranscription]]:
+        for index, audio in enumerate(audios):
+            try:
+                yield index, FileTranscription(model, audio, transcribe_options, decode_options)
+            except AudioError as error:
+                if on_error is None:
+                    raise
+                on_error(index, error)
+
+    with on_device(device):
+        files = opened()
+        going: deque[tuple[int, FileTranscription]] = deque()  # files of the last batch, in order
+        while True:
+            batch: list[tuple[FileTranscription, mx.array]] = []
+            kept: deque[tuple[int, FileTranscription]] = deque()
+            while len(batch) < batch_size:
+                index, job = going.popleft() if going else next(files, (None, None))
+                if job is None:
+                    break
+                window = job.next_window()
+                if window is None:
+                    results[index] = job.result()
+                    if on_result is not None:
+                        on_result(index, results[index])
+                else:
+                    batch.append((job, window))
+                    kept.append((index, job))
+            if not batch:
+                return results
+            decode_batch(model, batch, transcribe_options)
+            going = kept
+
+
+def decode_batch(model: Whisper, batch: list[tuple[FileTranscription, mx.array]], options: TranscribeOptions) -> None:
+    """Decode one window per job, those with equal decoding options together, and hand
+    each job its result; a window that needs the temperature fallback retries alone."""
+    groups: dict[str, list[tuple[FileTranscription, mx.array]]] = {}
+    for job, window in batch:
+        groups.setdefault(repr(sorted(job.decode_options.items())), []).append((job, window))
+    fallback = replace(options, temperature=options.temperature[1:])
+    for members in groups.values():
+        first = members[0][0].decode_options
+        task = DecodingTask(model, decoding_options(first, options.temperature[0]))
+        decoded = task.run(mx.stack([window for _, window in members]))
+        for (job, window), result in zip(members, decoded):
+            if fallback.temperature and needs_fallback(result, options):
+                result = decode_with_fallback(model, window, fallback, job.decode_options)
+            job.add_result(result)
