@@ -8,8 +8,9 @@ Without AUDIO it replays each English clip of ../shared/data/speech. Each record
 on one of three clocks:
 
 - `cpu` (default), a simulated clock: audio time advances by the chunk size as chunks arrive,
-  and each update adds the CPU seconds this process spent in it (all threads). That is what an
-  update costs on an otherwise idle machine with one core per thread, whatever else runs here.
+  and each update adds the CPU seconds this process spent in it (all threads added up). That is
+  about what the update takes on a single core of its own (more than on two idle cores), and it
+  does not grow when other programs take the cores: figures that hold on a busy machine.
 - `wall`, the same simulated clock adding each update's wall-clock seconds instead: this
   machine as it is now, other programs included.
 - `real`: real time; chunks are released as the wall clock reaches them.
@@ -118,14 +119,15 @@ def replay(
     model: whisper.Whisper,
     audio: np.ndarray,
     *,
-    clock: str = "cpu",
+    clock: str | SimulatedClock | RealClock = "cpu",
     chunk_s: float = 0.5,
     after_update: Callable[[StreamingTranscriber], None] | None = None,
     **options,
 ) -> Replay:
-    """Feed `audio` to a StreamingTranscriber chunk by chunk on `clock`; see the module docstring."""
+    """Feed `audio` to a StreamingTranscriber chunk by chunk on `clock` (one of CLOCKS, or a clock
+    of one's own); see the module docstring."""
     streamer = StreamingTranscriber(model, **options)
-    timer = make_clock(clock)
+    timer = make_clock(clock) if isinstance(clock, str) else clock
     chunk = max(1, round(chunk_s * SAMPLE_RATE))
     n_chunks = -(-audio.size // chunk)
     out = Replay(words=[], confirmed_at=[], duration_s=audio.size / SAMPLE_RATE)

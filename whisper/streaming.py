@@ -14,7 +14,8 @@ A `StreamingTranscriber` holds the audio since the last confirmed sentence end. 
   the confirmed word before the longest pause: a pass costs the same in the thirtieth minute
   as in the first;
 - the voice-activity filter (whisper.vad) skips the pass when nothing was said after the last
-  confirmed word, and drops the silence at the buffer's start.
+  confirmed word, drops the silence at the buffer's start, and drops words that run on into
+  the silence after the speech (Whisper's "Thank you." at a pause).
 
 Whisper's encoder takes 30-second windows, most of which would be padding for a buffer of a few
 seconds. Only the buffer and `pad_s` of silence are encoded; the rest of the window is filled
@@ -187,6 +188,7 @@ class StreamingTranscriber:
         self._tentative: list[_Word] = []
         # The last two passes' words after what was confirmed before each: (confirmed count, keys).
         self._history: deque[tuple[int, list[str]]] = deque(maxlen=2)
+        self._speech_until = float("inf")  # where the voice-activity filter last heard speech end
         self.passes = 0  # decodes run, for tests and benchmarks
 
     # ------------------------------------------------------------------ public
@@ -269,6 +271,8 @@ class StreamingTranscriber:
         if not self.vad:
             return True
         regions = speech_regions(self._buffer, self.vad_options)
+        if regions:
+            self._speech_until = self._buffer_start + regions[-1][1]
         if self._first_in_buffer == len(self._confirmed):
             # Nothing confirmed to keep: the silence before the first speech is of no use
             # (without speech, all but the last moment, where a word may be starting).
@@ -319,7 +323,10 @@ class StreamingTranscriber:
         if not result.tokens or silent or result.compression_ratio > COMPRESSION_RATIO_THRESHOLD:
             return [], language
         timings = find_alignment(self.model, tokenizer, prefix + result.tokens, features[0], n_frames)
-        return self._words_after(timings, len(prefix)), language
+        words = self._words_after(timings, len(prefix))
+        # Words that run on into the silence after the speech are the model's ("Thank you.").
+        heard = next((i for i, w in enumerate(words) if w.end > self._speech_until), len(words))
+        return words[:heard], language
 
     def _words_after(self, timings: list[WordTiming], n_prefix: int) -> list[_Word]:
         """The aligned words after the first `n_prefix` tokens, punctuation joined to its word."""
