@@ -21,6 +21,7 @@ from whisper.models import load_model as load_whisper_model
 from whisper.tokenizer import LANGUAGES
 
 from . import visuals
+from .live import LiveTranscript, live_html
 from .server_client import Clip, ServerClient, ServerError, ServerStatus, ServerUnavailable, default_url, start_command
 from .session import EXPORT_FORMATS, ClipResult, History, wav_samples
 from .transcript_view import STYLE, clock, transcript_html
@@ -227,8 +228,12 @@ def _recorder(client: ServerClient, live: bool, model: Whisper | None, settings:
             st.session_state["recorder_notice"] = f"{error} Whatever was recorded stays on the server."
     if clip := st.session_state.get("pending_clip"):
         # Kept until its transcript is in, so a rerun that interrupts the transcription resumes it.
+        if live_transcript := st.session_state.get("live_transcript"):
+            # Shown until the final transcript replaces it; stopped first, to free the model.
+            st.html(live_html(live_transcript.stop(), live_transcript.error))
         st.session_state["recorder_notice"] = _transcribe_server_clip(client, clip, model, settings)
         del st.session_state["pending_clip"]
+        _drop_live_transcript()
         st.rerun()
     try:
         status = client.status()
@@ -244,8 +249,9 @@ def _recorder(client: ServerClient, live: bool, model: Whisper | None, settings:
     if status.recording != live:
         st.rerun()  # started or stopped elsewhere (another tab): switch how often to poll
     if status.recording:
-        _live_view(client, status)
+        _live_view(client, status, model, settings)
         return
+    _drop_live_transcript()  # stopped elsewhere (another tab, the length limit)
     if status.error:
         st.warning(status.error, icon=":material/mic_off:")
     st.caption(
@@ -263,8 +269,8 @@ def _recorder(client: ServerClient, live: bool, model: Whisper | None, settings:
         st.error(notice)
 
 
-def _live_view(client: ServerClient, status: ServerStatus) -> None:
-    """Elapsed time, a level meter, Stop, and the waveform recorded so far."""
+def _live_view(client: ServerClient, status: ServerStatus, model: Whisper | None, settings: Settings) -> None:
+    """Elapsed time, a level meter, Stop, the waveform and the words recorded so far."""
     elapsed, meter = st.columns([1, 3], vertical_alignment="center")
     elapsed.metric("Recording", clock(status.elapsed_s))
     level = max(status.level_dbfs, METER_FLOOR_DBFS)
@@ -273,8 +279,29 @@ def _live_view(client: ServerClient, status: ServerStatus) -> None:
         text=f"Level {status.level_dbfs:.0f} dBFS" if status.level_dbfs > METER_FLOOR_DBFS else "Level: silence",
     )
     st.button("Stop", icon=":material/stop_circle:", type="primary", key="server_stop")
+    if live_transcript := _live_transcript(client, status, model, settings):
+        st.caption("Live transcript: grey words may still change; the full transcript replaces it on Stop.")
+        st.html(live_html(live_transcript.state, live_transcript.error))
     if png := _live_waveform(client, status):
         st.image(png, width="stretch")
+
+
+def _live_transcript(
+    client: ServerClient, status: ServerStatus, model: Whisper | None, settings: Settings
+) -> LiveTranscript | None:
+    """The live transcript of the recording under way, started on its first poll."""
+    live_transcript = st.session_state.get("live_transcript")
+    if live_transcript is None or live_transcript.clip_id != status.clip_id:
+        _drop_live_transcript()
+        if model is None or status.clip_id is None:
+            return None
+        live_transcript = st.session_state["live_transcript"] = LiveTranscript(client, status.clip_id, model, settings)
+    return live_transcript
+
+
+def _drop_live_transcript() -> None:
+    if live_transcript := st.session_state.pop("live_transcript", None):
+        live_transcript.stop()
 
 
 def _live_waveform(client: ServerClient, status: ServerStatus) -> bytes | None:

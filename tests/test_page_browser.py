@@ -224,6 +224,37 @@ def test_record_through_the_server_with_the_virtual_microphone(
     save_screenshots(page, "2b-server-transcript")
 
 
+def test_live_transcript_while_recording_through_the_server(
+    open_page, audio_server: Callable[..., ServerProcess], virtual_mic: VirtualMic
+) -> None:
+    server = audio_server()
+    page = open_page(server.url)
+    page.get_by_role("button", name="Record").click()
+    expect(page.get_by_text("Recording", exact=True)).to_be_visible()
+    speaking = threading.Thread(target=virtual_mic.play, args=(SERVER_CLIP.path,))
+    speaking.start()
+    try:
+        # Confirmed words come while the server still records: "Dashwood" is said in the first 2 s.
+        confirmed = page.locator(".menny-live-confirmed")
+        expect(confirmed).to_contain_text(re.compile("dashwood", re.IGNORECASE), timeout=TRANSCRIPT_TIMEOUT_MS)
+        assert server.client.get("/status").json()["recording"]
+        save_screenshots(page, "2c-server-live-transcript")
+    finally:
+        speaking.join()
+    # Still before Stop, the pause after the clip confirms the rest of it.
+    wait_for(
+        lambda: wer([SERVER_CLIP.transcript], [confirmed.inner_text()]) <= MAX_WER,
+        "the whole clip in the live transcript",
+        TRANSCRIPT_TIMEOUT_MS / 1000,
+        interval_s=0.5,
+    )
+    page.get_by_role("button", name="Stop").click()
+    [transcript] = transcripts(page)
+    assert wer([SERVER_CLIP.transcript], [spoken_text(transcript)]) <= MAX_WER, transcript
+    # The final transcript has replaced the live one.
+    expect(page.locator(".menny-live")).to_have_count(0)
+
+
 def test_record_in_the_browser_with_audio_input(open_page) -> None:
     page = open_page(closed_port_url())
     page.get_by_role("tab", name="Browser mic").click()
