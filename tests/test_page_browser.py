@@ -21,7 +21,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from speech import REPO, clip, wer
-from virtual_mic import ServerProcess, VirtualMic, wait_for
+from virtual_mic import ServerProcess, VirtualMic, free_port, wait_for
 
 PAGE = "menny_the_sonic_whisperer.py"
 PAGE_PORTS = range(18800, 18900)
@@ -49,23 +49,11 @@ CHROMIUM_ARGS = [
 ]
 
 
-def free_page_port() -> int:
-    for port in PAGE_PORTS:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PAGE_PORTS.start}-{PAGE_PORTS.stop - 1}")
-
-
 class PageProcess:
     """`streamlit run menny_the_sonic_whisperer.py` as a child process, as scripts/start runs it."""
 
     def __init__(self, server_url: str, log_path: Path, model: str = "tiny.en") -> None:
-        self.port = free_page_port()
+        self.port = free_port(PAGE_PORTS)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {**os.environ, "MENNY_MODEL": model, "MENNY_SERVER_URL": server_url}

@@ -170,9 +170,9 @@ class VirtualMic:
         return pids
 
 
-def free_port() -> int:
-    """A port in 18765-18799 that nothing listens on now."""
-    for port in PORTS:
+def free_port(ports: range = PORTS) -> int:
+    """A port in `ports` (default 18765-18799) that nothing listens on now."""
+    for port in ports:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -180,7 +180,7 @@ def free_port() -> int:
             except OSError:
                 continue
             return port
-    raise RuntimeError(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
 
 
 class ServerProcess:
