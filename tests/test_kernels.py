@@ -230,6 +230,43 @@ def test_multi_head_attention_matches_mlx(n_q, n_k, masked):
     np.testing.assert_allclose(ours, reference_attention(q, k, v, 8, mask), rtol=1e-4, atol=1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize(("rows", "depth", "n"), [((1, 1), 384, 51864), ((5, 1), 512, 1003), ((2, 3), 20, 7)])
+def test_matvec_matches_float64(fast, rows, depth, n):
+    x = RNG.standard_normal((*rows, depth)).astype(np.float32)
+    w = RNG.standard_normal((n, depth)).astype(np.float32)
+    ours = np.array(fast.matvec(mx.array(x), mx.array(w)))
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    assert ours.shape == (*rows, n)
+    np.testing.assert_allclose(ours, exact, rtol=1e-4, atol=1e-4 * np.sqrt(depth))
+
+
+@pytest.mark.parametrize("rows", [1, kernels.MATVEC_ROWS, kernels.MATVEC_ROWS + 1])
+def test_linear_is_mlx_linear(rows):
+    layer = nn.Linear(64, 48)
+    x = mx.array(RNG.standard_normal((1, rows, 64)).astype(np.float32))
+    np.testing.assert_allclose(
+        np.array(kernels.linear(x, layer.weight, layer.bias)), np.array(layer(x)), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("batch", "n_q", "offset", "n_head"), [(1, 1, 0, 6), (1, 1, 37, 6), (2, 5, 10, 8), (3, 40, 400, 8)]
+)
+def test_cached_attention_sees_only_earlier_positions(batch, n_q, offset, n_head):
+    n_ctx, state = 448, n_head * 64
+    q, k, v = random_qkv(batch, n_q, n_ctx, state)
+    ours = np.array(kernels.cached_attention(q, k, v, mx.array([offset], dtype=mx.int32), n_head))
+    # Position offset + i sees keys 0 .. offset + i: causal attention over the keys written so far.
+    used = offset + n_q
+    mask = mx.triu(mx.full((n_q, used), -np.inf), k=offset + 1)
+    expected = reference_attention(q, k[:, :used], v[:, :used], n_head, mask)
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
+    with kernels.fallback():
+        fallback = np.array(kernels.cached_attention(q, k, v, mx.array([offset], dtype=mx.int32), n_head))
+    np.testing.assert_allclose(fallback, expected, rtol=1e-4, atol=1e-5)
+
+
 def _encoder_features(name: str) -> np.ndarray:
     audio = load_audio(SPEECH_DIR / "jfk.flac")
     mel = whisper.log_mel_spectrogram(np.concatenate([audio, np.zeros(N_SAMPLES - len(audio), np.float32)]))

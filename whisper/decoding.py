@@ -66,20 +66,42 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Inference:
-    """Runs the decoder, keeping the self-attention cache between steps."""
+    """Runs the decoder over a fixed-size self-attention cache; single-token steps are compiled."""
 
     def __init__(self, model: Whisper, audio_features: mx.array):
         self.model = model
         self.cross_kv = model.decoder.cross_kv(audio_features)
-        self.cache: KVCache | None = None
+        self._cache: KVCache | None = None
         self.n_cached = 0
+
+    @property
+    def cache(self) -> KVCache | None:
+        """Per layer (keys, values), (batch, n_text_ctx, state); only the first `n_cached` positions count."""
+        return self._cache
+
+    @cache.setter
+    def cache(self, layers: KVCache) -> None:
+        # Any prefix of the positions may be given (to keep what was accepted): it is padded back.
+        n_ctx = self.model.dims.n_text_ctx
+        self._cache = [
+            tuple(mx.pad(t, [(0, 0), (0, n_ctx - t.shape[1]), (0, 0)]) if t.shape[1] < n_ctx else t for t in kv)
+            for kv in layers
+        ]
 
     def logits(self, tokens: np.ndarray, positions: int = 1) -> np.ndarray:
         """Logits of the last `positions` positions, (batch, positions, vocab), as float32."""
-        new_tokens = mx.array(tokens[:, self.n_cached :])
-        logits, self.cache = self.model.decoder(new_tokens, self.cross_kv, self.cache)
+        decoder = self.model.decoder
+        if self._cache is None:
+            self._cache = decoder.new_cache(tokens.shape[0])
+        new_tokens = mx.array(tokens[:, self.n_cached :], dtype=mx.int32)
+        offset = mx.array([self.n_cached], dtype=mx.int32)
+        if new_tokens.shape[1] == 1 and positions == 1:
+            logits, self._cache = decoder.step(new_tokens, self.cross_kv, self._cache, offset)
+            logits = logits[:, None]
+        else:
+            logits, self._cache = decoder(new_tokens, self.cross_kv, self._cache, offset=offset, positions=positions)
         self.n_cached = tokens.shape[1]
-        return np.array(logits[:, -positions:].astype(mx.float32))
+        return np.array(logits.astype(mx.float32))
 
     def expand(self, repeats: int) -> None:
         """Repeat each audio's cross-attention keys for several candidates of it."""
@@ -87,9 +109,9 @@ class Inference:
 
     def reorder(self, source_indices: list[int]) -> None:
         """Keep the cached rows that the surviving beams came from."""
-        if self.cache is not None and source_indices != list(range(len(source_indices))):
+        if self._cache is not None and source_indices != list(range(len(source_indices))):
             index = mx.array(source_indices)
-            self.cache = [(k[index], v[index]) for k, v in self.cache]
+            self._cache = [(k[index], v[index]) for k, v in self._cache]
 
 
 # -------------------------------------------------------------- logit filters
@@ -422,8 +444,9 @@ class DecodingTask:
         no_speech_probs = np.full(n_rows, np.nan)
         for step in range(self.sample_len):
             if step == 0:
-                all_logits = inference.logits(tokens, positions=tokens.shape[1])
-                no_speech_probs = np.exp(log_softmax(all_logits[:, self.sot_index]))[:, self.tokenizer.no_speech]
+                # From start-of-transcript on: the prompt before it needs no logits.
+                all_logits = inference.logits(tokens, positions=tokens.shape[1] - self.sot_index)
+                no_speech_probs = np.exp(log_softmax(all_logits[:, 0]))[:, self.tokenizer.no_speech]
                 logits = all_logits[:, -1].copy()
             else:
                 logits = inference.logits(tokens)[:, -1].copy()

@@ -14,8 +14,10 @@ from mlx import nn
 
 from . import kernels
 
-# A self-attention cache per decoder layer: (keys, values), each (batch, tokens, state).
-KVCache = list[tuple[mx.array, mx.array] | None]
+# The decoder's self-attention cache: per layer (keys, values), each (batch, n_text_ctx, state),
+# allocated once per decode and written in place by position, so that every decoding step has
+# the same shapes and `mx.compile` traces it once.
+KVCache = list[tuple[mx.array, mx.array]]
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,11 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
     return np.concatenate([np.sin(scaled_time), np.cos(scaled_time)], axis=1).astype(np.float32)
 
 
+def linear(layer: nn.Linear, x: mx.array) -> mx.array:
+    """`layer(x)`; a decoding step's few rows take one pass over the weights (`kernels.linear`)."""
+    return kernels.linear(x, layer.weight, layer.get("bias"))
+
+
 class MultiHeadAttention(nn.Module):
     def __init__(self, n_state: int, n_head: int):
         super().__init__()
@@ -50,10 +57,10 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(n_state, n_state)
 
     def project_kv(self, source: mx.array) -> tuple[mx.array, mx.array]:
-        return self.key(source), self.value(source)
+        return linear(self.key, source), linear(self.value, source)
 
     def attend(self, x: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
-        return self.out(kernels.multi_head_attention(self.query(x), k, v, self.n_head, mask))
+        return linear(self.out, kernels.multi_head_attention(linear(self.query, x), k, v, self.n_head, mask))
 
     def attention_logits(self, x: mx.array, k: mx.array) -> mx.array:
         """Scaled query-key products before the softmax, (batch, heads, queries, keys)."""
@@ -84,20 +91,28 @@ class ResidualAttentionBlock(nn.Module):
         cache: tuple[mx.array, mx.array] | None = None,
         cross_kv: tuple[mx.array, mx.array] | None = None,
         cross_logits: list[mx.array] | None = None,
+        offset: mx.array | None = None,
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
-        """One block; appends its cross-attention logits to `cross_logits` when given."""
+        """One block; appends its cross-attention logits to `cross_logits` when given.
+
+        With a `cache`, this block's keys and values are written into it at position `offset`
+        and attention runs over the whole cache (`mask` hides the positions not yet written).
+        """
         h = self.attn_ln(x)
         k, v = self.attn.project_kv(h)
-        if cache is not None:
-            k = mx.concatenate([cache[0], k], axis=1)
-            v = mx.concatenate([cache[1], v], axis=1)
-        x = x + self.attn.attend(h, k, v, mask)
+        if cache is None:
+            x = x + self.attn.attend(h, k, v, mask)
+        else:
+            k = mx.slice_update(cache[0], k, offset, axes=(1,))
+            v = mx.slice_update(cache[1], v, offset, axes=(1,))
+            q = linear(self.attn.query, h)
+            x = x + linear(self.attn.out, kernels.cached_attention(q, k, v, offset, self.attn.n_head))
         if self.cross_attn is not None:
             h = self.cross_attn_ln(x)
             if cross_logits is not None:
                 cross_logits.append(self.cross_attn.attention_logits(h, cross_kv[0]))
             x = x + self.cross_attn.attend(h, *cross_kv, None)
-        x = x + self.mlp2(kernels.gelu(self.mlp1(self.mlp_ln(x))))
+        x = x + linear(self.mlp2, kernels.gelu(linear(self.mlp1, self.mlp_ln(x))))
         return x, (k, v)
 
 
@@ -130,10 +145,17 @@ class TextDecoder(nn.Module):
         self.positional_embedding = mx.zeros((n_ctx, n_state))
         self.blocks = [ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)]
         self.ln = nn.LayerNorm(n_state)
+        # One new token per sequence, traced once per batch size (the cache has a fixed size).
+        self.step = mx.compile(self._step)
 
     def cross_kv(self, audio_features: mx.array) -> list[tuple[mx.array, mx.array]]:
         """Keys and values of the audio, computed once per window and reused every step."""
         return [block.cross_attn.project_kv(audio_features) for block in self.blocks]
+
+    def new_cache(self, batch: int) -> KVCache:
+        shape = (batch, *self.positional_embedding.shape)
+        dtype = self.token_embedding.weight.dtype
+        return [(mx.zeros(shape, dtype), mx.zeros(shape, dtype)) for _ in self.blocks]
 
     def __call__(
         self,
@@ -141,24 +163,39 @@ class TextDecoder(nn.Module):
         cross_kv: list[tuple[mx.array, mx.array]],
         cache: KVCache | None = None,
         cross_logits: list[mx.array] | None = None,
+        *,
+        offset: mx.array | None = None,
+        positions: int | None = None,
     ) -> tuple[mx.array, KVCache]:
-        """Logits for every given position, and the grown self-attention cache.
+        """Logits of the last `positions` positions (default all), and the updated cache.
 
+        Without a cache the tokens attend to each other only and the returned cache holds
+        their keys and values. With one (`new_cache`), the tokens sit at positions `offset`
+        (an int32 array of one element) onwards, after those already cached.
         With `cross_logits` given, each layer's cross-attention logits are appended to it.
         """
-        offset = cache[0][0].shape[1] if cache and cache[0] is not None else 0
         n = tokens.shape[-1]
-        x = self.token_embedding(tokens) + self.positional_embedding[offset : offset + n]
-        mask = nn.MultiHeadAttention.create_additive_causal_mask(n).astype(x.dtype) if n > 1 else None
-        if mask is not None and offset:
-            mask = mx.concatenate([mx.zeros((n, offset), dtype=x.dtype), mask], axis=1)
-        cache = cache or [None] * len(self.blocks)
+        mask = None
+        if cache is None:
+            x = self.token_embedding(tokens) + self.positional_embedding[:n]
+            if n > 1:
+                mask = nn.MultiHeadAttention.create_additive_causal_mask(n).astype(x.dtype)
+            cache = [None] * len(self.blocks)
+        else:
+            x = self.token_embedding(tokens) + self.positional_embedding[offset + mx.arange(n)]
         new_cache: KVCache = []
         for block, layer_cache, kv in zip(self.blocks, cache, cross_kv):
-            x, layer_cache = block(x, mask, layer_cache, kv, cross_logits)
+            x, layer_cache = block(x, mask, layer_cache, kv, cross_logits, offset)
             new_cache.append(layer_cache)
-        x = self.ln(x)
-        return self.token_embedding.as_linear(x), new_cache
+        if positions is not None:
+            x = x[:, -positions:]
+        return kernels.linear(self.ln(x), self.token_embedding.weight), new_cache
+
+    def _step(
+        self, tokens: mx.array, cross_kv: list[tuple[mx.array, mx.array]], cache: KVCache, offset: mx.array
+    ) -> tuple[mx.array, KVCache]:
+        logits, cache = self(tokens, cross_kv, cache, offset=offset, positions=1)
+        return logits[:, 0], cache
 
 
 class Whisper(nn.Module):

@@ -1,8 +1,9 @@
-"""Fast CPU kernels for the encoder's hot spots, with MLX's own ops as the fallback.
+"""Fast CPU kernels for the engine's hot spots, with MLX's own ops as the fallback.
 
 On a Linux CPU the mlx[cpu] wheel computes exp and erf one lane at a time on one thread, so
 softmax and GELU, not the matrix products, dominated the encoder.  `fast_ops.cpp` implements
-both, and a fused attention, as MLX primitives (AVX2+FMA, split across cores), compiled by
+both, a fused attention (also causal over the decoder's key cache) and a matrix-vector product
+(a decoding step's projections), as MLX primitives (AVX2+FMA, split across cores), compiled by
 `python -m whisper.kernels.build` (scripts/setup.sh runs it).  Where the library is missing,
 was built for another mlx, the CPU lacks AVX2 or the default device is a GPU, these functions
 use MLX's ops.  MENNY_NO_KERNELS=1 forces MLX's ops.
@@ -102,6 +103,33 @@ def gelu(x: mx.array) -> mx.array:
     """Exact GELU, x * Phi(x) (`mlx.nn.gelu`)."""
     module = _on_cpu()
     return module.gelu(x) if module else nn.gelu(x)
+
+
+# Up to this many rows of x, `linear` reads the weights once per row block instead of packing them.
+MATVEC_ROWS = 8
+
+
+def linear(x: mx.array, w: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x (..., depth) @ w.T (+ bias) for w (n, depth), as `mlx.nn.Linear`; for a few rows of x
+    (a decoding step) one pass over w."""
+    module = _on_cpu()
+    if module is not None and x.size <= MATVEC_ROWS * x.shape[-1]:
+        y = module.matvec(x, w)
+        return y if bias is None else y + bias
+    return x @ w.T if bias is None else mx.addmm(bias, x, w.T)
+
+
+def cached_attention(q: mx.array, k: mx.array, v: mx.array, offset: mx.array, n_head: int) -> mx.array:
+    """Causal attention of q (batch, queries, state), at positions `offset` (int32, one element)
+    onwards, over a key cache k, v (batch, n_ctx, state): query i sees keys [0, offset + i]."""
+    module = _on_cpu()
+    head_dim = q.shape[-1] // n_head
+    if module is not None and head_dim % 16 == 0:
+        # Only the keys written so far are read; no mask is built.
+        return module.attention(q, k, v, n_head, head_dim**-0.5, offset)
+    query_positions = offset + mx.arange(q.shape[1])
+    visible = mx.arange(k.shape[1])[None] <= query_positions[:, None]
+    return multi_head_attention(q, k, v, n_head, mx.where(visible, 0.0, -mx.inf).astype(q.dtype))
 
 
 def multi_head_attention(q: mx.array, k: mx.array, v: mx.array, n_head: int, mask: mx.array | None = None) -> mx.array:

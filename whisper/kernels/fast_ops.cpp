@@ -23,6 +23,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -32,6 +33,7 @@
 #endif
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
@@ -392,7 +394,7 @@ MENNY_AVX2 void scores_direct_avx2(const float* q, const float* k, float* scores
 MENNY_AVX2 void attention_block_avx2(const float* q, const float* keys_t, const float* k, const float* v, float* out,
                                      float* scores, float* inverse_sums, std::size_t rows, std::size_t keys,
                                      std::size_t ld_scores, std::size_t head_dim, std::size_t row_stride,
-                                     float scale) {
+                                     float scale, std::size_t visible) {
   if (keys_t) {
     matmul16(q, row_stride, keys_t, 16, head_dim * 16, scores, ld_scores, rows, ld_scores, head_dim, nullptr);
   } else {
@@ -400,6 +402,10 @@ MENNY_AVX2 void attention_block_avx2(const float* q, const float* keys_t, const 
   }
   for (std::size_t r = 0; r < rows; ++r) {
     float* row = scores + r * ld_scores;
+    // Causal: row r sees the first visible + r keys (visible 0: all of them).
+    for (std::size_t j = visible ? visible + r : keys; j < keys; ++j) {
+      row[j] = -INFINITY;
+    }
     inverse_sums[r] = 1.0f / exp_row_avx2(row, row, keys, scale);
   }
   matmul16(scores, ld_scores, v, row_stride, 16, out, row_stride, rows, head_dim, keys, inverse_sums);
@@ -502,10 +508,12 @@ constexpr std::size_t kQueriesPerBlock = 48;
 constexpr std::size_t kQueriesToTransposeKeys = 16;
 
 #if defined(__x86_64__)
-// out (batch, n_q, state) = attention of q (batch, n_q, state) over k, v (batch, n_k, state),
-// head h being columns [h * head_dim, (h + 1) * head_dim) of each.
+// out (batch, n_q, state) = attention of q (batch, n_q, state) over the first n_k of the
+// kv_rows rows of k, v (batch, kv_rows, state), head h being columns [h * head_dim,
+// (h + 1) * head_dim) of each.  With causal_offset >= 0, query i sees keys [0, causal_offset + i].
 void attention(const float* q, const float* k, const float* v, float* out, std::size_t batch, std::size_t n_q,
-               std::size_t n_k, std::size_t state, std::size_t n_head, float scale) {
+               std::size_t n_k, std::size_t kv_rows, std::size_t state, std::size_t n_head, float scale,
+               std::ptrdiff_t causal_offset) {
   const std::size_t head_dim = state / n_head;
   const std::size_t keys_padded = (n_k + 15) / 16 * 16;
   const std::size_t heads = batch * n_head;
@@ -516,7 +524,7 @@ void attention(const float* q, const float* k, const float* v, float* out, std::
     keys_t.resize(heads * head_dim * keys_padded);
     parallel_for(heads, n_k * head_dim, 1, [&](std::size_t begin, std::size_t end) {
       for (std::size_t bh = begin; bh < end; ++bh) {
-        const float* src = k + (bh / n_head) * n_k * state + (bh % n_head) * head_dim;
+        const float* src = k + (bh / n_head) * kv_rows * state + (bh % n_head) * head_dim;
         float* panels = keys_t.data() + bh * head_dim * keys_padded;
         for (std::size_t j = 0; j < n_k; ++j) {
           float* dst = panels + j / 16 * head_dim * 16 + j % 16;
@@ -536,13 +544,66 @@ void attention(const float* q, const float* k, const float* v, float* out, std::
       const std::size_t bh = task / blocks, b = bh / n_head, h = bh % n_head;
       const std::size_t first = (task % blocks) * kQueriesPerBlock;
       const std::size_t offset = (b * n_q + first) * state + h * head_dim;
-      const std::size_t kv_offset = b * n_k * state + h * head_dim;
+      const std::size_t kv_offset = b * kv_rows * state + h * head_dim;
+      const std::size_t visible = causal_offset < 0 ? 0 : static_cast<std::size_t>(causal_offset) + first + 1;
       attention_block_avx2(q + offset, keys_t.empty() ? nullptr : keys_t.data() + bh * head_dim * keys_padded,
                            k + kv_offset, v + kv_offset, out + offset, scratch.data(),
                            scratch.data() + block_rows * keys_padded, std::min(kQueriesPerBlock, n_q - first), n_k,
-                           keys_padded, head_dim, state, scale);
+                           keys_padded, head_dim, state, scale, visible);
     }
   });
+}
+
+// out[j, r] = x[j] . w[r] for w rows [begin, end): four rows of w at a time, each read from
+// memory once and then from L1 for every row of x.
+MENNY_AVX2 void matvec_rows_avx2(const float* x, std::size_t n_x, const float* w, std::size_t depth, float* out,
+                                 std::size_t n_w, std::size_t begin, std::size_t end) {
+  const std::size_t full = depth / 8 * 8;
+  std::size_t r = begin;
+  for (; r + 4 <= end; r += 4) {
+    const float* w0 = w + r * depth;
+    const float* w1 = w0 + depth;
+    const float* w2 = w1 + depth;
+    const float* w3 = w2 + depth;
+    for (std::size_t j = 0; j < n_x; ++j) {
+      const float* xj = x + j * depth;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      for (std::size_t k = 0; k < full; k += 8) {
+        const __m256 xv = _mm256_loadu_ps(xj + k);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), xv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), xv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), xv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), xv, a3);
+      }
+      float s0 = horizontal_sum(a0), s1 = horizontal_sum(a1), s2 = horizontal_sum(a2), s3 = horizontal_sum(a3);
+      for (std::size_t k = full; k < depth; ++k) {
+        s0 += w0[k] * xj[k];
+        s1 += w1[k] * xj[k];
+        s2 += w2[k] * xj[k];
+        s3 += w3[k] * xj[k];
+      }
+      float* o = out + j * n_w + r;
+      o[0] = s0;
+      o[1] = s1;
+      o[2] = s2;
+      o[3] = s3;
+    }
+  }
+  for (; r < end; ++r) {
+    const float* wr = w + r * depth;
+    for (std::size_t j = 0; j < n_x; ++j) {
+      const float* xj = x + j * depth;
+      __m256 a = _mm256_setzero_ps();
+      for (std::size_t k = 0; k < full; k += 8) {
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k), _mm256_loadu_ps(xj + k), a);
+      }
+      float sum = horizontal_sum(a);
+      for (std::size_t k = full; k < depth; ++k) {
+        sum += wr[k] * xj[k];
+      }
+      out[j * n_w + r] = sum;
+    }
+  }
 }
 #endif
 
@@ -567,9 +628,19 @@ class MennyAttention : public CpuKernel {
     }
     encoder.set_output_array(out);
 #if defined(__x86_64__)
-    encoder.dispatch([q = inputs[0], k = inputs[1], v = inputs[2], out, n_head = n_head_, scale = scale_]() mutable {
-      attention(q.data<float>(), k.data<float>(), v.data<float>(), out.data<float>(), q.shape(0), q.shape(1),
-                k.shape(1), q.shape(2), n_head, scale);
+    // A fourth input, the position of the first query, makes it causal over a key cache.
+    const std::optional<mx::array> offset = inputs.size() > 3 ? std::optional(inputs[3]) : std::nullopt;
+    encoder.dispatch([q = inputs[0], k = inputs[1], v = inputs[2], offset, out, n_head = n_head_,
+                      scale = scale_]() mutable {
+      const std::size_t n_q = q.shape(1), kv_rows = k.shape(1);
+      std::ptrdiff_t causal_offset = -1;
+      std::size_t n_k = kv_rows;
+      if (offset) {
+        causal_offset = std::clamp<std::ptrdiff_t>(offset->data<int32_t>()[0], 0, kv_rows - n_q);
+        n_k = causal_offset + n_q;
+      }
+      attention(q.data<float>(), k.data<float>(), v.data<float>(), out.data<float>(), q.shape(0), n_q, n_k, kv_rows,
+                q.shape(2), n_head, scale, causal_offset);
     });
 #endif
   }
@@ -577,6 +648,44 @@ class MennyAttention : public CpuKernel {
  private:
   int n_head_;
   float scale_;
+};
+
+// x (..., depth) times w (n_w, depth) transposed, for few rows of x: w is read once, as in a
+// matrix-vector product.  (OpenBLAS's sgemm first copies all of w into packed panels, which
+// for one row of x doubles the memory traffic of a step's vocabulary projection.)
+class MennyMatvec : public CpuKernel {
+ public:
+  using CpuKernel::CpuKernel;
+
+  const char* name() const override {
+    return "MennyMatvec";
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    mx::Shape shape = inputs[0].shape();
+    shape.back() = inputs[1].shape(0);
+    return {shape};
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& input : inputs) {
+      encoder.set_input_array(input);
+    }
+    encoder.set_output_array(out);
+#if defined(__x86_64__)
+    encoder.dispatch([x = inputs[0], w = inputs[1], out]() mutable {
+      const std::size_t depth = w.shape(1), n_w = w.shape(0), n_x = x.size() / depth;
+      const float* xs = x.data<float>();
+      const float* ws = w.data<float>();
+      float* dst = out.data<float>();
+      parallel_for(n_w, n_x * depth, 4, [=](std::size_t begin, std::size_t end) {
+        matvec_rows_avx2(xs, n_x, ws, depth, dst, n_w, begin, end);
+      });
+    });
+#endif
+  }
 };
 
 // The default stream, if the kernels can run on it (every primitive is built through here, so
@@ -608,7 +717,8 @@ mx::array apply(const mx::array& x) {
   return x.dtype() == mx::float32 ? out : mx::astype(out, x.dtype(), stream);
 }
 
-mx::array multi_head_attention(const mx::array& q, const mx::array& k, const mx::array& v, int n_head, float scale) {
+mx::array multi_head_attention(const mx::array& q, const mx::array& k, const mx::array& v, int n_head, float scale,
+                               const std::optional<mx::array>& offset) {
   if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3 || k.shape() != v.shape() || q.shape(0) != k.shape(0) ||
       q.shape(2) != k.shape(2)) {
     throw std::invalid_argument("expected q (batch, queries, state) and k, v (batch, keys, state)");
@@ -620,9 +730,27 @@ mx::array multi_head_attention(const mx::array& q, const mx::array& k, const mx:
     throw std::invalid_argument("the scale must be positive");
   }
   const mx::Stream stream = cpu_stream();
-  mx::array out(q.shape(), mx::float32, std::make_shared<MennyAttention>(stream, n_head, scale),
-                {float32_rows(q, stream), float32_rows(k, stream), float32_rows(v, stream)});
+  std::vector<mx::array> inputs{float32_rows(q, stream), float32_rows(k, stream), float32_rows(v, stream)};
+  if (offset) {
+    if (offset->size() != 1 || offset->dtype() != mx::int32 || q.shape(1) > k.shape(1)) {
+      throw std::invalid_argument("the offset is one int32 and the queries fit in the key cache");
+    }
+    inputs.push_back(*offset);
+  }
+  mx::array out(q.shape(), mx::float32, std::make_shared<MennyAttention>(stream, n_head, scale), std::move(inputs));
   return q.dtype() == mx::float32 ? out : mx::astype(out, q.dtype(), stream);
+}
+
+mx::array matvec(const mx::array& x, const mx::array& w) {
+  if (x.ndim() < 1 || w.ndim() != 2 || x.shape(-1) != w.shape(1) || w.shape(1) == 0) {
+    throw std::invalid_argument("expected x (..., depth) and w (n, depth)");
+  }
+  const mx::Stream stream = cpu_stream();
+  mx::Shape shape = x.shape();
+  shape.back() = w.shape(0);
+  mx::array out(shape, mx::float32, std::make_shared<MennyMatvec>(stream),
+                {float32_rows(x, stream), float32_rows(w, stream)});
+  return x.dtype() == mx::float32 ? out : mx::astype(out, x.dtype(), stream);
 }
 
 }  // namespace
@@ -633,9 +761,13 @@ NB_MODULE(_fast_ops, m) {
         "Softmax over the last axis, like mx.softmax(x, axis=-1, precise=True).");
   m.def("gelu", &apply<MennyGelu>, nb::arg("x"), "Exact GELU, x * Phi(x), like mlx.nn.gelu.");
   m.def("attention", &multi_head_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("n_head"),
-        nb::arg("scale"),
-        "Unmasked attention of q (batch, queries, state) over k, v (batch, keys, state) with n_head heads, "
-        "heads merged: (batch, queries, state).  Needs AVX2+FMA and heads of a multiple of 16.");
+        nb::arg("scale"), nb::arg("offset") = nb::none(),
+        "Attention of q (batch, queries, state) over k, v (batch, keys, state) with n_head heads, "
+        "heads merged: (batch, queries, state).  Unmasked, or with offset (an int32 array of one element) "
+        "causal over a key cache: query i sees keys [0, offset + i].  Needs AVX2+FMA and heads of a "
+        "multiple of 16.");
+  m.def("matvec", &matvec, nb::arg("x"), nb::arg("w"),
+        "x (..., depth) @ w.T for w (n, depth), reading w once: for a few rows of x.");
   m.def("uses_avx2", [] { return kUseAvx2; }, "Whether this CPU runs the AVX2+FMA kernels.");
   m.def("threads", [] { return kernel_threads(); }, "How many threads a large op is split across.");
 }
