@@ -146,7 +146,8 @@ class TextDecoder(nn.Module):
         self.blocks = [ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)]
         self.ln = nn.LayerNorm(n_state)
         # One new token per sequence, traced once per batch size (the cache has a fixed size).
-        self.step = mx.compile(self._step)
+        # The weights are inputs, not constants of the trace: loading or converting them later counts.
+        self.step = mx.compile(self._step, inputs=self)
 
     def cross_kv(self, audio_features: mx.array) -> list[tuple[mx.array, mx.array]]:
         """Keys and values of the audio, computed once per window and reused every step."""
