@@ -123,11 +123,12 @@ class _GuessingTask(DecodingTask):
     def _sample(self, inference: Inference, decoder: TokenDecoder, tokens: np.ndarray):
         sum_logprobs = np.zeros(tokens.shape[0], dtype=np.float64)
         guessed = np.concatenate([tokens, np.tile(np.array(self.guess, dtype=tokens.dtype), (tokens.shape[0], 1))], 1)
-        all_logits = inference.logits(guessed, positions=guessed.shape[1])
-        no_speech_probs = np.exp(log_softmax(all_logits[:, self.sot_index]))[:, self.tokenizer.no_speech]
+        # From start-of-transcript on: the prompt before it needs no logits.
+        all_logits = inference.logits(guessed, positions=guessed.shape[1] - self.sot_index)
+        no_speech_probs = np.exp(log_softmax(all_logits[:, 0]))[:, self.tokenizer.no_speech]
         completed = False
         for step in range(len(self.guess) + 1):
-            logits = all_logits[:, self.sample_begin - 1 + step].copy()
+            logits = all_logits[:, self.sample_begin - 1 - self.sot_index + step].copy()
             for logit_filter in self.logit_filters:
                 logit_filter.apply(logits, tokens)
             tokens, completed = decoder.update(tokens, logits, sum_logprobs)
