@@ -100,3 +100,9 @@ def test_device_choice_on_a_machine_without_gpu(capsys):
     assert "requirements-cuda.txt" in capsys.readouterr().err
     text = whisper.transcribe(cpu_model, str(SPEECH_DIR / "ps_goforward.flac"), device="cpu", **OPTIONS)["text"]
     assert text == unbatched()[-1]["text"]
+
+
+def test_quantized_model_decodes():
+    quantized = whisper.load_model(NAME, quantize=8, device="cpu")
+    text = whisper.transcribe(quantized, str(SPEECH_DIR / "jfk.flac"), **OPTIONS)["text"]
+    assert "fellow Americans" in text

@@ -44,6 +44,8 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
 
 def linear(layer: nn.Linear, x: mx.array) -> mx.array:
     """`layer(x)`; a decoding step's few rows take one pass over the weights (`kernels.linear`)."""
+    if isinstance(layer, nn.QuantizedLinear):  # packed weights: only MLX's quantized product reads them
+        return layer(x)
     return kernels.linear(x, layer.weight, layer.get("bias"))
 
 
@@ -155,7 +157,7 @@ class TextDecoder(nn.Module):
 
     def new_cache(self, batch: int) -> KVCache:
         shape = (batch, *self.positional_embedding.shape)
-        dtype = self.token_embedding.weight.dtype
+        dtype = self.ln.weight.dtype  # never quantized, unlike the embedding
         return [(mx.zeros(shape, dtype), mx.zeros(shape, dtype)) for _ in self.blocks]
 
     def __call__(
@@ -190,6 +192,8 @@ class TextDecoder(nn.Module):
             new_cache.append(layer_cache)
         if positions is not None:
             x = x[:, -positions:]
+        if isinstance(self.token_embedding, nn.QuantizedEmbedding):
+            return self.token_embedding.as_linear(self.ln(x)), new_cache
         return kernels.linear(self.ln(x), self.token_embedding.weight), new_cache
 
     def _step(
