@@ -192,7 +192,7 @@ class OpenAI(TorchEngine):
         for key, value in load_weights(folder).items():
             state[key.replace(".mlp1.", ".mlp.0.").replace(".mlp2.", ".mlp.2.")] = torch.from_numpy(value.copy())
         model.load_state_dict(state, strict=True)
-        self.model = model.to(TORCH_DEVICE).half().eval()
+        self.model = model.to(TORCH_DEVICE).eval()  # openai-whisper keeps fp32 weights, computes in fp16
 
     def transcribe(self, audio: np.ndarray) -> str:
         with self.torch.inference_mode():
