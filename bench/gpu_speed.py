@@ -154,6 +154,33 @@ class Ours:
         return sum(len(r.tokens) + 1 for r in result)  # + the end of text
 
 
+def step_ms(folder: Path, audio: np.ndarray, batches: tuple[int, ...] = (1, 16), steps: int = 100) -> dict[int, float]:
+    """The compiled decoder step alone, per batch size: argmax on the device, token ids back to
+    the host each step (what a decoding loop cannot avoid), median of 3 passes of `steps` steps."""
+    import mlx.core as mx
+
+    model = whisper.load_model(str(folder), device="gpu")
+    decoder = model.decoder
+    features = model.embed_audio(whisper.log_mel_spectrogram(whisper.pad_or_trim(audio)).T[None])
+    sot = whisper.tokenizer.get_tokenizer(model.is_multilingual).sot
+
+    def run(n: int, batch: int, cross_kv: list) -> None:
+        cache, tokens = decoder.new_cache(batch), mx.full((batch, 1), sot, dtype=mx.int32)
+        for position in range(n):
+            logits, cache = decoder.step(tokens, cross_kv, cache, mx.array([position], dtype=mx.int32))
+            ids = mx.argmax(logits.reshape(batch, -1), axis=-1).astype(mx.int32)
+            mx.eval(ids, cache)
+            tokens = mx.array(ids.tolist(), dtype=mx.int32).reshape(batch, 1)
+
+    result = {}
+    for batch in batches:
+        cross_kv = decoder.cross_kv(mx.repeat(features, batch, axis=0))
+        run(10, batch, cross_kv)
+        times = [timed(mx.synchronize, lambda b=batch, kv=cross_kv: run(steps, b, kv))[0] / steps for _ in range(3)]
+        result[batch] = 1000 * statistics.median(times)
+    return result
+
+
 class TorchEngine:
     """What both PyTorch peers share: CUDA synchronisation and memory accounting."""
 
@@ -584,6 +611,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--quantization", action="store_true")
     parser.add_argument("--speed", action="store_true")
+    parser.add_argument("--step", action="store_true", help="time our compiled decoder step alone")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write the numbers here as JSON")
     args = parser.parse_args()
@@ -623,6 +651,9 @@ def main() -> None:
             + ", ".join(f"{k} {v / 1e12:.0f}" for k, v in facts["rates"].items())
         )
         print(report["speed"], flush=True)
+    if args.step:
+        report["step_ms"] = step_ms(args.models / args.model, data.audio["jfk.flac"])
+        print(f"{args.model} decoder step alone (ms, by batch size): {report['step_ms']}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1, default=str))
     if not passed:
