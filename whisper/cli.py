@@ -95,6 +95,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options handed to transcribe() exactly as given on the command line.
+_PASSED_THROUGH = (
+    "compression_ratio_threshold",
+    "logprob_threshold",
+    "no_speech_threshold",
+    "initial_prompt",
+    "carry_initial_prompt",
+    "word_timestamps",
+    "prepend_punctuations",
+    "append_punctuations",
+    "clip_timestamps",
+    "hallucination_silence_threshold",
+    "vad_filter",
+    "task",
+    "best_of",
+    "beam_size",
+    "patience",
+    "length_penalty",
+    "suppress_tokens",
+)
+
+
 def _temperatures(args: argparse.Namespace) -> tuple[float, ...]:
     if args.temperature_increment_on_fallback is None:
         return (args.temperature,)
@@ -127,27 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     batched = args.batch_size > 1
     condition = args.condition_on_previous_text
-    options = dict(
+    options = {name: getattr(args, name) for name in _PASSED_THROUGH}
+    options.update(
         temperature=_temperatures(args),
-        compression_ratio_threshold=args.compression_ratio_threshold,
-        logprob_threshold=args.logprob_threshold,
-        no_speech_threshold=args.no_speech_threshold,
         condition_on_previous_text=not batched if condition is None else condition,
-        initial_prompt=args.initial_prompt,
-        carry_initial_prompt=args.carry_initial_prompt,
-        word_timestamps=args.word_timestamps,
-        prepend_punctuations=args.prepend_punctuations,
-        append_punctuations=args.append_punctuations,
-        clip_timestamps=args.clip_timestamps,
-        hallucination_silence_threshold=args.hallucination_silence_threshold,
-        vad_filter=args.vad_filter,
         language=language,
-        task=args.task,
-        best_of=args.best_of,
-        beam_size=args.beam_size,
-        patience=args.patience,
-        length_penalty=args.length_penalty,
-        suppress_tokens=args.suppress_tokens,
     )
     failures = 0
 
