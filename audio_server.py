@@ -30,9 +30,10 @@ do"}``; a request that fails validation gets 422 with FastAPI's list of problems
     (-100 when idle or silent); ``overflows``: input blocks PortAudio lost in this recording;
     ``device``: the input in use, or that ``/start`` would use (null if none); ``error``: why
     recording is impossible now, or a write failure during the recording.
-``GET /wav`` and ``GET /wav?partial=true``
+``GET /wav`` and ``GET /wav?partial=true[&start_frame=N]``
     ``audio/wav``: the latest finished clip; with ``partial=true`` during a recording, the audio
-    recorded so far. Header ``X-Clip-Id``. 404 when there is none yet.
+    recorded so far, from sample ``N`` on (default 0). Header ``X-Clip-Id``. 404 when there is
+    none yet.
 ``GET /wav/{clip_id}``
     ``audio/wav``; 404 unknown clip; 409 still being recorded.
 ``GET /devices``
@@ -63,7 +64,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
@@ -373,9 +374,14 @@ def devices(recorder: RecorderDep) -> list[Device]:
 @router.get(
     "/wav", response_class=Response, responses={**WAV_RESPONSE, 404: _error("No clip yet.")}
 )
-def latest_wav(recorder: RecorderDep, partial: bool = False) -> Response:
-    """The latest finished clip; with partial=true while recording, the audio so far."""
-    if partial and (so_far := recorder.partial_wav()) is not None:
+def latest_wav(
+    recorder: RecorderDep,
+    partial: bool = False,
+    start_frame: Annotated[int, Query(ge=0, le=2**40)] = 0,
+) -> Response:
+    """The latest finished clip; with partial=true while recording, the audio so far (from
+    sample `start_frame` on, so that a follower fetches only what is new)."""
+    if partial and (so_far := recorder.partial_wav(start_frame)) is not None:
         clip_id, wav = so_far
         return Response(wav, media_type="audio/wav", headers={"X-Clip-Id": clip_id})
     latest = recorder.store.latest()

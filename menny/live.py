@@ -1,9 +1,9 @@
 """The live transcript of a recording on the microphone server, while it is being recorded.
 
 A `LiveTranscript` works in a thread of its own, so that the page's counter and level meter keep
-moving while it computes: every `poll_s` it fetches the audio recorded so far (GET /wav?partial=true),
-gives the part it has not seen to whisper's StreamingTranscriber and keeps the latest words for
-the page. It ends when stopped (the page stops it on Stop, before the final transcription), or
+moving while it computes: every `poll_s` it fetches the audio recorded since its last poll
+(GET /wav?partial=true&start_frame=N), gives it to whisper's StreamingTranscriber and keeps the
+latest words for the page. It ends when stopped (the page stops it on Stop, before the final transcription), or
 when the page has not asked for its words for `abandoned_s` (the tab was closed).
 
 The browser microphone (st.audio_input) hands the page its recording only after Stop, so a live
@@ -17,14 +17,12 @@ import logging
 import threading
 import time
 
-import numpy as np
-
 from whisper.model import Whisper
 from whisper.streaming import LiveState, StreamingTranscriber
 
 from .server_client import ServerClient, ServerError
+from .session import wav_samples
 from .transcription import Settings
-from .wav import BYTES_PER_FRAME, HEADER_BYTES, parse_header
 
 log = logging.getLogger("menny.live")
 
@@ -35,17 +33,6 @@ STYLE = """
 .menny-live-waiting { color: #6b6b80; font-style: italic; }
 </style>
 """
-
-
-def samples_after(wav: bytes, seen: int) -> np.ndarray:
-    """The float samples of a 16-bit mono WAV (as the server sends it) after the first `seen`."""
-    if parse_header(wav) is None:
-        raise ValueError("not a 16-bit mono WAV with a 44-byte header")
-    start = HEADER_BYTES + seen * BYTES_PER_FRAME
-    usable = (len(wav) - start) // BYTES_PER_FRAME * BYTES_PER_FRAME
-    if usable <= 0:
-        return np.zeros(0, dtype=np.float32)
-    return np.frombuffer(wav, "<i2", count=usable // BYTES_PER_FRAME, offset=start).astype(np.float32) / 32768.0
 
 
 class LiveTranscript:
@@ -107,12 +94,12 @@ class LiveTranscript:
             seen = 0
             while not self._stopping.is_set() and time.monotonic() - self._asked < self._abandoned_s:
                 try:
-                    wav = self._client.partial_wav(self.clip_id)
+                    wav = self._client.partial_wav(self.clip_id, start_frame=seen)
                 except ServerError as error:
                     wav = None  # the server may be back at the next poll; the recording is safe there
                     log.warning("live transcript of %s: %s", self.clip_id, error)
                 if wav:
-                    samples = samples_after(wav, seen)
+                    samples = wav_samples(wav)
                     seen += samples.size
                     streamer.insert_audio(samples)
                     self._state = streamer.update()

@@ -456,13 +456,13 @@ class Recorder:
                 device=device, overflows=0, limit_reached=False, error=error,
             )
 
-    def partial_wav(self) -> tuple[str, bytes] | None:
-        """(clip id, WAV of the audio so far) while recording, else None."""
+    def partial_wav(self, start_frame: int = 0) -> tuple[str, bytes] | None:
+        """(clip id, WAV of the audio so far from sample `start_frame` on) while recording, else None."""
         with self._lock:
             if self._take is None or self._clip_id is None:
                 return None
             path = self.store.path_for(self._clip_id)
-            return self._clip_id, read_wav_prefix(path, self._take.written_frames)
+            return self._clip_id, read_wav_prefix(path, self._take.written_frames, start_frame)
 
     def close(self) -> FinishedTake | None:
         """Finishes a running recording (for shutdown); None if there was none."""

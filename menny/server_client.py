@@ -119,9 +119,10 @@ class ServerClient:
             limit_reached=bool(data.get("limit_reached")),
         )
 
-    def partial_wav(self, clip_id: str) -> bytes | None:
-        """The audio recorded so far in clip `clip_id`, as WAV; None before the first block."""
-        response = self._request("GET", "/wav", TRANSFER_TIMEOUT_S, partial="true")
+    def partial_wav(self, clip_id: str, start_frame: int = 0) -> bytes | None:
+        """The audio recorded so far in clip `clip_id` from sample `start_frame` on, as WAV;
+        None before the first block."""
+        response = self._request("GET", "/wav", TRANSFER_TIMEOUT_S, partial="true", start_frame=start_frame)
         # Before any audio arrives the server answers with the latest finished clip instead.
         return response.content if response.headers.get("X-Clip-Id") == clip_id else None
 

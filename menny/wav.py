@@ -122,9 +122,10 @@ def repair_wav(path: Path) -> int | None:
     return frames
 
 
-def read_wav_prefix(path: Path, frames: int, rate: int = SAMPLE_RATE) -> bytes:
-    """A complete WAV of the first ``frames`` samples of a file that may still be growing."""
+def read_wav_prefix(path: Path, frames: int, start: int = 0, rate: int = SAMPLE_RATE) -> bytes:
+    """A complete WAV of samples ``start`` to ``frames`` of a file that may still be growing."""
+    start = min(start, frames)
     with open(path, "rb") as f:
-        f.seek(HEADER_BYTES)
-        data = f.read(frames * BYTES_PER_FRAME)
+        f.seek(HEADER_BYTES + start * BYTES_PER_FRAME)
+        data = f.read((frames - start) * BYTES_PER_FRAME)
     return wav_header(len(data) // BYTES_PER_FRAME, rate) + data

@@ -72,6 +72,12 @@ def test_recording_lifecycle_and_its_errors(client: TestClient, mic_env: Virtual
     assert partial.status_code == 200 and partial.headers["x-clip-id"] == clip_id
     played, _ = read_wav(SPEECH.path)
     assert locate(read_wav(partial.content)[0], played)[1] >= 0.99
+    # A follower asks only for what it has not seen: the rest of the same recording.
+    so_far = read_wav(partial.content)[0]
+    half = so_far.size // 2
+    rest = client.get("/wav", params={"partial": True, "start_frame": half})
+    assert rest.status_code == 200 and rest.headers["x-clip-id"] == clip_id
+    assert (read_wav(rest.content)[0][: so_far.size - half] == so_far[half:]).all()
 
     saved = client.post("/stop").json()
     assert saved["id"] == clip_id and saved["url"] == f"/wav/{clip_id}"
@@ -117,7 +123,7 @@ def test_bad_start_parameters_get_422(client: TestClient, request_args: dict, de
 @pytest.mark.parametrize(
     "path",
     ["/wav/not-a-clip", "/wav/20250101-000000", "/clips/20250101-000000-0000000",
-     "/wav?partial=maybe"],
+     "/wav?partial=maybe", "/wav?partial=true&start_frame=-1", "/wav?partial=true&start_frame=x"],
 )
 def test_bad_clip_ids_and_flags_get_422(client: TestClient, path: str) -> None:
     method = client.delete if path.startswith("/clips") else client.get

@@ -80,6 +80,9 @@ def test_prefix_of_a_growing_file(tmp_path: Path) -> None:
     appender = WavAppender(path)
     appender.append(np.arange(1000, dtype=np.int16))
     np.testing.assert_array_equal(read_wav(read_wav_prefix(path, 400))[0], np.arange(400))
+    # From a start sample on: what a follower has not fetched yet; nothing past the end.
+    np.testing.assert_array_equal(read_wav(read_wav_prefix(path, 1000, start=600))[0], np.arange(600, 1000))
+    assert read_wav(read_wav_prefix(path, 400, start=600))[0].size == 0
     appender.close()
 
 

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
-import pytest
 from speech import clip, model, wer
 from virtual_mic import ServerProcess, VirtualMic, wait_for
 
-from menny.live import LiveTranscript, live_html, samples_after
+from menny.live import LiveTranscript, live_html
 from menny.server_client import ServerClient
-from menny.session import wav_bytes
 from menny.transcription import Settings
 from whisper.streaming import LiveState, LiveWord
 
@@ -42,18 +39,6 @@ def test_live_transcript_follows_a_recording_on_the_server(
     forgotten = LiveTranscript(client, clip_id, model("tiny.en"), settings, abandoned_s=1.0)
     wait_for(lambda: not forgotten.running, "the forgotten live transcript to end", TIMEOUT_S)
     assert client.stop().clip_id == clip_id
-
-
-def test_samples_after_reads_only_the_part_not_yet_seen() -> None:
-    audio = np.linspace(-0.5, 0.5, 1000, dtype=np.float32)
-    wav = wav_bytes(audio)
-    assert samples_after(wav, 0) == pytest.approx(audio, abs=1 / 32768)
-    assert samples_after(wav, 600) == pytest.approx(audio[600:], abs=1 / 32768)
-    assert samples_after(wav, 1000).size == 0
-    # A WAV cut in the middle of a sample (the server's file grows as it is read) gives whole samples.
-    assert samples_after(wav[:-1], 600).size == 399
-    with pytest.raises(ValueError, match="WAV"):
-        samples_after(b"not a wav file at all, but long enough to hold a header", 0)
 
 
 def test_live_html_shows_confirmed_words_then_tentative_ones_in_grey() -> None:
