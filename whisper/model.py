@@ -134,7 +134,8 @@ class AudioEncoder(nn.Module):
         n_ctx = self._positional_embedding.shape[0]
         if x.shape[1] > n_ctx or (x.shape[1] < n_ctx and not partial):
             raise ValueError(f"the encoder takes 30-second windows (3000 frames); got {mel.shape[1]} frames")
-        x = x + self._positional_embedding[: x.shape[1]]
+        # The positions are not a parameter, so they stay float32: cast, or fp16 weights compute in fp32.
+        x = x + self._positional_embedding[: x.shape[1]].astype(x.dtype)
         for block in self.blocks:
             x, _ = block(x)
         return self.ln_post(x)
