@@ -106,3 +106,12 @@ def test_quantized_model_decodes():
     quantized = whisper.load_model(NAME, quantize=8, device="cpu")
     text = whisper.transcribe(quantized, str(SPEECH_DIR / "jfk.flac"), **OPTIONS)["text"]
     assert "fellow Americans" in text
+
+
+def test_half_precision_weights_compute_in_half_precision():
+    """What the GPU gets (fp16): every layer computes in fp16, none promoted back to fp32."""
+    half = whisper.load_model(NAME, dtype=mx.float16, device="cpu")
+    features = half.embed_audio(mx.zeros((1, 200, half.dims.n_mels)), partial=True)
+    assert features.dtype == mx.float16
+    logits, _ = half.decoder(mx.array([[50257]]), half.decoder.cross_kv(features))
+    assert logits.dtype == mx.float16
