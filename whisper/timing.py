@@ -7,11 +7,11 @@ matrix; dynamic time warping through it gives each token a time.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
 import mlx.core as mx
-import numba
 import numpy as np
 
 from .audio import HOP_LENGTH, SAMPLE_RATE, TOKENS_PER_SECOND
@@ -41,7 +41,15 @@ def median_filter(x: np.ndarray, width: int) -> np.ndarray:
     return np.median(np.lib.stride_tricks.sliding_window_view(padded, width, axis=-1), axis=-1)
 
 
-@numba.njit(cache=True)
+@functools.cache
+def _compiled(function):
+    """`function` compiled by numba, imported only now: it adds ~60 MB to a process that never
+    asks for word timings."""
+    import numba
+
+    return numba.njit(cache=True)(function)
+
+
 def _backtrace(trace: np.ndarray) -> np.ndarray:
     i, j = trace.shape[0] - 1, trace.shape[1] - 1
     trace[0, :] = 2
@@ -60,9 +68,12 @@ def _backtrace(trace: np.ndarray) -> np.ndarray:
     return np.array(path)[::-1, :].T
 
 
-@numba.njit(cache=True)
 def dtw(cost_matrix: np.ndarray) -> np.ndarray:
     """The cheapest monotonic path through (tokens, frames): rows of token and frame indices."""
+    return _compiled(_backtrace)(_compiled(_dtw_trace)(cost_matrix))
+
+
+def _dtw_trace(cost_matrix: np.ndarray) -> np.ndarray:
     n, m = cost_matrix.shape
     cost = np.full((n + 1, m + 1), np.inf, dtype=np.float32)
     trace = -np.ones((n + 1, m + 1), dtype=np.float32)
@@ -78,7 +89,7 @@ def dtw(cost_matrix: np.ndarray) -> np.ndarray:
                 best, step = left, 2
             cost[i, j] = cost_matrix[i - 1, j - 1] + best
             trace[i, j] = step
-    return _backtrace(trace)
+    return trace
 
 
 def find_alignment(
