@@ -241,6 +241,16 @@ def test_matvec_matches_float64(fast, rows, depth, n):
     np.testing.assert_allclose(ours, exact, rtol=1e-4, atol=1e-4 * np.sqrt(depth))
 
 
+@needs_kernels
+def test_matvec_of_float16_weights_is_that_of_the_same_values_in_float32(fast):
+    x = mx.array(RNG.standard_normal((1, 3, 384)).astype(np.float32))
+    w = mx.array(RNG.standard_normal((1003, 384)).astype(np.float16))
+    bias = mx.array(RNG.standard_normal(1003).astype(np.float32))
+    half = fast.matvec(x, w, bias)
+    assert half.dtype == mx.float32
+    assert mx.array_equal(half, fast.matvec(x, w.astype(mx.float32), bias)).item()
+
+
 @pytest.mark.parametrize("rows", [1, kernels.MATVEC_ROWS, kernels.MATVEC_ROWS + 1])
 def test_linear_is_mlx_linear(rows):
     layer = nn.Linear(64, 48)

@@ -31,7 +31,7 @@ BUILD_DIR = Path(__file__).resolve().parent / "_build"
 STAMP = BUILD_DIR / "stamp.json"
 MODULE_NAME = "_fast_ops"
 LIBRARY = BUILD_DIR / f"{MODULE_NAME}{sysconfig.get_config_var('EXT_SUFFIX')}"
-NO_AVX2 = "this CPU lacks AVX2 and FMA"
+NO_AVX2 = "this CPU lacks AVX2, FMA or F16C"
 
 
 @functools.cache
@@ -109,13 +109,18 @@ def gelu(x: mx.array) -> mx.array:
 MATVEC_ROWS = 8
 
 
+def available() -> bool:
+    """Whether these functions use the compiled kernels here and now."""
+    return _on_cpu() is not None
+
+
 def linear(x: mx.array, w: mx.array, bias: mx.array | None = None) -> mx.array:
-    """x (..., depth) @ w.T (+ bias) for w (n, depth), as `mlx.nn.Linear`; for a few rows of x
-    (a decoding step) one pass over w."""
+    """x (..., depth) @ w.T (+ bias) for w (n, depth), as `mlx.nn.Linear`, in x's dtype; for a
+    few rows of x (a decoding step) one pass over w, which may be float16 (half the bytes)."""
     module = _on_cpu()
     if module is not None and x.size <= MATVEC_ROWS * x.shape[-1]:
-        y = module.matvec(x, w)
-        return y if bias is None else y + bias
+        return module.matvec(x, w, bias)
+    w = w.astype(x.dtype)
     return x @ w.T if bias is None else mx.addmm(bias, x, w.T)
 
 

@@ -2,7 +2,7 @@
 // last axis, exact (erf) GELU, and a fused multi-head attention, as MLX primitives.
 //
 // Why: the mlx[cpu] wheel for Linux is built for baseline x86-64, so its exp/erf run one lane
-// at a time, and a CPU stream runs on one thread.  These kernels use AVX2+FMA (checked at run
+// at a time, and a CPU stream runs on one thread.  These kernels use AVX2+FMA+F16C (checked at run
 // time: the library loads on any CPU, and without AVX2 refuses to build its primitives, so the
 // engine keeps MLX's ops) and split the work across the cores the process may use.
 //
@@ -18,6 +18,7 @@
 #include <condition_variable>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <deque>
 #include <functional>
@@ -168,11 +169,11 @@ void parallel_for(std::size_t items, std::size_t elements_per_item, std::size_t 
 // ------------------------------------------------------------------------------------------
 
 #if defined(__x86_64__)
-#define MENNY_AVX2 __attribute__((target("avx2,fma")))
+#define MENNY_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 bool cpu_has_avx2_fma() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
 // e^(hi + lo) for |lo| << |hi|: the split lets erfc pass -z^2 exactly as a float pair.
@@ -444,6 +445,18 @@ class CpuKernel : public mx::UnaryPrimitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     return std::string(name()) == other.name();
   }
+
+ protected:
+  // Gives `out` a fresh buffer and tells the stream what is read and written.
+  mx::cpu::CommandEncoder& fresh_output(const std::vector<mx::array>& inputs, mx::array& out) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& input : inputs) {
+      encoder.set_input_array(input);
+    }
+    encoder.set_output_array(out);
+    return encoder;
+  }
 };
 
 class MennySoftmax : public CpuKernel {
@@ -554,33 +567,55 @@ void attention(const float* q, const float* k, const float* v, float* out, std::
   });
 }
 
-// out[j, r] = x[j] . w[r] for w rows [begin, end): four rows of w at a time, each read from
-// memory once and then from L1 for every row of x.
-MENNY_AVX2 void matvec_rows_avx2(const float* x, std::size_t n_x, const float* w, std::size_t depth, float* out,
-                                 std::size_t n_w, std::size_t begin, std::size_t end) {
+// Eight weights as floats: float32 as they are, float16 (raw bits) widened exactly.
+MENNY_AVX2 inline __m256 load8(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+MENNY_AVX2 inline __m256 load8(const std::uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+MENNY_AVX2 inline float load1(const float* p) {
+  return *p;
+}
+MENNY_AVX2 inline float load1(const std::uint16_t* p) {
+  return _cvtsh_ss(*p);
+}
+
+// out[j, r] = x[j] . w[r] (+ bias[r]) for w rows [begin, end): four rows of w at a time, each
+// read from memory once and then from L1 for every row of x.  The same products and sums for
+// float32 and float16 weights: float16 weights holding the same values give the same bits.
+template <class W>
+MENNY_AVX2 void matvec_rows_avx2(const float* x, std::size_t n_x, const W* w, const float* bias, std::size_t depth,
+                                 float* out, std::size_t n_w, std::size_t begin, std::size_t end) {
   const std::size_t full = depth / 8 * 8;
   std::size_t r = begin;
   for (; r + 4 <= end; r += 4) {
-    const float* w0 = w + r * depth;
-    const float* w1 = w0 + depth;
-    const float* w2 = w1 + depth;
-    const float* w3 = w2 + depth;
+    const W* w0 = w + r * depth;
+    const W* w1 = w0 + depth;
+    const W* w2 = w1 + depth;
+    const W* w3 = w2 + depth;
     for (std::size_t j = 0; j < n_x; ++j) {
       const float* xj = x + j * depth;
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
       for (std::size_t k = 0; k < full; k += 8) {
         const __m256 xv = _mm256_loadu_ps(xj + k);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), xv, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), xv, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), xv, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), xv, a3);
+        a0 = _mm256_fmadd_ps(load8(w0 + k), xv, a0);
+        a1 = _mm256_fmadd_ps(load8(w1 + k), xv, a1);
+        a2 = _mm256_fmadd_ps(load8(w2 + k), xv, a2);
+        a3 = _mm256_fmadd_ps(load8(w3 + k), xv, a3);
       }
       float s0 = horizontal_sum(a0), s1 = horizontal_sum(a1), s2 = horizontal_sum(a2), s3 = horizontal_sum(a3);
+      if (bias) {
+        s0 += bias[r];
+        s1 += bias[r + 1];
+        s2 += bias[r + 2];
+        s3 += bias[r + 3];
+      }
       for (std::size_t k = full; k < depth; ++k) {
-        s0 += w0[k] * xj[k];
-        s1 += w1[k] * xj[k];
-        s2 += w2[k] * xj[k];
-        s3 += w3[k] * xj[k];
+        s0 += load1(w0 + k) * xj[k];
+        s1 += load1(w1 + k) * xj[k];
+        s2 += load1(w2 + k) * xj[k];
+        s3 += load1(w3 + k) * xj[k];
       }
       float* o = out + j * n_w + r;
       o[0] = s0;
@@ -590,16 +625,16 @@ MENNY_AVX2 void matvec_rows_avx2(const float* x, std::size_t n_x, const float* w
     }
   }
   for (; r < end; ++r) {
-    const float* wr = w + r * depth;
+    const W* wr = w + r * depth;
     for (std::size_t j = 0; j < n_x; ++j) {
       const float* xj = x + j * depth;
       __m256 a = _mm256_setzero_ps();
       for (std::size_t k = 0; k < full; k += 8) {
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k), _mm256_loadu_ps(xj + k), a);
+        a = _mm256_fmadd_ps(load8(wr + k), _mm256_loadu_ps(xj + k), a);
       }
-      float sum = horizontal_sum(a);
+      float sum = horizontal_sum(a) + (bias ? bias[r] : 0.0f);
       for (std::size_t k = full; k < depth; ++k) {
-        sum += wr[k] * xj[k];
+        sum += load1(wr + k) * xj[k];
       }
       out[j * n_w + r] = sum;
     }
@@ -621,12 +656,7 @@ class MennyAttention : public CpuKernel {
   }
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& input : inputs) {
-      encoder.set_input_array(input);
-    }
-    encoder.set_output_array(out);
+    auto& encoder = fresh_output(inputs, out);
 #if defined(__x86_64__)
     // A fourth input, the position of the first query, makes it causal over a key cache.
     const std::optional<mx::array> offset = inputs.size() > 3 ? std::optional(inputs[3]) : std::nullopt;
@@ -668,21 +698,24 @@ class MennyMatvec : public CpuKernel {
   }
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& input : inputs) {
-      encoder.set_input_array(input);
-    }
-    encoder.set_output_array(out);
+    auto& encoder = fresh_output(inputs, out);
 #if defined(__x86_64__)
-    encoder.dispatch([x = inputs[0], w = inputs[1], out]() mutable {
+    const std::optional<mx::array> bias = inputs.size() > 2 ? std::optional(inputs[2]) : std::nullopt;
+    encoder.dispatch([x = inputs[0], w = inputs[1], bias, out]() mutable {
       const std::size_t depth = w.shape(1), n_w = w.shape(0), n_x = x.size() / depth;
       const float* xs = x.data<float>();
-      const float* ws = w.data<float>();
+      const float* bs = bias ? bias->data<float>() : nullptr;
       float* dst = out.data<float>();
-      parallel_for(n_w, n_x * depth, 4, [=](std::size_t begin, std::size_t end) {
-        matvec_rows_avx2(xs, n_x, ws, depth, dst, n_w, begin, end);
-      });
+      auto split = [&](const auto* ws) {
+        parallel_for(n_w, n_x * depth, 4, [=](std::size_t begin, std::size_t end) {
+          matvec_rows_avx2(xs, n_x, ws, bs, depth, dst, n_w, begin, end);
+        });
+      };
+      if (w.dtype() == mx::float16) {
+        split(reinterpret_cast<const std::uint16_t*>(w.data<mx::float16_t>()));
+      } else {
+        split(w.data<float>());
+      }
     });
 #endif
   }
@@ -692,7 +725,7 @@ class MennyMatvec : public CpuKernel {
 // none is evaluated on a CPU without the AVX2 code).
 mx::Stream cpu_stream() {
   if (!kUseAvx2) {
-    throw std::invalid_argument("these kernels need an x86-64 CPU with AVX2 and FMA");
+    throw std::invalid_argument("these kernels need an x86-64 CPU with AVX2, FMA and F16C");
   }
   const mx::Stream stream = mx::to_stream({});
   if (stream.device != mx::Device::cpu) {
@@ -741,15 +774,23 @@ mx::array multi_head_attention(const mx::array& q, const mx::array& k, const mx:
   return q.dtype() == mx::float32 ? out : mx::astype(out, q.dtype(), stream);
 }
 
-mx::array matvec(const mx::array& x, const mx::array& w) {
+mx::array matvec(const mx::array& x, const mx::array& w, const std::optional<mx::array>& bias) {
   if (x.ndim() < 1 || w.ndim() != 2 || x.shape(-1) != w.shape(1) || w.shape(1) == 0) {
     throw std::invalid_argument("expected x (..., depth) and w (n, depth)");
+  }
+  if (bias && (bias->ndim() != 1 || bias->shape(0) != w.shape(0))) {
+    throw std::invalid_argument("expected a bias (n,) for w (n, depth)");
   }
   const mx::Stream stream = cpu_stream();
   mx::Shape shape = x.shape();
   shape.back() = w.shape(0);
-  mx::array out(shape, mx::float32, std::make_shared<MennyMatvec>(stream),
-                {float32_rows(x, stream), float32_rows(w, stream)});
+  // float16 weights stay float16: half the bytes to read.
+  const mx::array weights = w.dtype() == mx::float16 ? mx::contiguous(w, false, stream) : float32_rows(w, stream);
+  std::vector<mx::array> inputs{float32_rows(x, stream), weights};
+  if (bias) {
+    inputs.push_back(float32_rows(*bias, stream));
+  }
+  mx::array out(shape, mx::float32, std::make_shared<MennyMatvec>(stream), std::move(inputs));
   return x.dtype() == mx::float32 ? out : mx::astype(out, x.dtype(), stream);
 }
 
@@ -766,8 +807,9 @@ NB_MODULE(_fast_ops, m) {
         "heads merged: (batch, queries, state).  Unmasked, or with offset (an int32 array of one element) "
         "causal over a key cache: query i sees keys [0, offset + i].  Needs AVX2+FMA and heads of a "
         "multiple of 16.");
-  m.def("matvec", &matvec, nb::arg("x"), nb::arg("w"),
-        "x (..., depth) @ w.T for w (n, depth), reading w once: for a few rows of x.");
+  m.def("matvec", &matvec, nb::arg("x"), nb::arg("w"), nb::arg("bias") = nb::none(),
+        "x (..., depth) @ w.T (+ bias) for w (n, depth), float32 or float16, reading w once: for a few rows "
+        "of x.  The result is float32 (x's dtype if another).");
   m.def("uses_avx2", [] { return kUseAvx2; }, "Whether this CPU runs the AVX2+FMA kernels.");
   m.def("threads", [] { return kernel_threads(); }, "How many threads a large op is split across.");
 }
