@@ -8,8 +8,9 @@ import pytest
 from speech import SPEECH_DIR
 
 import whisper
+from whisper import kernels
 from whisper.audio import N_SAMPLES, load_audio
-from whisper.decoding import Inference
+from whisper.decoding import DecodingOptions, DecodingTask, Inference, _greedy_pick, log_softmax
 from whisper.model import TextDecoder
 
 TOLERANCE = 1e-3
@@ -78,3 +79,46 @@ def test_the_step_uses_the_weights_it_is_given(traced_model):
     expected = np.array(model.logits(mx.array(tokens), traced_model[1]))[:, -1:]
     assert np.abs(after - expected).max() < TOLERANCE
     assert np.abs(after - before).max() > 1
+
+
+@pytest.mark.parametrize("first_step", [True, False])
+@pytest.mark.parametrize("boost", [0.0, 3.5, 14.0])
+def test_greedy_choice_where_the_logits_are_equals_the_host_filters(traced_model, boost, first_step):
+    model = traced_model[0]
+    task = DecodingTask(model, DecodingOptions(language="en"))
+    begin = task.tokenizer.timestamp_begin
+    start = task.initial_tokens
+    if first_step:
+        tokens = np.array([start] * 3)
+    else:
+        # After text, after an open and after a closed timestamp pair.
+        ends = [[400, 523, 616], [400, 523, begin + 20], [400, begin + 20, begin + 20]]
+        tokens = np.array([[*start, begin, *end] for end in ends])
+    rng = np.random.default_rng(int(boost))
+    logits = (rng.standard_normal((3, model.dims.n_vocab)) * 4).astype(np.float32)
+    # Text wins; the timestamps together win though a text token is likelier than each; one wins.
+    logits[:, begin:] += boost
+    host = logits.copy()
+    for logit_filter in task.logit_filters:
+        logit_filter.apply(host, tokens)
+    forbidden = np.zeros(logits.shape, dtype=bool)
+    for logit_filter in task.logit_filters:
+        logit_filter.forbid(forbidden, tokens)
+    chosen, logprobs = _greedy_pick(task.timestamp_begin)(mx.array(logits), mx.array(forbidden))
+    expected = host.argmax(axis=-1)
+    assert np.array(chosen).tolist() == expected.tolist()
+    np.testing.assert_allclose(np.array(logprobs), log_softmax(host)[np.arange(3), expected], atol=1e-5)
+
+
+def test_the_vocabulary_in_half_precision_gives_the_same_logits():
+    model = whisper.load_model("tiny.en")
+    embedding = model.decoder.token_embedding.weight
+    assert embedding.dtype == mx.float32
+    x = mx.array(np.random.default_rng(5).standard_normal((1, 1, 384)).astype(np.float32))
+    expected = kernels.linear(x, embedding)
+    model.decoder.store_weights_in_half()
+    half = model.decoder.token_embedding.weight
+    assert half.dtype == (mx.float16 if kernels.available() else mx.float32)
+    # The bundled checkpoint is float16: no value changes, and the logits are the same bits.
+    assert mx.array_equal(half.astype(mx.float32), embedding).item()
+    assert mx.array_equal(kernels.linear(x, half), expected).item()

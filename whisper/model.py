@@ -66,7 +66,7 @@ class MultiHeadAttention(nn.Module):
 
     def attention_logits(self, x: mx.array, k: mx.array) -> mx.array:
         """Scaled query-key products before the softmax, (batch, heads, queries, keys)."""
-        q = self._heads(self.query(x))
+        q = self._heads(linear(self.query, x))
         head_dim = q.shape[-1]
         return (q * head_dim**-0.5) @ self._heads(k).transpose(0, 1, 3, 2)
 
@@ -152,6 +152,37 @@ class TextDecoder(nn.Module):
         # The weights are inputs, not constants of the trace: loading or converting them later counts.
         self.step = mx.compile(self._step, inputs=self)
 
+    def store_weights_in_half(self) -> None:
+        """Keep the token embedding and the layers' matrices in float16 where that changes no
+        value: the bundled checkpoints are float16, so their float32 weights hold float16 values,
+        and the CPU kernels then read half the bytes of a decoding step for the same products
+        (the same logits, bit for bit).  Anywhere else (no kernels, other values) they stay."""
+        if not kernels.available():
+            return
+        layers = [self.token_embedding]
+        for block in self.blocks:
+            attentions = [block.attn, block.cross_attn]
+            layers += [
+                block.mlp1,
+                block.mlp2,
+                *(getattr(a, n) for a in attentions for n in ("query", "key", "value", "out")),
+            ]
+        for layer in layers:
+            weight = layer.weight
+            if isinstance(layer, (nn.Linear, nn.Embedding)) and weight.dtype == mx.float32:
+                half = weight.astype(mx.float16)
+                mx.eval(half)
+                # Compared in slices: a whole float32 copy of the embedding would add 80-106 MB
+                # to the process's peak memory.
+                rows = range(0, weight.shape[0], 4096)
+                if all(
+                    mx.array_equal(half[i : i + 4096].astype(mx.float32), weight[i : i + 4096]).item() for i in rows
+                ):
+                    layer.weight = half
+
+    def _embed(self, tokens: mx.array) -> mx.array:
+        return self.token_embedding(tokens).astype(self.positional_embedding.dtype)
+
     def cross_kv(self, audio_features: mx.array) -> list[tuple[mx.array, mx.array]]:
         """Keys and values of the audio, computed once per window and reused every step."""
         return [block.cross_attn.project_kv(audio_features) for block in self.blocks]
@@ -181,12 +212,12 @@ class TextDecoder(nn.Module):
         n = tokens.shape[-1]
         mask = None
         if cache is None:
-            x = self.token_embedding(tokens) + self.positional_embedding[:n]
+            x = self._embed(tokens) + self.positional_embedding[:n]
             if n > 1:
                 mask = nn.MultiHeadAttention.create_additive_causal_mask(n).astype(x.dtype)
             cache = [None] * len(self.blocks)
         else:
-            x = self.token_embedding(tokens) + self.positional_embedding[offset + mx.arange(n)]
+            x = self._embed(tokens) + self.positional_embedding[offset + mx.arange(n)]
         new_cache: KVCache = []
         for block, layer_cache, kv in zip(self.blocks, cache, cross_kv):
             x, layer_cache = block(x, mask, layer_cache, kv, cross_logits, offset)
