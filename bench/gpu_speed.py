@@ -181,6 +181,33 @@ def step_ms(folder: Path, audio: np.ndarray, batches: tuple[int, ...] = (1, 16),
     return result
 
 
+def profile(folder: Path, data: Data, top: int = 25) -> str:
+    """Where our batch-16 folder run spends host time (cProfile, after a warm-up pass), and
+    the MLX allocator's peak with and without a cache limit."""
+    import cProfile
+    import io
+    import pstats
+
+    ours = Ours(folder)
+    audio = [data.audio[f] for f in data.folder]
+    ours.batch(audio, 16)
+    profiler = cProfile.Profile()
+    ours.reset_peak()
+    profiler.runcall(ours.batch, audio, 16)
+    ours.sync()
+    peak = ours.peak_mib()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    ours.mx.clear_cache()
+    ours.mx.set_cache_limit(0)
+    ours.reset_peak()
+    elapsed, _ = timed(ours.sync, lambda: ours.batch(audio, 16))
+    return (
+        f"{text.getvalue()}\npeak MiB {peak:.0f}; with cache limit 0: peak MiB {ours.peak_mib():.0f}, "
+        f"folder b16 {elapsed:.3f} s"
+    )
+
+
 class TorchEngine:
     """What both PyTorch peers share: CUDA synchronisation and memory accounting."""
 
@@ -612,6 +639,7 @@ def main() -> None:
     parser.add_argument("--quantization", action="store_true")
     parser.add_argument("--speed", action="store_true")
     parser.add_argument("--step", action="store_true", help="time our compiled decoder step alone")
+    parser.add_argument("--profile", action="store_true", help="cProfile our batch-16 folder run")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write the numbers here as JSON")
     args = parser.parse_args()
@@ -654,6 +682,9 @@ def main() -> None:
     if args.step:
         report["step_ms"] = step_ms(args.models / args.model, data.audio["jfk.flac"])
         print(f"{args.model} decoder step alone (ms, by batch size): {report['step_ms']}", flush=True)
+    if args.profile:
+        report["profile"] = profile(args.models / args.model, data)
+        print(report["profile"], flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1, default=str))
     if not passed:
