@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import fields, replace
 
 import mlx.core as mx
@@ -29,6 +30,7 @@ from .model import Whisper
 from .transcribe import (
     FileTranscription,
     TranscribeOptions,
+    audio_features,
     decode_with_fallback,
     decoding_options,
     needs_fallback,
@@ -65,13 +67,26 @@ def transcribe_batch(
     results: list[dict | None] = [None] * len(audios)
 
     def opened() -> Iterator[tuple[int, FileTranscription]]:
-        for index, audio in enumerate(audios):
-            try:
-                yield index, FileTranscription(model, audio, transcribe_options, decode_options)
-            except AudioError as error:
-                if on_error is None:
-                    raise
-                on_error(index, error)
+        # Reading a file and its log-mel (numpy's FFT, which releases the GIL) run in threads
+        # a few files ahead: done in turn, they took a third of a batch-16 run on a GPU.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            ahead: deque[tuple[int, AudioSource, Future]] = deque()
+            for index, audio in enumerate(audios):
+                ahead.append((index, audio, pool.submit(audio_features, audio, model.dims.n_mels)))
+                if len(ahead) > 2 * batch_size:
+                    yield from ready(*ahead.popleft())
+            while ahead:
+                yield from ready(*ahead.popleft())
+
+    def ready(index: int, audio: AudioSource, features: Future) -> Iterator[tuple[int, FileTranscription]]:
+        try:
+            job = FileTranscription(model, audio, transcribe_options, decode_options, features=features.result())
+        except AudioError as error:
+            if on_error is None:
+                raise
+            on_error(index, error)
+        else:
+            yield index, job
 
     with on_device(device):
         files = opened()

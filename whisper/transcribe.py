@@ -358,6 +358,13 @@ def on_device(device: str | None) -> Iterator[None]:
         yield
 
 
+def audio_features(audio: str | os.PathLike | bytes | np.ndarray, n_mels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The waveform and its log-mel frames, padded by one window: numpy only, so
+    `whisper.batch` can make them in worker threads while the model decodes."""
+    waveform = audio if isinstance(audio, np.ndarray) else load_audio(audio)
+    return waveform, log_mel_frames(waveform, n_mels, padding=N_FRAMES * HOP_LENGTH)
+
+
 class FileTranscription:
     """One file's transcription, window by window.
 
@@ -374,6 +381,7 @@ class FileTranscription:
         options: TranscribeOptions,
         decode_options: dict,
         verbose: bool | None = None,
+        features: tuple[np.ndarray, np.ndarray] | None = None,
     ):
         if options.hallucination_silence_threshold is not None and not options.word_timestamps:
             raise ValueError("hallucination_silence_threshold needs word_timestamps=True")
@@ -383,8 +391,7 @@ class FileTranscription:
         self.decode_options = dict(decode_options)
         self.decode_options.pop("fp16", None)  # the precision is the model's dtype
         self.on_progress: Callable[[int, int], None] | None = None  # (seek before, frames done)
-        self.waveform = audio if isinstance(audio, np.ndarray) else load_audio(audio)
-        self.mel = log_mel_frames(self.waveform, model.dims.n_mels, padding=N_FRAMES * HOP_LENGTH)
+        self.waveform, self.mel = features or audio_features(audio, model.dims.n_mels)
         self.content_frames = self.mel.shape[0] - N_FRAMES
 
         language = _choose_language(model, self.mel, self.decode_options.pop("language", None), verbose)
