@@ -194,6 +194,15 @@ def test_fused_attention_matches_mlx(fast, batch, n_q, n_k, n_head, head_dim):
 
 
 @needs_kernels
+@pytest.mark.parametrize("head_dim", [16, 32, 48, 64, 80])
+def test_one_query_attends_as_the_same_query_among_several(fast, head_dim):
+    # A single query (a decoding step) takes its own path over the values; the sums must be the same.
+    q, k, v = random_qkv(2, 3, 1500, 2 * head_dim, spread=2.0)
+    several = fast.attention(q, k, v, 2, head_dim**-0.5)
+    assert mx.array_equal(fast.attention(q[:, 1:2], k, v, 2, head_dim**-0.5), several[:, 1:2]).item()
+
+
+@needs_kernels
 def test_fused_attention_takes_views_and_half_precision(fast):
     q, k, v = random_qkv(1, 40, 60, 128)
     views = [t.transpose(1, 0, 2).transpose(1, 0, 2)[:, ::2] for t in (q, k, v)]

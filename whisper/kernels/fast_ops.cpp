@@ -145,13 +145,14 @@ class Helpers {
 // Calls fn(begin, end) on disjoint ranges covering [0, items), each a multiple of `grain`
 // items (but the last), on up to kernel_threads() threads including the calling one.
 template <class Fn>
-void parallel_for(std::size_t items, std::size_t elements_per_item, std::size_t grain, Fn fn) {
+void parallel_for(std::size_t items, std::size_t elements_per_item, std::size_t grain, Fn fn,
+                  std::size_t elements_per_block = kElementsPerBlock) {
   const std::size_t threads = std::min(kernel_threads(), items * elements_per_item / kMinElementsPerThread);
   if (threads <= 1) {
     fn(std::size_t{0}, items);
     return;
   }
-  std::size_t block = std::max<std::size_t>(1, kElementsPerBlock / std::max<std::size_t>(1, elements_per_item));
+  std::size_t block = std::max<std::size_t>(1, elements_per_block / std::max<std::size_t>(1, elements_per_item));
   block = (block + grain - 1) / grain * grain;
   auto job = std::make_shared<Job>();
   job->fn = fn;
@@ -368,23 +369,85 @@ MENNY_AVX2 void matmul16(const float* a, std::size_t lda, const float* b, std::s
   }
 }
 
+// q . key for a head_dim multiple of 16: two chains (one would wait on each multiply-add's
+// latency), even and odd 8-column halves of every 16.
+MENNY_AVX2 inline __m256 dot_chains(const float* query, const float* key, std::size_t head_dim) {
+  __m256 even = _mm256_mul_ps(_mm256_loadu_ps(query), _mm256_loadu_ps(key));
+  __m256 odd = _mm256_mul_ps(_mm256_loadu_ps(query + 8), _mm256_loadu_ps(key + 8));
+  for (std::size_t d = 16; d < head_dim; d += 16) {
+    even = _mm256_fmadd_ps(_mm256_loadu_ps(query + d), _mm256_loadu_ps(key + d), even);
+    odd = _mm256_fmadd_ps(_mm256_loadu_ps(query + d + 8), _mm256_loadu_ps(key + d + 8), odd);
+  }
+  return _mm256_add_ps(even, odd);
+}
+
 // scores[r][j] = q_r . k_j straight from the key rows: for a few queries, cheaper than
-// transposing the keys first.
+// transposing the keys first.  Four keys at a time, so that eight chains are in flight; each
+// key's sum is the same as alone.
 MENNY_AVX2 void scores_direct_avx2(const float* q, const float* k, float* scores, std::size_t rows, std::size_t keys,
                                    std::size_t ld_scores, std::size_t head_dim, std::size_t row_stride) {
-  for (std::size_t j = 0; j < keys; ++j) {
-    const float* key = k + j * row_stride;
-    for (std::size_t r = 0; r < rows; ++r) {
-      const float* query = q + r * row_stride;
-      // Two chains: one would wait on each multiply-add's latency.
-      __m256 even = _mm256_mul_ps(_mm256_loadu_ps(query), _mm256_loadu_ps(key));
-      __m256 odd = _mm256_mul_ps(_mm256_loadu_ps(query + 8), _mm256_loadu_ps(key + 8));
-      for (std::size_t d = 16; d < head_dim; d += 16) {
-        even = _mm256_fmadd_ps(_mm256_loadu_ps(query + d), _mm256_loadu_ps(key + d), even);
-        odd = _mm256_fmadd_ps(_mm256_loadu_ps(query + d + 8), _mm256_loadu_ps(key + d + 8), odd);
-      }
-      scores[r * ld_scores + j] = horizontal_sum(_mm256_add_ps(even, odd));
+  for (std::size_t r = 0; r < rows; ++r) {
+    const float* query = q + r * row_stride;
+    float* row = scores + r * ld_scores;
+    std::size_t j = 0;
+    for (; j + 4 <= keys; j += 4) {
+      const float* key = k + j * row_stride;
+      const __m256 s0 = dot_chains(query, key, head_dim);
+      const __m256 s1 = dot_chains(query, key + row_stride, head_dim);
+      const __m256 s2 = dot_chains(query, key + 2 * row_stride, head_dim);
+      const __m256 s3 = dot_chains(query, key + 3 * row_stride, head_dim);
+      row[j] = horizontal_sum(s0);
+      row[j + 1] = horizontal_sum(s1);
+      row[j + 2] = horizontal_sum(s2);
+      row[j + 3] = horizontal_sum(s3);
     }
+    for (; j < keys; ++j) {
+      row[j] = horizontal_sum(dot_chains(query, k + j * row_stride, head_dim));
+    }
+  }
+}
+
+// out[0 : cols] = scale * (a[0 : depth] . B[0 : depth, 0 : cols]) for B's rows ldb apart and
+// cols a multiple of 16: one query's weighted sum of values.  The same per-column chains as
+// tile16<1> (so the same sums), but up to 64 columns per pass over B: eight chains instead of
+// two, and each row of B read once, whole.
+#define MENNY_PANELS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+template <int LANES8>
+MENNY_AVX2 inline void row_tile(const float* a, const float* b, std::size_t ldb, float* out, std::size_t depth,
+                                float scale) {
+#define MENNY_DECLARE(i) __m256 acc##i = _mm256_setzero_ps();
+  MENNY_PANELS(MENNY_DECLARE)
+#undef MENNY_DECLARE
+  for (std::size_t k = 0; k < depth; ++k, b += ldb) {
+    const __m256 x = _mm256_broadcast_ss(a + k);
+#define MENNY_ACCUMULATE(i)                                            \
+  if constexpr (LANES8 > i) {                                          \
+    acc##i = _mm256_fmadd_ps(x, _mm256_loadu_ps(b + 8 * i), acc##i);   \
+  }
+    MENNY_PANELS(MENNY_ACCUMULATE)
+#undef MENNY_ACCUMULATE
+  }
+  const __m256 vscale = _mm256_set1_ps(scale);
+#define MENNY_STORE(i)                                                    \
+  if constexpr (LANES8 > i) {                                             \
+    _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc##i, vscale));         \
+  }
+  MENNY_PANELS(MENNY_STORE)
+#undef MENNY_STORE
+}
+#undef MENNY_PANELS
+
+MENNY_AVX2 void row_times_matrix_avx2(const float* a, const float* b, std::size_t ldb, float* out, std::size_t cols,
+                                      std::size_t depth, float scale) {
+  std::size_t col = 0;
+  for (; col + 64 <= cols; col += 64) {
+    row_tile<8>(a, b + col, ldb, out + col, depth, scale);
+  }
+  switch ((cols - col) / 16) {
+    case 3: row_tile<6>(a, b + col, ldb, out + col, depth, scale); break;
+    case 2: row_tile<4>(a, b + col, ldb, out + col, depth, scale); break;
+    case 1: row_tile<2>(a, b + col, ldb, out + col, depth, scale); break;
+    default: break;
   }
 }
 
@@ -409,7 +472,11 @@ MENNY_AVX2 void attention_block_avx2(const float* q, const float* keys_t, const 
     }
     inverse_sums[r] = 1.0f / exp_row_avx2(row, row, keys, scale);
   }
-  matmul16(scores, ld_scores, v, row_stride, 16, out, row_stride, rows, head_dim, keys, inverse_sums);
+  if (rows == 1) {
+    row_times_matrix_avx2(scores, v, row_stride, out, head_dim, keys, inverse_sums[0]);
+  } else {
+    matmul16(scores, ld_scores, v, row_stride, 16, out, row_stride, rows, head_dim, keys, inverse_sums);
+  }
 }
 
 const bool kUseAvx2 = cpu_has_avx2_fma();
@@ -581,63 +648,76 @@ MENNY_AVX2 inline float load1(const std::uint16_t* p) {
   return _cvtsh_ss(*p);
 }
 
-// out[j, r] = x[j] . w[r] (+ bias[r]) for w rows [begin, end): four rows of w at a time, each
-// read from memory once and then from L1 for every row of x.  The same products and sums for
-// float32 and float16 weights: float16 weights holding the same values give the same bits.
+// How far ahead of the weight rows being multiplied a matvec asks for the next ones.  The
+// hardware prefetcher stops at every 4 KB page (these arrays get no huge pages), and a step's
+// matrices come from DRAM (the vocabulary alone is larger than the L3 cache).
+constexpr std::size_t kPrefetchBytes = 4096;
+
+// out[j, r + i] = x[j] . w[r + i] (+ bias) for i < ROWS: each row of w read from memory once,
+// then from L1 for every row of x.  One 8-lane chain of multiply-adds per row of w, summed
+// across lanes at the end: the same products and sums whatever ROWS, and for float32 and
+// float16 weights (float16 weights holding the same values give the same bits).  Eight rows
+// give eight independent chains, enough to hide the multiply-add and F16C latencies.
+#define MENNY_MATVEC_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+template <int ROWS, class W>
+MENNY_AVX2 inline void matvec_group(const float* x, std::size_t n_x, const W* w, const float* bias,
+                                    std::size_t depth, float* out, std::size_t n_w, std::size_t r) {
+  const std::size_t full = depth / 8 * 8;
+  const W* w0 = w + r * depth;
+  // The ROWS rows are contiguous: each step of 8 columns covers ROWS * 8 weights of them.
+  const char* ahead = reinterpret_cast<const char*>(w0) + kPrefetchBytes;
+  constexpr std::size_t kStepBytes = ROWS * 8 * sizeof(W);
+  for (std::size_t j = 0; j < n_x; ++j) {
+    const float* xj = x + j * depth;
+#define MENNY_DECLARE(i) __m256 a##i = _mm256_setzero_ps();
+    MENNY_MATVEC_ROWS(MENNY_DECLARE)
+#undef MENNY_DECLARE
+    for (std::size_t k = 0; k < full; k += 8) {
+      if constexpr (kStepBytes >= 64) {
+        for (std::size_t line = 0; line < kStepBytes; line += 64) {
+          _mm_prefetch(ahead + k * ROWS * sizeof(W) + line, _MM_HINT_T0);
+        }
+      }
+      const __m256 xv = _mm256_loadu_ps(xj + k);
+#define MENNY_ACCUMULATE(i)                                            \
+  if constexpr (ROWS > i) {                                            \
+    a##i = _mm256_fmadd_ps(load8(w0 + i * depth + k), xv, a##i);       \
+  }
+      MENNY_MATVEC_ROWS(MENNY_ACCUMULATE)
+#undef MENNY_ACCUMULATE
+    }
+#define MENNY_STORE(i)                                                 \
+  if constexpr (ROWS > i) {                                            \
+    float sum = horizontal_sum(a##i);                                  \
+    if (bias) {                                                        \
+      sum += bias[r + i];                                              \
+    }                                                                  \
+    for (std::size_t k = full; k < depth; ++k) {                       \
+      sum += load1(w0 + i * depth + k) * xj[k];                        \
+    }                                                                  \
+    out[j * n_w + r + i] = sum;                                        \
+  }
+    MENNY_MATVEC_ROWS(MENNY_STORE)
+#undef MENNY_STORE
+  }
+}
+#undef MENNY_MATVEC_ROWS
+
+// matvec_group over w rows [begin, end).
 template <class W>
 MENNY_AVX2 void matvec_rows_avx2(const float* x, std::size_t n_x, const W* w, const float* bias, std::size_t depth,
                                  float* out, std::size_t n_w, std::size_t begin, std::size_t end) {
-  const std::size_t full = depth / 8 * 8;
+  // The rows ahead of a range's start were asked for by nobody (or by another thread).
+  const char* first = reinterpret_cast<const char*>(w + begin * depth);
+  for (std::size_t line = 0; line < kPrefetchBytes; line += 64) {
+    _mm_prefetch(first + line, _MM_HINT_T0);
+  }
   std::size_t r = begin;
-  for (; r + 4 <= end; r += 4) {
-    const W* w0 = w + r * depth;
-    const W* w1 = w0 + depth;
-    const W* w2 = w1 + depth;
-    const W* w3 = w2 + depth;
-    for (std::size_t j = 0; j < n_x; ++j) {
-      const float* xj = x + j * depth;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-      for (std::size_t k = 0; k < full; k += 8) {
-        const __m256 xv = _mm256_loadu_ps(xj + k);
-        a0 = _mm256_fmadd_ps(load8(w0 + k), xv, a0);
-        a1 = _mm256_fmadd_ps(load8(w1 + k), xv, a1);
-        a2 = _mm256_fmadd_ps(load8(w2 + k), xv, a2);
-        a3 = _mm256_fmadd_ps(load8(w3 + k), xv, a3);
-      }
-      float s0 = horizontal_sum(a0), s1 = horizontal_sum(a1), s2 = horizontal_sum(a2), s3 = horizontal_sum(a3);
-      if (bias) {
-        s0 += bias[r];
-        s1 += bias[r + 1];
-        s2 += bias[r + 2];
-        s3 += bias[r + 3];
-      }
-      for (std::size_t k = full; k < depth; ++k) {
-        s0 += load1(w0 + k) * xj[k];
-        s1 += load1(w1 + k) * xj[k];
-        s2 += load1(w2 + k) * xj[k];
-        s3 += load1(w3 + k) * xj[k];
-      }
-      float* o = out + j * n_w + r;
-      o[0] = s0;
-      o[1] = s1;
-      o[2] = s2;
-      o[3] = s3;
-    }
+  for (; r + 8 <= end; r += 8) {
+    matvec_group<8>(x, n_x, w, bias, depth, out, n_w, r);
   }
   for (; r < end; ++r) {
-    const W* wr = w + r * depth;
-    for (std::size_t j = 0; j < n_x; ++j) {
-      const float* xj = x + j * depth;
-      __m256 a = _mm256_setzero_ps();
-      for (std::size_t k = 0; k < full; k += 8) {
-        a = _mm256_fmadd_ps(load8(wr + k), _mm256_loadu_ps(xj + k), a);
-      }
-      float sum = horizontal_sum(a) + (bias ? bias[r] : 0.0f);
-      for (std::size_t k = full; k < depth; ++k) {
-        sum += load1(wr + k) * xj[k];
-      }
-      out[j * n_w + r] = sum;
-    }
+    matvec_group<1>(x, n_x, w, bias, depth, out, n_w, r);
   }
 }
 #endif
@@ -680,6 +760,10 @@ class MennyAttention : public CpuKernel {
   float scale_;
 };
 
+// A matvec hands out its rows in blocks of this many weights (256 KB of float16): long
+// enough runs of contiguous memory for the prefetches to stay ahead.
+constexpr std::size_t kWeightsPerBlock = 1 << 17;
+
 // x (..., depth) times w (n_w, depth) transposed, for few rows of x: w is read once, as in a
 // matrix-vector product.  (OpenBLAS's sgemm first copies all of w into packed panels, which
 // for one row of x doubles the memory traffic of a step's vocabulary projection.)
@@ -707,9 +791,10 @@ class MennyMatvec : public CpuKernel {
       const float* bs = bias ? bias->data<float>() : nullptr;
       float* dst = out.data<float>();
       auto split = [&](const auto* ws) {
-        parallel_for(n_w, n_x * depth, 4, [=](std::size_t begin, std::size_t end) {
-          matvec_rows_avx2(xs, n_x, ws, bs, depth, dst, n_w, begin, end);
-        });
+        parallel_for(
+            n_w, n_x * depth, 8,
+            [=](std::size_t begin, std::size_t end) { matvec_rows_avx2(xs, n_x, ws, bs, depth, dst, n_w, begin, end); },
+            kWeightsPerBlock);
       };
       if (w.dtype() == mx::float16) {
         split(reinterpret_cast<const std::uint16_t*>(w.data<mx::float16_t>()));
