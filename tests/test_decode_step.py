@@ -10,7 +10,7 @@ from speech import SPEECH_DIR
 import whisper
 from whisper import kernels
 from whisper.audio import N_SAMPLES, load_audio
-from whisper.decoding import DecodingOptions, DecodingTask, Inference, _greedy_pick, log_softmax
+from whisper.decoding import DecodingOptions, DecodingTask, DeviceRules, Inference, _greedy_pick, log_softmax
 from whisper.model import TextDecoder
 
 TOLERANCE = 1e-3
@@ -101,10 +101,8 @@ def test_greedy_choice_where_the_logits_are_equals_the_host_filters(traced_model
     host = logits.copy()
     for logit_filter in task.logit_filters:
         logit_filter.apply(host, tokens)
-    forbidden = np.zeros(logits.shape, dtype=bool)
-    for logit_filter in task.logit_filters:
-        logit_filter.forbid(forbidden, tokens)
-    chosen, logprobs = _greedy_pick(task.timestamp_begin)(mx.array(logits), mx.array(forbidden))
+    rules = DeviceRules(task.logit_filters, model.dims.n_vocab)
+    chosen, logprobs = _greedy_pick(task.timestamp_begin)(mx.array(logits), *rules(tokens))
     expected = host.argmax(axis=-1)
     assert np.array(chosen).tolist() == expected.tolist()
     np.testing.assert_allclose(np.array(logprobs), log_softmax(host)[np.arange(3), expected], atol=1e-5)

@@ -6,6 +6,8 @@ arrays are channels-last as MLX expects: a mel input is (batch, frames, n_mels).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -151,6 +153,7 @@ class TextDecoder(nn.Module):
         # One new token per sequence, traced once per batch size (the cache has a fixed size).
         # The weights are inputs, not constants of the trace: loading or converting them later counts.
         self.step = mx.compile(self._step, inputs=self)
+        self.step_then = functools.cache(self._compile_step_then)
 
     def store_weights_in_half(self) -> None:
         """Keep the token embedding and the layers' matrices in float16 where that changes no
@@ -233,6 +236,16 @@ class TextDecoder(nn.Module):
     ) -> tuple[mx.array, KVCache]:
         logits, cache = self(tokens, cross_kv, cache, offset=offset, positions=1)
         return logits[:, 0], cache
+
+    def _compile_step_then(self, then: Callable) -> Callable:
+        """`step` followed by `then(logits, *extra)`, compiled together (one per `then`):
+        (tokens, cross_kv, cache, offset, *extra) -> (then's result, cache)."""
+
+        def fused(tokens: mx.array, cross_kv: KVCache, cache: KVCache, offset: mx.array, *extra: mx.array):
+            logits, cache = self._step(tokens, cross_kv, cache, offset)
+            return then(logits, *extra), cache
+
+        return mx.compile(fused, inputs=self)
 
 
 class Whisper(nn.Module):
