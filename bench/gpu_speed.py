@@ -154,10 +154,17 @@ class Ours:
         return sum(len(r.tokens) + 1 for r in result)  # + the end of text
 
 
-def step_ms(folder: Path, audio: np.ndarray, batches: tuple[int, ...] = (1, 16), steps: int = 100) -> dict[int, float]:
+def step_ms(
+    folder: Path, audio: np.ndarray, batches: tuple[int, ...] = (1, 16), steps: int = 100, fused: bool = False
+) -> dict[int, float]:
     """The compiled decoder step alone, per batch size: argmax on the device, token ids back to
-    the host each step (what a decoding loop cannot avoid), median of 3 passes of `steps` steps."""
+    the host each step (what a decoding loop cannot avoid), median of 3 passes of `steps` steps.
+    With `fused`, the argmax is compiled into the step's call (`TextDecoder.step_then`), as the
+    decoding loop on a GPU does with its choice."""
     import mlx.core as mx
+
+    def argmax(logits: mx.array) -> mx.array:
+        return mx.argmax(logits, axis=-1).astype(mx.int32)
 
     model = whisper.load_model(str(folder), device="gpu")
     decoder = model.decoder
@@ -167,8 +174,12 @@ def step_ms(folder: Path, audio: np.ndarray, batches: tuple[int, ...] = (1, 16),
     def run(n: int, batch: int, cross_kv: list) -> None:
         cache, tokens = decoder.new_cache(batch), mx.full((batch, 1), sot, dtype=mx.int32)
         for position in range(n):
-            logits, cache = decoder.step(tokens, cross_kv, cache, mx.array([position], dtype=mx.int32))
-            ids = mx.argmax(logits.reshape(batch, -1), axis=-1).astype(mx.int32)
+            offset = mx.array([position], dtype=mx.int32)
+            if fused:
+                ids, cache = decoder.step_then(argmax)(tokens, cross_kv, cache, offset)
+            else:
+                logits, cache = decoder.step(tokens, cross_kv, cache, offset)
+                ids = argmax(logits)
             mx.eval(ids, cache)
             tokens = mx.array(ids.tolist(), dtype=mx.int32).reshape(batch, 1)
 
@@ -682,6 +693,8 @@ def main() -> None:
     if args.step:
         report["step_ms"] = step_ms(args.models / args.model, data.audio["jfk.flac"])
         print(f"{args.model} decoder step alone (ms, by batch size): {report['step_ms']}", flush=True)
+        report["step_fused_ms"] = step_ms(args.models / args.model, data.audio["jfk.flac"], fused=True)
+        print(f"{args.model} decoder step, argmax in its call (ms): {report['step_fused_ms']}", flush=True)
     if args.profile:
         report["profile"] = profile(args.models / args.model, data)
         print(report["profile"], flush=True)
