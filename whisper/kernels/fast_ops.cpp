@@ -488,15 +488,6 @@ const bool kUseAvx2 = false;
 // MLX primitives
 // ------------------------------------------------------------------------------------------
 
-// Gives `out` the input's buffer when MLX may reuse it, else a fresh row-major one.
-void allocate_like(const mx::array& in, mx::array& out) {
-  if (in.is_donatable()) {
-    out.copy_shared_buffer(in);
-  } else {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-  }
-}
-
 class CpuKernel : public mx::UnaryPrimitive {
  public:
   using mx::UnaryPrimitive::UnaryPrimitive;
@@ -517,6 +508,22 @@ class CpuKernel : public mx::UnaryPrimitive {
   // Gives `out` a fresh buffer and tells the stream what is read and written.
   mx::cpu::CommandEncoder& fresh_output(const std::vector<mx::array>& inputs, mx::array& out) {
     out.set_data(mx::allocator::malloc(out.nbytes()));
+    return encode(inputs, out);
+  }
+
+  // For element-wise kernels: `out` takes over the input's buffer when it may (else a fresh
+  // one), and the stream is told what is read and written.
+  mx::cpu::CommandEncoder& output_like_input(const std::vector<mx::array>& inputs, mx::array& out) {
+    if (inputs[0].is_donatable()) {
+      out.copy_shared_buffer(inputs[0]);
+    } else {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    }
+    return encode(inputs, out);
+  }
+
+ private:
+  mx::cpu::CommandEncoder& encode(const std::vector<mx::array>& inputs, mx::array& out) {
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (const auto& input : inputs) {
       encoder.set_input_array(input);
@@ -536,10 +543,7 @@ class MennySoftmax : public CpuKernel {
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const mx::array& in = inputs[0];
-    allocate_like(in, out);
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(in);
-    encoder.set_output_array(out);
+    auto& encoder = output_like_input(inputs, out);
     const std::size_t n = in.shape(-1);
     const std::size_t rows = n == 0 ? 0 : in.size() / n;
 #if defined(__x86_64__)
@@ -564,10 +568,7 @@ class MennyGelu : public CpuKernel {
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const mx::array& in = inputs[0];
-    allocate_like(in, out);
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(in);
-    encoder.set_output_array(out);
+    auto& encoder = output_like_input(inputs, out);
 #if defined(__x86_64__)
     encoder.dispatch([in, out]() mutable {
       const float* src = in.data<float>();
