@@ -57,9 +57,9 @@ def test_a_kept_prefix_of_the_cache_decodes_on_from_there(traced_model):
     tokens = np.array([[50257, 50362, 400, 523, 616, 7875, 7840]])
     inference = Inference(model, features)
     inference.logits(tokens, positions=tokens.shape[1])
-    # Keep the first four positions (as the streaming transcriber does with an accepted guess).
-    inference.cache = [(k[:, :4], v[:, :4]) for k, v in inference.cache]
-    inference.n_cached = 4
+    # Keep the first four positions (as the streaming transcriber does with an accepted guess);
+    # the rejected ones stay in the cache and must not be read.
+    inference.rewind(4)
     other = np.array([[*tokens[0, :4], 1029]])
     expected = np.array(model.logits(mx.array(other), features))[:, -1:]
     assert np.abs(inference.logits(other) - expected).max() < TOLERANCE

@@ -62,11 +62,6 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 # ------------------------------------------------------------------ the model
 
 
@@ -80,19 +75,10 @@ class Inference:
         self._cache: KVCache | None = None
         self.n_cached = 0
 
-    @property
-    def cache(self) -> KVCache | None:
-        """Per layer (keys, values), (batch, n_text_ctx, state); only the first `n_cached` positions count."""
-        return self._cache
-
-    @cache.setter
-    def cache(self, layers: KVCache) -> None:
-        # Any prefix of the positions may be given (to keep what was accepted): it is padded back.
-        n_ctx = self.model.dims.n_text_ctx
-        self._cache = [
-            tuple(mx.pad(t, [(0, 0), (0, n_ctx - t.shape[1]), (0, 0)]) if t.shape[1] < n_ctx else t for t in kv)
-            for kv in layers
-        ]
+    def rewind(self, n_cached: int) -> None:
+        """Keep only the first `n_cached` positions (say, of a guess that was partly accepted).
+        Nothing moves: positions from `n_cached` on are never read, and the next tokens overwrite them."""
+        self.n_cached = n_cached
 
     def logits(self, tokens: np.ndarray, positions: int = 1) -> np.ndarray:
         """Logits of the last `positions` positions, (batch, positions, vocab), as float32."""
@@ -103,24 +89,26 @@ class Inference:
         decoder = self.model.decoder
         if self._cache is None:
             self._cache = decoder.new_cache(tokens.shape[0])
-        new_tokens = mx.array(tokens[:, self.n_cached :], dtype=mx.int32)
-        offset = mx.array([self.n_cached], dtype=mx.int32)
+        new_tokens, offset = self._advance(tokens)
         if new_tokens.shape[1] == 1 and positions == 1:
             logits, self._cache = decoder.step(new_tokens, self.cross_kv, self._cache, offset)
-            logits = logits[:, None]
-        else:
-            logits, self._cache = decoder(new_tokens, self.cross_kv, self._cache, offset=offset, positions=positions)
-        self.n_cached = tokens.shape[1]
+            return logits[:, None]
+        logits, self._cache = decoder(new_tokens, self.cross_kv, self._cache, offset=offset, positions=positions)
         return logits
 
     def step_then(self, tokens: np.ndarray, then: Callable, *extra: mx.array) -> tuple[mx.array, ...]:
         """A single-token step (all tokens but the last already cached) and `then(logits, *extra)`
         on its logits (batch, vocab), compiled into one call: what `then` returns stays on the device."""
+        new_tokens, offset = self._advance(tokens)
+        result, self._cache = self.model.decoder.step_then(then)(new_tokens, self.cross_kv, self._cache, offset, *extra)
+        return result
+
+    def _advance(self, tokens: np.ndarray) -> tuple[mx.array, mx.array]:
+        """The tokens not cached yet and the position of the first of them; from now on they count as cached."""
         new_tokens = mx.array(tokens[:, self.n_cached :], dtype=mx.int32)
         offset = mx.array([self.n_cached], dtype=mx.int32)
-        result, self._cache = self.model.decoder.step_then(then)(new_tokens, self.cross_kv, self._cache, offset, *extra)
         self.n_cached = tokens.shape[1]
-        return result
+        return new_tokens, offset
 
     def expand(self, repeats: int) -> None:
         """Repeat each audio's cross-attention keys for several candidates of it."""
@@ -198,7 +186,8 @@ def _log_sum_exp(shifted: ArrayLike, xp: ModuleType = mx, block: int = 256) -> A
     return xp.log(xp.exp(padded).reshape(rows, -1, block).sum(axis=-1).sum(axis=-1, keepdims=True))
 
 
-def _log_softmax(x: ArrayLike, xp: ModuleType = mx) -> ArrayLike:
+def log_softmax(x: ArrayLike, xp: ModuleType = np) -> ArrayLike:
+    """Log-probabilities over the last axis of (rows, n) logits; `xp` is numpy or mlx.core."""
     shifted = x - xp.max(x, axis=-1, keepdims=True)
     return shifted - _log_sum_exp(shifted, xp)
 
@@ -206,7 +195,7 @@ def _log_softmax(x: ArrayLike, xp: ModuleType = mx) -> ArrayLike:
 def timestamps_win(logits: ArrayLike, timestamp_begin: int, xp: ModuleType = mx) -> ArrayLike:
     """Rows (batch,) where all timestamp tokens together are likelier than any one text token.
     `xp` is mlx.core or numpy (whose -inf arithmetic warns: callers silence it)."""
-    logprobs = _log_softmax(logits, xp)
+    logprobs = log_softmax(logits, xp)
     timestamps = logprobs[:, timestamp_begin:]
     top = xp.max(timestamps, axis=-1, keepdims=True)
     # Every timestamp forbidden: they cannot win (and -inf - -inf must not make a NaN).
@@ -272,7 +261,7 @@ def _greedy_choice(timestamp_begin: int | None) -> Callable[[mx.array, mx.array,
             text = mx.arange(logits.shape[-1]) < timestamp_begin
             logits = mx.where(timestamps_win(logits, timestamp_begin)[:, None] & text, -mx.inf, logits)
         chosen = mx.argmax(logits, axis=-1)
-        return chosen, mx.take_along_axis(_log_softmax(logits), chosen[:, None], axis=-1)[:, 0]
+        return chosen, mx.take_along_axis(log_softmax(logits, mx), chosen[:, None], axis=-1)[:, 0]
 
     return pick
 
@@ -573,6 +562,15 @@ class DecodingTask:
         languages, probs = detect_language(self.model, audio_features, self.tokenizer)
         return languages, probs
 
+    def _choose(
+        self, decoder: TokenDecoder, tokens: np.ndarray, logits: np.ndarray, sum_logprobs: np.ndarray
+    ) -> tuple[np.ndarray, bool]:
+        """The filters forbid tokens in `logits` (batch, vocab; on the host, changed in place),
+        then the decoder appends its choice: the tokens, and whether every row has ended."""
+        for logit_filter in self.logit_filters:
+            logit_filter.apply(logits, tokens)
+        return decoder.update(tokens, logits, sum_logprobs)
+
     def _sample(self, inference: Inference, decoder: TokenDecoder, tokens: np.ndarray):
         n_rows = tokens.shape[0]
         sum_logprobs = np.zeros(n_rows, dtype=np.float64)
@@ -600,10 +598,7 @@ class DecodingTask:
                 chosen, logprobs = np.array(chosen).astype(np.int64), np.array(logprobs)
                 tokens, completed = decoder.append(tokens, chosen, logprobs, sum_logprobs)
             else:
-                logits = np.array(logits.astype(mx.float32))
-                for logit_filter in self.logit_filters:
-                    logit_filter.apply(logits, tokens)
-                tokens, completed = decoder.update(tokens, logits, sum_logprobs)
+                tokens, completed = self._choose(decoder, tokens, np.array(logits.astype(mx.float32)), sum_logprobs)
             if completed or tokens.shape[1] > self.n_ctx:
                 break
         return tokens, sum_logprobs, no_speech_probs

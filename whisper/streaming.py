@@ -129,20 +129,13 @@ class _GuessingTask(DecodingTask):
         completed = False
         for step in range(len(self.guess) + 1):
             logits = all_logits[:, self.sample_begin - 1 - self.sot_index + step].copy()
-            for logit_filter in self.logit_filters:
-                logit_filter.apply(logits, tokens)
-            tokens, completed = decoder.update(tokens, logits, sum_logprobs)
+            tokens, completed = self._choose(decoder, tokens, logits, sum_logprobs)
             if completed or step == len(self.guess) or tokens[0, -1] != self.guess[step]:
                 break
         # The cache holds the whole guess: keep what was accepted, then go on from there.
-        kept = tokens.shape[1] - 1
-        inference.cache = [(k[:, :kept], v[:, :kept]) for k, v in inference.cache]
-        inference.n_cached = kept
+        inference.rewind(tokens.shape[1] - 1)
         while not completed and tokens.shape[1] - self.sample_begin < self.sample_len and tokens.shape[1] <= self.n_ctx:
-            logits = inference.logits(tokens)[:, -1].copy()
-            for logit_filter in self.logit_filters:
-                logit_filter.apply(logits, tokens)
-            tokens, completed = decoder.update(tokens, logits, sum_logprobs)
+            tokens, completed = self._choose(decoder, tokens, inference.logits(tokens)[:, -1].copy(), sum_logprobs)
         return tokens, sum_logprobs, no_speech_probs
 
 
