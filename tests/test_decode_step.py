@@ -5,13 +5,14 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_map
 from speech import SPEECH_DIR
 
 import whisper
 from whisper import kernels
 from whisper.audio import N_SAMPLES, load_audio
 from whisper.decoding import DecodingOptions, DecodingTask, DeviceRules, Inference, _greedy_pick, log_softmax
-from whisper.model import TextDecoder
+from whisper.model import ResidualAttentionBlock, TextDecoder
 
 TOLERANCE = 1e-3
 
@@ -120,3 +121,40 @@ def test_the_vocabulary_in_half_precision_gives_the_same_logits():
     # The bundled checkpoint is float16: no value changes, and the logits are the same bits.
     assert mx.array_equal(half.astype(mx.float32), embedding).item()
     assert mx.array_equal(kernels.linear(x, half), expected).item()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the compiled kernels do not run here")
+@pytest.mark.parametrize(("batch", "offset", "half"), [(1, 0, False), (2, 37, True), (3, 447, False)])
+def test_a_layer_step_in_one_kernel_call_gives_the_bits_of_the_layers_own_ops(monkeypatch, batch, offset, half):
+    rng = np.random.default_rng(offset)
+    n_ctx, n_audio, state = 448, 300, 128
+
+    def random(*shape: int) -> mx.array:
+        return mx.array(rng.standard_normal(shape).astype(np.float32))
+
+    block = ResidualAttentionBlock(state, 2, cross_attention=True)
+    block.update(tree_map(lambda p: random(*p.shape), block.parameters()))
+    if half:  # as store_weights_in_half leaves them
+        for layer in (block.attn.query, block.attn.value, block.cross_attn.out, block.mlp1, block.mlp2):
+            layer.weight = layer.weight.astype(mx.float16)
+    x, cross_kv = random(batch, 1, state), (random(batch, n_audio, state), random(batch, n_audio, state))
+    position = mx.array([offset], dtype=mx.int32)
+
+    def step() -> tuple[np.ndarray, ...]:
+        cache = (random(batch, n_ctx, state), random(batch, n_ctx, state))
+        mx.eval(cache)
+        before = np.array(cache[0])
+        out, (k, v) = block(x, cache=cache, cross_kv=cross_kv, offset=position)
+        return before, *(np.array(a) for a in (out, k, v))
+
+    state_before = rng.bit_generator.state
+    before, *fused = step()
+    rng.bit_generator.state = state_before
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "decoder_layer_step", lambda *args: None)
+        _, *own_ops = step()
+    for ours, expected in zip(fused, own_ops):
+        assert np.array_equal(ours, expected)
+    # The token's key went to its position; the others stayed.
+    changed = np.flatnonzero((fused[1] != before).any(axis=(0, 2)))
+    assert changed.tolist() == [offset]

@@ -260,6 +260,14 @@ def test_matvec_of_float16_weights_is_that_of_the_same_values_in_float32(fast):
     assert mx.array_equal(half, fast.matvec(x, w.astype(mx.float32), bias)).item()
 
 
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1500, 512), (3, 1, 384), (13, 100), (2, 5, 20)])
+def test_layer_norm_gives_the_bits_of_mlx(fast, shape):
+    x = mx.array((RNG.standard_normal(shape) * 20 + 3).astype(np.float32))
+    weight, bias = (mx.array(RNG.standard_normal(shape[-1]).astype(np.float32)) for _ in range(2))
+    assert mx.array_equal(fast.layer_norm(x, weight, bias, 1e-5), mx.fast.layer_norm(x, weight, bias, 1e-5)).item()
+
+
 @pytest.mark.parametrize("rows", [1, kernels.MATVEC_ROWS, kernels.MATVEC_ROWS + 1])
 def test_linear_is_mlx_linear(rows):
     layer = nn.Linear(64, 48)

@@ -51,6 +51,13 @@ def linear(layer: nn.Linear, x: mx.array) -> mx.array:
     return kernels.linear(x, layer.weight, layer.get("bias"))
 
 
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm`, through `kernels.layer_norm` (the same bits; MLX's own is one thread's ops)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+
+
 class MultiHeadAttention(nn.Module):
     def __init__(self, n_state: int, n_head: int):
         super().__init__()
@@ -81,12 +88,12 @@ class ResidualAttentionBlock(nn.Module):
     def __init__(self, n_state: int, n_head: int, cross_attention: bool = False):
         super().__init__()
         self.attn = MultiHeadAttention(n_state, n_head)
-        self.attn_ln = nn.LayerNorm(n_state)
+        self.attn_ln = LayerNorm(n_state)
         self.cross_attn = MultiHeadAttention(n_state, n_head) if cross_attention else None
-        self.cross_attn_ln = nn.LayerNorm(n_state) if cross_attention else None
+        self.cross_attn_ln = LayerNorm(n_state) if cross_attention else None
         self.mlp1 = nn.Linear(n_state, 4 * n_state)
         self.mlp2 = nn.Linear(4 * n_state, n_state)
-        self.mlp_ln = nn.LayerNorm(n_state)
+        self.mlp_ln = LayerNorm(n_state)
 
     def __call__(
         self,
@@ -102,6 +109,12 @@ class ResidualAttentionBlock(nn.Module):
         With a `cache`, this block's keys and values are written into it at position `offset`
         and attention runs over the whole cache (`mask` hides the positions not yet written).
         """
+        if cache is not None and cross_kv is not None and cross_logits is None and x.shape[1] == 1:
+            stepped = kernels.decoder_layer_step(
+                x, offset, cache, cross_kv, self.step_weights(), self.attn.n_head, self.attn_ln.eps
+            )
+            if stepped is not None:
+                return stepped
         h = self.attn_ln(x)
         k, v = self.attn.project_kv(h)
         if cache is None:
@@ -119,6 +132,17 @@ class ResidualAttentionBlock(nn.Module):
         x = x + linear(self.mlp2, kernels.gelu(linear(self.mlp1, self.mlp_ln(x))))
         return x, (k, v)
 
+    def step_weights(self) -> list[mx.array]:
+        """The weights in the order `kernels.decoder_layer_step` takes them."""
+        attn, cross = self.attn, self.cross_attn
+        return [
+            *(self.attn_ln.weight, self.attn_ln.bias, attn.query.weight, attn.query.bias, attn.key.weight),
+            *(attn.value.weight, attn.value.bias, attn.out.weight, attn.out.bias),
+            *(self.cross_attn_ln.weight, self.cross_attn_ln.bias, cross.query.weight, cross.query.bias),
+            *(cross.out.weight, cross.out.bias, self.mlp_ln.weight, self.mlp_ln.bias),
+            *(self.mlp1.weight, self.mlp1.bias, self.mlp2.weight, self.mlp2.bias),
+        ]
+
 
 class AudioEncoder(nn.Module):
     def __init__(self, n_mels: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
@@ -127,7 +151,7 @@ class AudioEncoder(nn.Module):
         self.conv2 = nn.Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
         self._positional_embedding = mx.array(sinusoids(n_ctx, n_state))
         self.blocks = [ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer)]
-        self.ln_post = nn.LayerNorm(n_state)
+        self.ln_post = LayerNorm(n_state)
 
     def __call__(self, mel: mx.array, *, partial: bool = False) -> mx.array:
         """Features of a 30-second window; with `partial`, of its first frames only (an even number)."""
@@ -149,7 +173,7 @@ class TextDecoder(nn.Module):
         self.token_embedding = nn.Embedding(n_vocab, n_state)
         self.positional_embedding = mx.zeros((n_ctx, n_state))
         self.blocks = [ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)]
-        self.ln = nn.LayerNorm(n_state)
+        self.ln = LayerNorm(n_state)
         # One new token per sequence, traced once per batch size (the cache has a fixed size).
         # The weights are inputs, not constants of the trace: loading or converting them later counts.
         self.step = mx.compile(self._step, inputs=self)

@@ -2,11 +2,11 @@
 
 On a Linux CPU the mlx[cpu] wheel computes exp and erf one lane at a time on one thread, so
 softmax and GELU, not the matrix products, dominated the encoder.  `fast_ops.cpp` implements
-both, a fused attention (also causal over the decoder's key cache) and a matrix-vector product
-(a decoding step's projections), as MLX primitives (AVX2+FMA, split across cores), compiled by
-`python -m whisper.kernels.build` (scripts/setup.sh runs it).  Where the library is missing,
-was built for another mlx, the CPU lacks AVX2 or the default device is a GPU, these functions
-use MLX's ops.  MENNY_NO_KERNELS=1 forces MLX's ops.
+both, a fused attention (also causal over the decoder's key cache), a matrix-vector product
+(a decoding step's projections) and a decoder layer's whole one-token step, as MLX primitives
+(AVX2+FMA, split across cores), compiled by `python -m whisper.kernels.build` (scripts/setup.sh
+runs it).  Where the library is missing, was built for another mlx, the CPU lacks AVX2 or the
+default device is a GPU, these functions use MLX's ops.  MENNY_NO_KERNELS=1 forces MLX's ops.
 """
 
 from __future__ import annotations
@@ -105,6 +105,14 @@ def gelu(x: mx.array) -> mx.array:
     return module.gelu(x) if module else nn.gelu(x)
 
 
+def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    """`mx.fast.layer_norm` over the last axis; on a CPU the same bits, computed on every core."""
+    module = _on_cpu()
+    if module is not None and x.dtype == mx.float32:
+        return module.layer_norm(x, weight, bias, eps)
+    return mx.fast.layer_norm(x, weight, bias, eps)
+
+
 # Up to this many rows of x, `linear` reads the weights once per row block instead of packing them.
 MATVEC_ROWS = 8
 
@@ -122,6 +130,33 @@ def linear(x: mx.array, w: mx.array, bias: mx.array | None = None) -> mx.array:
         return module.matvec(x, w, bias)
     w = w.astype(x.dtype)
     return x @ w.T if bias is None else mx.addmm(bias, x, w.T)
+
+
+def decoder_layer_step(
+    x: mx.array,
+    offset: mx.array,
+    cache: tuple[mx.array, mx.array],
+    cross_kv: tuple[mx.array, mx.array],
+    weights: list[mx.array],
+    n_head: int,
+    eps: float,
+) -> tuple[mx.array, tuple[mx.array, mx.array]] | None:
+    """One token's step through a decoder layer as one kernel call (see `ResidualAttentionBlock`
+    for the weights' order): its output and the caches with the token's key and value written
+    at `offset`, in place.  None where the kernel cannot run it (no kernels here, other dtypes,
+    quantized weights, more rows than a matvec takes): the layer's own ops then run."""
+    module = _on_cpu()
+    head_dim = x.shape[-1] // n_head
+    plain = all(w.dtype in (mx.float16, mx.float32) for w in weights)
+    if module is None or not plain or x.dtype != mx.float32 or x.shape[0] > MATVEC_ROWS or head_dim % 16:
+        return None
+    out, keys, values = module.decoder_layer(x, offset, *cache, *cross_kv, weights, n_head, eps)
+    return out, (keys, values)
+
+
+def attends_cache(head_dim: int) -> bool:
+    """Whether `cached_attention` runs the compiled kernel here (the cache layout it reads)."""
+    return available() and head_dim % 16 == 0
 
 
 def cached_attention(q: mx.array, k: mx.array, v: mx.array, offset: mx.array, n_head: int) -> mx.array:

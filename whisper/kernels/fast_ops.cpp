@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cmath>
 #include <cstddef>
@@ -35,6 +36,7 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
@@ -77,15 +79,30 @@ std::size_t kernel_threads() {
   return count;
 }
 
+// A spinning thread's wait hint (lets the core's other work, and the bus, go first).
+inline void pause() {
+#if defined(__x86_64__)
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Work that any number of threads may join, each returning when nothing is left for it.
+struct Task {
+  virtual ~Task() = default;
+  virtual void work() = 0;
+};
+
 // Blocks of [0, items) for whichever threads come; finished when `done` reaches `items`.
-struct Job {
+struct Job : Task {
   std::function<void(std::size_t, std::size_t)> fn;
   std::size_t items;
   std::size_t block;
   std::atomic<std::size_t> next{0};
   std::atomic<std::size_t> done{0};
 
-  void work() {
+  void work() override {
     for (std::size_t begin = next.fetch_add(block); begin < items; begin = next.fetch_add(block)) {
       const std::size_t end = std::min(items, begin + block);
       fn(begin, end);
@@ -96,7 +113,13 @@ struct Job {
   }
 };
 
-// Helper threads started once and kept, waiting for jobs.  The caller works on its own job
+// How long a helper keeps looking for the next task before it sleeps.  A decoding step is a
+// string of calls a few tens of microseconds apart; waking a sleeping thread takes about as long
+// as one of them, so without this the helper would join each call late.  Short, so that on a
+// busy machine an idle helper takes little CPU from others.
+constexpr auto kHelperSpin = std::chrono::microseconds(100);
+
+// Helper threads started once and kept, waiting for tasks.  The caller works on its own task
 // too and returns as soon as every block is done: a helper the scheduler has not run yet
 // (the machine is busy) finds nothing left and costs the caller no wait.
 class Helpers {
@@ -107,12 +130,13 @@ class Helpers {
     return *helpers;
   }
 
-  void offer(const std::shared_ptr<Job>& job, std::size_t count) {
+  void offer(const std::shared_ptr<Task>& task, std::size_t count) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       for (std::size_t i = 0; i < count; ++i) {
-        queue_.push_back(job);
+        queue_.push_back(task);
       }
+      queued_.store(queue_.size(), std::memory_order_release);
     }
     ready_.notify_all();
   }
@@ -126,20 +150,26 @@ class Helpers {
 
   void serve() {
     for (;;) {
-      std::shared_ptr<Job> job;
+      std::shared_ptr<Task> task;
       {
+        const auto until = std::chrono::steady_clock::now() + kHelperSpin;
+        while (queued_.load(std::memory_order_acquire) == 0 && std::chrono::steady_clock::now() < until) {
+          pause();
+        }
         std::unique_lock<std::mutex> lock(mutex_);
         ready_.wait(lock, [this] { return !queue_.empty(); });
-        job = std::move(queue_.front());
+        task = std::move(queue_.front());
         queue_.pop_front();
+        queued_.store(queue_.size(), std::memory_order_release);
       }
-      job->work();
+      task->work();
     }
   }
 
   std::mutex mutex_;
   std::condition_variable ready_;
-  std::deque<std::shared_ptr<Job>> queue_;
+  std::deque<std::shared_ptr<Task>> queue_;
+  std::atomic<std::size_t> queued_{0};
 };
 
 // Calls fn(begin, end) on disjoint ranges covering [0, items), each a multiple of `grain`
@@ -164,6 +194,59 @@ void parallel_for(std::size_t items, std::size_t elements_per_item, std::size_t 
     job->done.wait(done);
   }
 }
+
+// A string of stages, each a range of items handed out in blocks to whichever thread comes; a
+// thread starts on stage s + 1 only once every item of stage s is done.  One call runs what
+// would otherwise be one call per stage (each waking the helpers again).  A helper that comes
+// late skips the stages already done, so the caller never waits for one that has not started.
+class Pipeline : public Task {
+ public:
+  void add(std::size_t items, std::size_t block, std::function<void(std::size_t, std::size_t)> fn) {
+    stages_.emplace_back(std::move(fn), items, block);
+  }
+
+  void work() override {
+    for (Stage& stage : stages_) {
+      for (std::size_t begin = stage.next.fetch_add(stage.block); begin < stage.items;
+           begin = stage.next.fetch_add(stage.block)) {
+        const std::size_t end = std::min(stage.items, begin + stage.block);
+        stage.fn(begin, end);
+        stage.done.fetch_add(end - begin, std::memory_order_acq_rel);
+      }
+      // The other thread's last block of this stage: microseconds, unless the scheduler took
+      // that thread away, and then this one should give way.
+      for (std::size_t spins = 0; stage.done.load(std::memory_order_acquire) < stage.items; ++spins) {
+        if (spins < kSpinsBeforeYield) {
+          pause();
+        } else {
+          std::this_thread::yield();
+        }
+      }
+    }
+  }
+
+  // Runs every stage on up to kernel_threads() threads, the caller's included.
+  static void run(const std::shared_ptr<Pipeline>& pipeline) {
+    if (kernel_threads() > 1) {
+      Helpers::instance().offer(pipeline, kernel_threads() - 1);
+    }
+    pipeline->work();
+  }
+
+ private:
+  static constexpr std::size_t kSpinsBeforeYield = 4096;
+
+  struct Stage {
+    Stage(std::function<void(std::size_t, std::size_t)> fn, std::size_t items, std::size_t block)
+        : fn(std::move(fn)), items(items), block(block) {}
+    std::function<void(std::size_t, std::size_t)> fn;
+    std::size_t items;
+    std::size_t block;
+    std::atomic<std::size_t> next{0};
+    std::atomic<std::size_t> done{0};
+  };
+  std::deque<Stage> stages_;  // a deque: stages never move once added (they hold atomics)
+};
 
 // ------------------------------------------------------------------------------------------
 // AVX2 + FMA kernels
@@ -488,6 +571,19 @@ const bool kUseAvx2 = false;
 // MLX primitives
 // ------------------------------------------------------------------------------------------
 
+// The stream's encoder, told what a primitive reads and writes.
+mx::cpu::CommandEncoder& encoder_for(mx::Stream stream, const std::vector<mx::array>& inputs,
+                                     std::vector<mx::array> outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  for (const auto& input : inputs) {
+    encoder.set_input_array(input);
+  }
+  for (auto& output : outputs) {
+    encoder.set_output_array(output);
+  }
+  return encoder;
+}
+
 class CpuKernel : public mx::UnaryPrimitive {
  public:
   using mx::UnaryPrimitive::UnaryPrimitive;
@@ -524,12 +620,7 @@ class CpuKernel : public mx::UnaryPrimitive {
 
  private:
   mx::cpu::CommandEncoder& encode(const std::vector<mx::array>& inputs, mx::array& out) {
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& input : inputs) {
-      encoder.set_input_array(input);
-    }
-    encoder.set_output_array(out);
-    return encoder;
+    return encoder_for(stream(), inputs, {out});
   }
 };
 
@@ -662,7 +753,7 @@ constexpr std::size_t kPrefetchBytes = 4096;
 #define MENNY_MATVEC_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 template <int ROWS, class W>
 MENNY_AVX2 inline void matvec_group(const float* x, std::size_t n_x, const W* w, const float* bias,
-                                    std::size_t depth, float* out, std::size_t n_w, std::size_t r) {
+                                    std::size_t depth, float* out, std::size_t ld_out, std::size_t r) {
   const std::size_t full = depth / 8 * 8;
   const W* w0 = w + r * depth;
   // The ROWS rows are contiguous: each step of 8 columns covers ROWS * 8 weights of them.
@@ -696,7 +787,7 @@ MENNY_AVX2 inline void matvec_group(const float* x, std::size_t n_x, const W* w,
     for (std::size_t k = full; k < depth; ++k) {                       \
       sum += load1(w0 + i * depth + k) * xj[k];                        \
     }                                                                  \
-    out[j * n_w + r + i] = sum;                                        \
+    out[j * ld_out + r + i] = sum;                                     \
   }
     MENNY_MATVEC_ROWS(MENNY_STORE)
 #undef MENNY_STORE
@@ -704,10 +795,10 @@ MENNY_AVX2 inline void matvec_group(const float* x, std::size_t n_x, const W* w,
 }
 #undef MENNY_MATVEC_ROWS
 
-// matvec_group over w rows [begin, end).
+// matvec_group over w rows [begin, end); row j of the result starts at out + j * ld_out.
 template <class W>
 MENNY_AVX2 void matvec_rows_avx2(const float* x, std::size_t n_x, const W* w, const float* bias, std::size_t depth,
-                                 float* out, std::size_t n_w, std::size_t begin, std::size_t end) {
+                                 float* out, std::size_t ld_out, std::size_t begin, std::size_t end) {
   // The rows ahead of a range's start were asked for by nobody (or by another thread).
   const char* first = reinterpret_cast<const char*>(w + begin * depth);
   for (std::size_t line = 0; line < kPrefetchBytes; line += 64) {
@@ -715,13 +806,218 @@ MENNY_AVX2 void matvec_rows_avx2(const float* x, std::size_t n_x, const W* w, co
   }
   std::size_t r = begin;
   for (; r + 8 <= end; r += 8) {
-    matvec_group<8>(x, n_x, w, bias, depth, out, n_w, r);
+    matvec_group<8>(x, n_x, w, bias, depth, out, ld_out, r);
   }
   for (; r < end; ++r) {
-    matvec_group<1>(x, n_x, w, bias, depth, out, n_w, r);
+    matvec_group<1>(x, n_x, w, bias, depth, out, ld_out, r);
   }
 }
+// A weight matrix (n, depth), row-major, float32 or float16 (raw bits).
+struct Matrix {
+  const void* data;
+  bool half;
+
+  // Rows [begin, end) of x (n_x, depth) @ this.T (+ bias), row j of the result at out + j * ld_out.
+  MENNY_AVX2 void times(const float* x, std::size_t n_x, const float* bias, std::size_t depth, float* out,
+                        std::size_t ld_out, std::size_t begin, std::size_t end) const {
+    if (half) {
+      matvec_rows_avx2(x, n_x, static_cast<const std::uint16_t*>(data), bias, depth, out, ld_out, begin, end);
+    } else {
+      matvec_rows_avx2(x, n_x, static_cast<const float*>(data), bias, depth, out, ld_out, begin, end);
+    }
+  }
+};
 #endif
+
+// Layer norm of `rows` rows of n values, computed as MLX computes it on a CPU (its fallback
+// ops: float32 running sums from the first value on, mean and variance multiplied by 1/n,
+// 1 / sqrt, then the weight and the bias, each product and sum rounded): the same bits as
+// mx.fast.layer_norm.  Eight rows at a time, so that eight running sums are in flight instead
+// of one waiting on each addition.  Baseline x86-64 code, so the compiler may neither fuse a
+// multiply and an add nor reorder a sum.
+void layer_norm_rows(const float* x, const float* weight, const float* bias, float* out, std::size_t rows,
+                     std::size_t n, float eps) {
+  constexpr std::size_t kGroup = 8;
+  const float inverse_n = static_cast<float>(1.0 / static_cast<double>(n));
+  for (std::size_t first = 0; first < rows; first += kGroup) {
+    const std::size_t group = std::min(kGroup, rows - first);
+    const float* in = x + first * n;
+    float mean[kGroup] = {}, inverse_deviation[kGroup] = {};
+    for (std::size_t i = 0; i < n; ++i) {
+      for (std::size_t r = 0; r < group; ++r) {
+        mean[r] += in[r * n + i];
+      }
+    }
+    for (std::size_t r = 0; r < group; ++r) {
+      mean[r] *= inverse_n;
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      for (std::size_t r = 0; r < group; ++r) {
+        const float centred = in[r * n + i] - mean[r];
+        inverse_deviation[r] += centred * centred;
+      }
+    }
+    for (std::size_t r = 0; r < group; ++r) {
+      inverse_deviation[r] = 1.0f / std::sqrt(inverse_deviation[r] * inverse_n + eps);
+      float* dst = out + (first + r) * n;
+      for (std::size_t i = 0; i < n; ++i) {
+        const float normal = (in[r * n + i] - mean[r]) * inverse_deviation[r];
+        const float scaled = normal * weight[i];
+        dst[i] = scaled + bias[i];
+      }
+    }
+  }
+}
+
+#if defined(__x86_64__)
+// Rows of a decoding step's matvecs handed out at a time (a multiple of 8).
+constexpr std::size_t kStepRowsPerBlock = 64;
+
+// The inputs of a decoder layer's step, in the order the Python side passes them.
+enum StepInput : std::size_t {
+  kX, kOffset, kKeyCache, kValueCache, kCrossKeys, kCrossValues,
+  kAttnLnWeight, kAttnLnBias, kQuery, kQueryBias, kKey, kValue, kValueBias, kOut, kOutBias,
+  kCrossLnWeight, kCrossLnBias, kCrossQuery, kCrossQueryBias, kCrossOut, kCrossOutBias,
+  kMlpLnWeight, kMlpLnBias, kMlp1, kMlp1Bias, kMlp2, kMlp2Bias, kStepInputs
+};
+
+// One token's pass through a decoder layer (self-attention over the key cache, cross-attention
+// over the audio, MLP; each behind a layer norm, each added to the residual) as one pipeline:
+// the same kernels in the same order as the layer's ops (same bits), without a call per op.
+// The token's key and value are written into the caches at the token's position, in place.
+void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* key_cache, float* value_cache,
+                        std::size_t n_head, float scale, float eps) {
+  const std::size_t batch = in[kX].shape(0), state = in[kX].shape(2), head_dim = state / n_head;
+  const std::size_t ctx = in[kKeyCache].shape(1), audio = in[kCrossKeys].shape(1), hidden = in[kMlp1].shape(0);
+  const std::size_t position =
+      std::clamp<std::ptrdiff_t>(in[kOffset].data<int32_t>()[0], 0, static_cast<std::ptrdiff_t>(ctx) - 1);
+  auto vector = [&](StepInput i) { return in[i].data<float>(); };
+  auto matrix = [&](StepInput i) {
+    return in[i].dtype() == mx::float16 ? Matrix{in[i].data<mx::float16_t>(), true} : Matrix{in[i].data<float>(), false};
+  };
+  // Per batch row: a layer norm's output, the query, the attention's output, the residual
+  // after self-attention and after cross-attention, and the MLP's hidden layer.
+  std::vector<float> buffers(batch * (5 * state + hidden));
+  float* normed = buffers.data();
+  float* query = normed + batch * state;
+  float* attended = query + batch * state;
+  float* after_self = attended + batch * state;
+  float* after_cross = after_self + batch * state;
+  float* mlp = after_cross + batch * state;
+
+  auto pipeline = std::make_shared<Pipeline>();
+  auto layer_norm = [&](const float* src, StepInput weight) {
+    pipeline->add(1, 1, [=, w = vector(weight), b = vector(static_cast<StepInput>(weight + 1))](std::size_t,
+                                                                                                std::size_t) {
+      layer_norm_rows(src, w, b, normed, batch, state, eps);
+    });
+  };
+  // dst (rows ld apart) = src @ w.T + bias for rows [0, rows) of w, handed out in blocks; then
+  // `finish(dst row, begin, end)` on each block of each row.
+  auto project = [&](const float* src, StepInput weight, const float* bias, float* dst, std::size_t ld,
+                     std::function<void(float*, std::size_t, std::size_t)> finish) {
+    const std::size_t depth = in[weight].shape(1);
+    pipeline->add(in[weight].shape(0), kStepRowsPerBlock, [=, w = matrix(weight)](std::size_t begin, std::size_t end) {
+      w.times(src, batch, bias, depth, dst, ld, begin, end);
+      if (finish) {
+        for (std::size_t b = 0; b < batch; ++b) {
+          finish(dst + b * ld, begin, end);
+        }
+      }
+    });
+  };
+  // dst = residual + dst, row by row (the rows `state` apart in both).
+  auto add_to = [=](const float* residual, float* dst) {
+    return [=](float* row, std::size_t begin, std::size_t end) {
+      const float* from = residual + (row - dst);
+      for (std::size_t i = begin; i < end; ++i) {
+        row[i] = from[i] + row[i];
+      }
+    };
+  };
+  // The query's attention over the first n_keys of `rows` rows of keys and values (batch, rows,
+  // state); visible: as in attention_block_avx2.
+  auto attend = [&](const float* keys, const float* values, std::size_t rows, std::size_t n_keys, std::size_t visible) {
+    pipeline->add(batch * n_head, 1, [=](std::size_t begin, std::size_t end) {
+      thread_local std::vector<float> scratch;
+      const std::size_t padded = (n_keys + 15) / 16 * 16;
+      scratch.resize(padded + 1);
+      for (std::size_t task = begin; task < end; ++task) {
+        const std::size_t b = task / n_head, column = (task % n_head) * head_dim;
+        const std::size_t kv = b * rows * state + column;
+        attention_block_avx2(query + b * state + column, nullptr, keys + kv, values + kv,
+                             attended + b * state + column, scratch.data(), scratch.data() + padded, 1, n_keys,
+                             padded, head_dim, state, scale, visible);
+      }
+    });
+  };
+
+  const float* x = vector(kX);
+  layer_norm(x, kAttnLnWeight);
+  // q, k and v in one stage: rows of the three matrices, k and v straight into the caches.
+  const std::size_t cache_row = position * state, cache_ld = ctx * state;
+  pipeline->add(3 * state, kStepRowsPerBlock,
+                [=, q = matrix(kQuery), k = matrix(kKey), v = matrix(kValue), q_bias = vector(kQueryBias),
+                 v_bias = vector(kValueBias)](std::size_t begin, std::size_t end) {
+                  for (std::size_t row = begin; row < end;) {
+                    const std::size_t which = row / state, first = row - which * state;
+                    const std::size_t last = std::min(end, (which + 1) * state) - which * state;
+                    if (which == 0) {
+                      q.times(normed, batch, q_bias, state, query, state, first, last);
+                    } else if (which == 1) {
+                      k.times(normed, batch, nullptr, state, key_cache + cache_row, cache_ld, first, last);
+                    } else {
+                      v.times(normed, batch, v_bias, state, value_cache + cache_row, cache_ld, first, last);
+                    }
+                    row += last - first;
+                  }
+                });
+  attend(key_cache, value_cache, ctx, position + 1, position + 1);
+  project(attended, kOut, vector(kOutBias), after_self, state, add_to(x, after_self));
+  layer_norm(after_self, kCrossLnWeight);
+  project(normed, kCrossQuery, vector(kCrossQueryBias), query, state, nullptr);
+  attend(vector(kCrossKeys), vector(kCrossValues), audio, audio, 0);
+  project(attended, kCrossOut, vector(kCrossOutBias), after_cross, state, add_to(after_self, after_cross));
+  layer_norm(after_cross, kMlpLnWeight);
+  project(normed, kMlp1, vector(kMlp1Bias), mlp, hidden, [](float* row, std::size_t begin, std::size_t end) {
+    gelu_avx2(row + begin, row + begin, end - begin);
+  });
+  project(mlp, kMlp2, vector(kMlp2Bias), result, state, add_to(after_cross, result));
+  Pipeline::run(pipeline);
+}
+#endif
+
+// mx.fast.layer_norm over the last axis (layer_norm_rows), rows split across the cores: MLX's
+// own runs its ops one after the other on one thread, 2-3 ms for an encoder's (1500, 512).
+class MennyLayerNorm : public CpuKernel {
+ public:
+  MennyLayerNorm(mx::Stream stream, float eps) : CpuKernel(stream), eps_(eps) {}
+
+  const char* name() const override {
+    return "MennyLayerNorm";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto* same = dynamic_cast<const MennyLayerNorm*>(&other);
+    return same && same->eps_ == eps_;
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& encoder = output_like_input(inputs, out);
+    encoder.dispatch([x = inputs[0], weight = inputs[1], bias = inputs[2], out, eps = eps_]() mutable {
+      const std::size_t n = x.shape(-1), rows = x.size() / n;
+      const float* src = x.data<float>();
+      const float *w = weight.data<float>(), *b = bias.data<float>();
+      float* dst = out.data<float>();
+      parallel_for(rows, n, 8, [=](std::size_t begin, std::size_t end) {
+        layer_norm_rows(src + begin * n, w, b, dst + begin * n, end - begin, n, eps);
+      });
+    });
+  }
+
+ private:
+  float eps_;
+};
 
 class MennyAttention : public CpuKernel {
  public:
@@ -807,6 +1103,52 @@ class MennyMatvec : public CpuKernel {
   }
 };
 
+// A decoder layer's one-token step (decoder_layer_step).  Outputs: the layer's output, then the
+// key and value caches, which are the input caches' memory with the token's key and value
+// written at its position.  In place, not copied (MLX would copy a cache the caller still
+// holds, 2 x 0.7-0.9 MB per layer and step): the decoding loop keeps only the newest cache and
+// never reads the old one's positions from the token's on.
+class MennyDecoderStep : public mx::Primitive {
+ public:
+  MennyDecoderStep(mx::Stream stream, int n_head, float scale, float eps)
+      : mx::Primitive(stream), n_head_(n_head), scale_(scale), eps_(eps) {}
+
+  const char* name() const override {
+    return "MennyDecoderStep";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto* same = dynamic_cast<const MennyDecoderStep*>(&other);
+    return same && same->n_head_ == n_head_ && same->scale_ == scale_ && same->eps_ == eps_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[kX].shape(), inputs[kKeyCache].shape(), inputs[kValueCache].shape()};
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("MennyDecoderStep runs on the CPU only; use MLX's own ops on a GPU");
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    outputs[0].set_data(mx::allocator::malloc(outputs[0].nbytes()));
+    outputs[1].copy_shared_buffer(inputs[kKeyCache]);
+    outputs[2].copy_shared_buffer(inputs[kValueCache]);
+    auto& encoder = encoder_for(stream(), inputs, outputs);
+#if defined(__x86_64__)
+    encoder.dispatch([inputs, outputs, n_head = n_head_, scale = scale_, eps = eps_]() mutable {
+      decoder_layer_step(inputs, outputs[0].data<float>(), outputs[1].data<float>(), outputs[2].data<float>(),
+                         n_head, scale, eps);
+    });
+#endif
+  }
+
+ private:
+  int n_head_;
+  float scale_;
+  float eps_;
+};
+
 // The default stream, if the kernels can run on it (every primitive is built through here, so
 // none is evaluated on a CPU without the AVX2 code).
 mx::Stream cpu_stream() {
@@ -880,6 +1222,64 @@ mx::array matvec(const mx::array& x, const mx::array& w, const std::optional<mx:
   return x.dtype() == mx::float32 ? out : mx::astype(out, x.dtype(), stream);
 }
 
+mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, float eps) {
+  if (x.ndim() < 1 || x.dtype() != mx::float32 || weight.shape() != mx::Shape{x.shape(-1)} ||
+      bias.shape() != weight.shape()) {
+    throw std::invalid_argument("expected x (..., n) float32 and a weight and bias (n,)");
+  }
+  const mx::Stream stream = cpu_stream();
+  std::vector<mx::array> inputs{float32_rows(x, stream), float32_rows(weight, stream), float32_rows(bias, stream)};
+  return mx::array(x.shape(), mx::float32, std::make_shared<MennyLayerNorm>(stream, eps), std::move(inputs));
+}
+
+std::vector<mx::array> decoder_layer(const mx::array& x, const mx::array& offset, const mx::array& key_cache,
+                                     const mx::array& value_cache, const mx::array& cross_keys,
+                                     const mx::array& cross_values, const std::vector<mx::array>& weights, int n_head,
+                                     float eps) {
+  auto expect = [](bool ok, const char* what) {
+    if (!ok) {
+      throw std::invalid_argument(what);
+    }
+  };
+  expect(x.ndim() == 3 && x.shape(1) == 1 && x.dtype() == mx::float32, "expected x (batch, 1, state), float32");
+  const int batch = x.shape(0), state = x.shape(2);
+  expect(n_head > 0 && state % n_head == 0 && (state / n_head) % 16 == 0,
+         "the state must split into heads of a multiple of 16");
+  expect(offset.size() == 1 && offset.dtype() == mx::int32, "the offset is one int32");
+  for (const mx::array* cache : {&key_cache, &value_cache, &cross_keys, &cross_values}) {
+    expect(cache->ndim() == 3 && cache->shape(0) == batch && cache->shape(2) == state && cache->shape(1) > 0 &&
+               cache->dtype() == mx::float32,
+           "expected caches and audio keys/values (batch, rows, state), float32");
+  }
+  expect(cross_keys.shape() == cross_values.shape() && key_cache.shape() == value_cache.shape(),
+         "keys and values differ in shape");
+  expect(weights.size() == kStepInputs - kAttnLnWeight, "expected the layer's 21 weights in order");
+  const mx::Stream stream = cpu_stream();
+  std::vector<mx::array> inputs{x, offset, mx::contiguous(key_cache, false, stream),
+                                mx::contiguous(value_cache, false, stream), float32_rows(cross_keys, stream),
+                                float32_rows(cross_values, stream)};
+  const int hidden = weights[kMlp1 - kAttnLnWeight].shape(0);
+  for (std::size_t i = kAttnLnWeight; i < kStepInputs; ++i) {
+    const mx::array& w = weights[i - kAttnLnWeight];
+    if (w.ndim() == 2) {
+      const int rows = i == kMlp1 ? hidden : state, depth = i == kMlp2 ? hidden : state;
+      expect(w.shape(0) == rows && w.shape(1) == depth && (w.dtype() == mx::float16 || w.dtype() == mx::float32),
+             "a weight matrix has the wrong shape or dtype");
+      inputs.push_back(w.dtype() == mx::float16 ? mx::contiguous(w, false, stream) : float32_rows(w, stream));
+    } else {
+      expect(w.ndim() == 1 && w.shape(0) == (i == kMlp1Bias ? hidden : state), "a bias has the wrong shape");
+      inputs.push_back(float32_rows(w, stream));
+    }
+  }
+  for (std::size_t i : {kQuery, kKey, kValue, kOut, kCrossQuery, kCrossOut, kMlp1, kMlp2}) {
+    expect(inputs[i].ndim() == 2, "expected a weight matrix where a bias was given");
+  }
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(state / n_head)));
+  return mx::array::make_arrays({x.shape(), key_cache.shape(), value_cache.shape()},
+                                {mx::float32, mx::float32, mx::float32},
+                                std::make_shared<MennyDecoderStep>(stream, n_head, scale, eps), inputs);
+}
+
 }  // namespace
 
 NB_MODULE(_fast_ops, m) {
@@ -896,6 +1296,17 @@ NB_MODULE(_fast_ops, m) {
   m.def("matvec", &matvec, nb::arg("x"), nb::arg("w"), nb::arg("bias") = nb::none(),
         "x (..., depth) @ w.T (+ bias) for w (n, depth), float32 or float16, reading w once: for a few rows "
         "of x.  The result is float32 (x's dtype if another).");
+  m.def("layer_norm", &layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::arg("eps"),
+        "Layer norm over the last axis of float32 x, the same bits as mx.fast.layer_norm.");
+  m.def("decoder_layer", &decoder_layer, nb::arg("x"), nb::arg("offset"), nb::arg("key_cache"),
+        nb::arg("value_cache"), nb::arg("cross_keys"), nb::arg("cross_values"), nb::arg("weights"),
+        nb::arg("n_head"), nb::arg("eps"),
+        "One token's step through a decoder layer: x (batch, 1, state) at position offset (an int32 array "
+        "of one element), the self-attention caches (batch, n_ctx, state), the audio's keys and values "
+        "(batch, n_audio, state), all float32, and the weights in order: attn_ln weight, bias; query "
+        "weight, bias; key weight; value weight, bias; out weight, bias; cross_attn_ln weight, bias; cross "
+        "query weight, bias; cross out weight, bias; mlp_ln weight, bias; mlp1 weight, bias; mlp2 weight, "
+        "bias (matrices float32 or float16).  Returns the output and the caches, written in place.");
   m.def("uses_avx2", [] { return kUseAvx2; }, "Whether this CPU runs the AVX2+FMA kernels.");
   m.def("threads", [] { return kernel_threads(); }, "How many threads a large op is split across.");
 }
