@@ -536,12 +536,12 @@ MENNY_AVX2 void row_times_matrix_avx2(const float* a, const float* b, std::size_
 
 // One block of queries of one head: scores = q k^T into `scores` (rows x ld_scores), from the
 // keys transposed into panels and zero-padded to ld_scores in `keys_t` or, without those, from
-// k's rows; e = exp(scale * (scores - row max)) in place; then out = (e v) / row sums, so the
+// k's rows (values likewise: from `values_t`, 16-column panels of `keys` rows each, or v's rows); e = exp(scale * (scores - row max)) in place; then out = (e v) / row sums, so the
 // probabilities are never normalised one by one.
-MENNY_AVX2 void attention_block_avx2(const float* q, const float* keys_t, const float* k, const float* v, float* out,
-                                     float* scores, float* inverse_sums, std::size_t rows, std::size_t keys,
-                                     std::size_t ld_scores, std::size_t head_dim, std::size_t row_stride,
-                                     float scale, std::size_t visible) {
+MENNY_AVX2 void attention_block_avx2(const float* q, const float* keys_t, const float* k, const float* values_t,
+                                     const float* v, float* out, float* scores, float* inverse_sums, std::size_t rows,
+                                     std::size_t keys, std::size_t ld_scores, std::size_t head_dim,
+                                     std::size_t row_stride, float scale, std::size_t visible) {
   if (keys_t) {
     matmul16(q, row_stride, keys_t, 16, head_dim * 16, scores, ld_scores, rows, ld_scores, head_dim, nullptr);
   } else {
@@ -555,7 +555,9 @@ MENNY_AVX2 void attention_block_avx2(const float* q, const float* keys_t, const 
     }
     inverse_sums[r] = 1.0f / exp_row_avx2(row, row, keys, scale);
   }
-  if (rows == 1) {
+  if (values_t) {
+    matmul16(scores, ld_scores, values_t, 16, keys * 16, out, row_stride, rows, head_dim, keys, inverse_sums);
+  } else if (rows == 1) {
     row_times_matrix_avx2(scores, v, row_stride, out, head_dim, keys, inverse_sums[0]);
   } else {
     matmul16(scores, ld_scores, v, row_stride, 16, out, row_stride, rows, head_dim, keys, inverse_sums);
@@ -676,6 +678,9 @@ class MennyGelu : public CpuKernel {
 // Queries per task: the block's scores (48 x keys) stay in the core's L2 cache between the
 // two products.
 constexpr std::size_t kQueriesPerBlock = 48;
+// The packed keys and values of up to this many floats stay allocated between calls (16 MB:
+// a batch-1 encoder layer's need 6 MB).
+constexpr std::size_t kPackedFloatsKept = std::size_t{1} << 22;
 // From this many queries on, transposing the keys once pays for itself.
 constexpr std::size_t kQueriesToTransposeKeys = 16;
 
@@ -690,18 +695,37 @@ void attention(const float* q, const float* k, const float* v, float* out, std::
   const std::size_t keys_padded = (n_k + 15) / 16 * 16;
   const std::size_t heads = batch * n_head;
   // Keys transposed per head in panels of 16 keys, each (head_dim, 16) and contiguous, zero
-  // past n_k: a tile then reads one 4 KB panel instead of rows a whole key row apart.
-  std::vector<float> keys_t;
+  // past n_k: a tile then reads one 4 KB panel instead of rows a whole key row apart.  Values
+  // per head in panels of 16 columns, each (n_k, 16) and contiguous: the weighted sums then read
+  // one stream instead of 64 bytes from each of n_k rows a whole row apart (a page every two
+  // rows: the TLB, not the arithmetic, set their pace).
+  // Kept from call to call (thread_local: one per calling stream), up to a window's worth:
+  // fresh pages cost a fault each.
+  thread_local std::vector<float> packed;
+  float* keys_t = nullptr;
+  float* values_t = nullptr;
   if (n_q >= kQueriesToTransposeKeys) {
-    keys_t.resize(heads * head_dim * keys_padded);
+    packed.resize(std::max(packed.size(), heads * head_dim * (keys_padded + n_k)));
+    keys_t = packed.data();
+    values_t = keys_t + heads * head_dim * keys_padded;
     parallel_for(heads, n_k * head_dim, 1, [&](std::size_t begin, std::size_t end) {
       for (std::size_t bh = begin; bh < end; ++bh) {
-        const float* src = k + (bh / n_head) * kv_rows * state + (bh % n_head) * head_dim;
-        float* panels = keys_t.data() + bh * head_dim * keys_padded;
+        const std::size_t from = (bh / n_head) * kv_rows * state + (bh % n_head) * head_dim;
+        float* panels = keys_t + bh * head_dim * keys_padded;
+        float* value_panels = values_t + bh * head_dim * n_k;
         for (std::size_t j = 0; j < n_k; ++j) {
           float* dst = panels + j / 16 * head_dim * 16 + j % 16;
+          const float* key = k + from + j * state;
+          const float* value = v + from + j * state;
           for (std::size_t d = 0; d < head_dim; ++d) {
-            dst[d * 16] = src[j * state + d];
+            dst[d * 16] = key[d];
+            value_panels[d / 16 * n_k * 16 + j * 16 + d % 16] = value[d];
+          }
+        }
+        // The last panel's keys past n_k give scores that are never read: zero, not stale.
+        for (std::size_t j = n_k; j < keys_padded; ++j) {
+          for (std::size_t d = 0; d < head_dim; ++d) {
+            panels[j / 16 * head_dim * 16 + d * 16 + j % 16] = 0.0f;
           }
         }
       }
@@ -718,12 +742,16 @@ void attention(const float* q, const float* k, const float* v, float* out, std::
       const std::size_t offset = (b * n_q + first) * state + h * head_dim;
       const std::size_t kv_offset = b * kv_rows * state + h * head_dim;
       const std::size_t visible = causal_offset < 0 ? 0 : static_cast<std::size_t>(causal_offset) + first + 1;
-      attention_block_avx2(q + offset, keys_t.empty() ? nullptr : keys_t.data() + bh * head_dim * keys_padded,
-                           k + kv_offset, v + kv_offset, out + offset, scratch.data(),
+      attention_block_avx2(q + offset, keys_t ? keys_t + bh * head_dim * keys_padded : nullptr, k + kv_offset,
+                           values_t ? values_t + bh * head_dim * n_k : nullptr,
+                           v + kv_offset, out + offset, scratch.data(),
                            scratch.data() + block_rows * keys_padded, std::min(kQueriesPerBlock, n_q - first), n_k,
                            keys_padded, head_dim, state, scale, visible);
     }
   });
+  if (packed.size() > kPackedFloatsKept) {
+    std::vector<float>().swap(packed);
+  }
 }
 
 // Eight weights as floats: float32 as they are, float16 (raw bits) widened exactly.
@@ -945,7 +973,7 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
       for (std::size_t task = begin; task < end; ++task) {
         const std::size_t b = task / n_head, column = (task % n_head) * head_dim;
         const std::size_t kv = b * rows * state + column;
-        attention_block_avx2(query + b * state + column, nullptr, keys + kv, values + kv,
+        attention_block_avx2(query + b * state + column, nullptr, keys + kv, nullptr, values + kv,
                              attended + b * state + column, scratch.data(), scratch.data() + padded, 1, n_keys,
                              padded, head_dim, state, scale, visible);
       }
