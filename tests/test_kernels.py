@@ -261,6 +261,15 @@ def test_matvec_of_float16_weights_is_that_of_the_same_values_in_float32(fast):
 
 
 @needs_kernels
+def test_a_library_built_from_other_sources_is_not_loaded(fast, monkeypatch):
+    # It would lack the kernels that these sources' engine calls: MLX's ops run instead.
+    monkeypatch.setattr(kernels, "sources_sha256", lambda: "0" * 64)
+    module, detail = kernels.load.__wrapped__()
+    assert module is None
+    assert "python -m whisper.kernels.build" in detail
+
+
+@needs_kernels
 @pytest.mark.parametrize("shape", [(1, 1500, 512), (3, 1, 384), (13, 100), (2, 5, 20)])
 def test_layer_norm_gives_the_bits_of_mlx(fast, shape):
     x = mx.array((RNG.standard_normal(shape) * 20 + 3).astype(np.float32))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
@@ -27,11 +28,21 @@ from mlx import nn
 
 log = logging.getLogger("whisper")
 
-BUILD_DIR = Path(__file__).resolve().parent / "_build"
+SOURCE_DIR = Path(__file__).resolve().parent
+SOURCES = ("fast_ops.cpp", "CMakeLists.txt")
+BUILD_DIR = SOURCE_DIR / "_build"
 STAMP = BUILD_DIR / "stamp.json"
 MODULE_NAME = "_fast_ops"
 LIBRARY = BUILD_DIR / f"{MODULE_NAME}{sysconfig.get_config_var('EXT_SUFFIX')}"
 NO_AVX2 = "this CPU lacks AVX2, FMA or F16C"
+
+
+def sources_sha256() -> str:
+    """The hash of the kernels' sources, as the build's stamp records it."""
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((SOURCE_DIR / name).read_bytes())
+    return digest.hexdigest()
 
 
 @functools.cache
@@ -42,9 +53,13 @@ def load() -> tuple[ModuleType | None, str]:
     if not LIBRARY.exists() or not STAMP.exists():
         return None, "not built (run: python -m whisper.kernels.build)"
     # A library built against another mlx may not even load safely: check before importing.
-    built_for = json.loads(STAMP.read_text()).get("mlx_version")
+    stamp = json.loads(STAMP.read_text())
+    built_for = stamp.get("mlx_version")
     if built_for != mx.__version__:
         return None, f"built for mlx {built_for}, this is mlx {mx.__version__} (run: python -m whisper.kernels.build)"
+    # One built from older sources lacks the newer kernels the engine calls.
+    if stamp.get("sources_sha256") != sources_sha256():
+        return None, "built from other sources than these (run: python -m whisper.kernels.build)"
     spec = importlib.util.spec_from_file_location(f"{__name__}.{MODULE_NAME}", LIBRARY)
     module = importlib.util.module_from_spec(spec)
     try:

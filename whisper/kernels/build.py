@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -21,23 +20,17 @@ import sysconfig
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from whisper.kernels import BUILD_DIR, LIBRARY, STAMP
-
-SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("fast_ops.cpp", "CMakeLists.txt")
+from whisper.kernels import BUILD_DIR, LIBRARY, SOURCE_DIR, STAMP, sources_sha256
 
 
 def wanted_stamp() -> dict[str, str]:
     """What the library must have been built from to be up to date."""
-    sources = hashlib.sha256()
-    for name in SOURCES:
-        sources.update((SOURCE_DIR / name).read_bytes())
     try:
         nanobind = version("nanobind")
     except PackageNotFoundError:
         nanobind = "missing"
     return {
-        "sources_sha256": sources.hexdigest(),
+        "sources_sha256": sources_sha256(),
         "mlx_version": version("mlx"),
         "nanobind_version": nanobind,
         "python": sysconfig.get_config_var("SOABI") or sys.version,
