@@ -37,8 +37,21 @@ def traced_model():
     return model, model.embed_audio(mel.T[None, :3000]), calls
 
 
-def test_steps_give_the_logits_of_a_whole_pass_and_trace_once(traced_model):
+@pytest.fixture(params=["kernels' cache", "padded heads"])
+def cache_layout(request):
+    """Both layouts of the self-attention cache: the CPU kernels' and the one GPUs use."""
+    if request.param == "padded heads":
+        with kernels.fallback():
+            yield request.param
+    elif not kernels.available():
+        pytest.skip("the compiled kernels do not run here")
+    else:
+        yield request.param
+
+
+def test_steps_give_the_logits_of_a_whole_pass_and_trace_once(traced_model, cache_layout):
     model, features, calls = traced_model
+    calls.clear()
     rng = np.random.default_rng(3)
     # Two sequences that share their start.
     tokens = np.concatenate([[[50257, 50362]] * 2, rng.integers(0, 50256, size=(2, 40))], axis=1)
@@ -53,7 +66,7 @@ def test_steps_give_the_logits_of_a_whole_pass_and_trace_once(traced_model):
     assert len(calls) == 1, f"the step was traced {len(calls)} times"
 
 
-def test_a_kept_prefix_of_the_cache_decodes_on_from_there(traced_model):
+def test_a_kept_prefix_of_the_cache_decodes_on_from_there(traced_model, cache_layout):
     model, features, _ = traced_model
     tokens = np.array([[50257, 50362, 400, 523, 616, 7875, 7840]])
     inference = Inference(model, features)
@@ -66,7 +79,7 @@ def test_a_kept_prefix_of_the_cache_decodes_on_from_there(traced_model):
     assert np.abs(inference.logits(other) - expected).max() < TOLERANCE
 
 
-def test_the_step_uses_the_weights_it_is_given(traced_model):
+def test_the_step_uses_the_weights_it_is_given(traced_model, cache_layout):
     model = whisper.load_model("tiny.en")
     inference = Inference(model, traced_model[1])
     tokens = np.array([[50257, 50362, 400]])
@@ -74,6 +87,8 @@ def test_the_step_uses_the_weights_it_is_given(traced_model):
     before = inference.logits(tokens)
     # Weights replaced after the first trace (a conversion, a reload) must be the ones used.
     model.decoder.ln.weight = model.decoder.ln.weight * 2
+    attention = model.decoder.blocks[0].attn
+    attention.value.weight = attention.value.weight * 2
     again = Inference(model, traced_model[1])
     again.logits(tokens[:, :2], positions=2)
     after = again.logits(tokens)

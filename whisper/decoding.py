@@ -77,8 +77,11 @@ class Inference:
 
     def rewind(self, n_cached: int) -> None:
         """Keep only the first `n_cached` positions (say, of a guess that was partly accepted).
-        Nothing moves: positions from `n_cached` on are never read, and the next tokens overwrite them."""
+        Nothing moves: positions from `n_cached` on count as unwritten again, and the next tokens
+        overwrite them."""
         self.n_cached = n_cached
+        if self._cache is not None:
+            self._cache = self.model.decoder.forget(self._cache, n_cached)
 
     def logits(self, tokens: np.ndarray, positions: int = 1) -> np.ndarray:
         """Logits of the last `positions` positions, (batch, positions, vocab), as float32."""

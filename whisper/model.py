@@ -13,13 +13,22 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 from mlx import nn
+from mlx.utils import tree_flatten
 
 from . import kernels
 
-# The decoder's self-attention cache: per layer (keys, values), each (batch, n_text_ctx, state),
-# allocated once per decode and written in place by position, so that every decoding step has
-# the same shapes and `mx.compile` traces it once.
+# The decoder's self-attention cache: per layer (keys, values), allocated once per decode and
+# written in place by position, so that every decoding step has the same shapes and
+# `mx.compile` traces it once.  Two layouts: (batch, n_text_ctx, state), which the CPU kernels
+# read, and elsewhere (batch, heads, n_text_ctx, head_dim + HEAD_PAD), the "padded heads".
 KVCache = list[tuple[mx.array, mx.array]]
+
+# MLX's single-query attention kernel (the GPU's) takes no mask, and without one a step would
+# attend to the cache's unwritten positions too.  So each head gets extra components, 64 -> 96,
+# a head size the kernel takes: queries hold 1 in the first of them, written keys 0, unwritten
+# keys UNWRITTEN_KEY, which scores those positions far below any other (softmax weight 0).
+HEAD_PAD = 32
+UNWRITTEN_KEY = -1e4
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,22 @@ def linear(layer: nn.Linear, x: mx.array) -> mx.array:
     return kernels.linear(x, layer.weight, layer.get("bias"))
 
 
+def dense_weight(layer: nn.Linear) -> mx.array:
+    if isinstance(layer, nn.QuantizedLinear):
+        return mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+    return layer.weight
+
+
+def pad_heads(t: mx.array, n_head: int, first: float = 0.0) -> mx.array:
+    """t (n_head * head_dim, ...) with HEAD_PAD rows after each head's rows, the first of them
+    `first`, the others 0."""
+    head_dim = t.shape[0] // n_head
+    extra = mx.zeros((n_head, HEAD_PAD, *t.shape[1:]), t.dtype)
+    extra[:, 0] = first
+    padded = mx.concatenate([t.reshape(n_head, head_dim, *t.shape[1:]), extra], axis=1)
+    return padded.reshape(n_head * (head_dim + HEAD_PAD), *t.shape[1:])
+
+
 class LayerNorm(nn.LayerNorm):
     """`nn.LayerNorm`, through `kernels.layer_norm` (the same bits; MLX's own is one thread's ops)."""
 
@@ -69,6 +94,55 @@ class MultiHeadAttention(nn.Module):
 
     def project_kv(self, source: mx.array) -> tuple[mx.array, mx.array]:
         return linear(self.key, source), linear(self.value, source)
+
+    def attend_cache(
+        self, x: mx.array, cache: tuple[mx.array, mx.array], offset: mx.array, mask: mx.array | None
+    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """Self-attention of x (batch, n, state) at positions `offset` onwards: writes x's keys and
+        values into the cache there, attends over it; returns the output and the updated cache.
+        `mask` (n > 1, padded heads only) hides the positions after each query."""
+        if cache[0].ndim == 3:
+            k, v = self.project_kv(x)
+            k = mx.slice_update(cache[0], k, offset, axes=(1,))
+            v = mx.slice_update(cache[1], v, offset, axes=(1,))
+            return linear(self.out, kernels.cached_attention(linear(self.query, x), k, v, offset, self.n_head)), (k, v)
+        q, k, v = (self._padded_heads(name, x) for name in ("query", "key", "value"))
+        k = mx.slice_update(cache[0], k, offset, axes=(2,))
+        v = mx.slice_update(cache[1], v, offset, axes=(2,))
+        scale = (x.shape[-1] // self.n_head) ** -0.5
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        weight, bias = self._padded["out"]
+        return mx.addmm(bias, self._merge_heads(out), weight.T), (k, v)
+
+    def pad_weights(self) -> None:
+        """The projections for the padded-heads cache, made again only when the weights were
+        replaced: queries, keys and values come out padded; the output projection ignores the padding."""
+        weights = hash(tuple(id(a) for _, a in tree_flatten(self.parameters())))
+        if getattr(self, "_padded_for", None) == weights:
+            return
+        self._padded_for = weights
+        n = self.n_head
+        self._padded = {
+            "query": (pad_heads(dense_weight(self.query), n), pad_heads(self.query.bias, n, first=1.0)),
+            "key": (pad_heads(dense_weight(self.key), n), None),
+            "value": (pad_heads(dense_weight(self.value), n), pad_heads(self.value.bias, n)),
+            "out": (pad_heads(dense_weight(self.out).T, n).T, self.out.bias),
+        }
+        mx.eval(self._padded)
+
+    def _padded_heads(self, name: str, x: mx.array) -> mx.array:
+        weight, bias = self._padded[name]
+        y = x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
+        batch, n, width = y.shape
+        if n == 1:  # the same memory order: no transposed copy for a step's single query
+            return y.reshape(batch, self.n_head, 1, width // self.n_head)
+        return y.reshape(batch, n, self.n_head, width // self.n_head).transpose(0, 2, 1, 3)
+
+    def _merge_heads(self, t: mx.array) -> mx.array:
+        batch, n_head, n, head_dim = t.shape
+        if n == 1:
+            return t.reshape(batch, 1, n_head * head_dim)
+        return t.transpose(0, 2, 1, 3).reshape(batch, n, n_head * head_dim)
 
     def attend(self, x: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
         return linear(self.out, kernels.multi_head_attention(linear(self.query, x), k, v, self.n_head, mask))
@@ -107,7 +181,8 @@ class ResidualAttentionBlock(nn.Module):
         """One block; appends its cross-attention logits to `cross_logits` when given.
 
         With a `cache`, this block's keys and values are written into it at position `offset`
-        and attention runs over the whole cache (`mask` hides the positions not yet written).
+        and attention runs over the whole cache (`mask`, given several tokens, hides the positions
+        after each).
         """
         if cache is not None and cross_kv is not None and cross_logits is None and x.shape[1] == 1:
             stepped = kernels.decoder_layer_step(
@@ -116,14 +191,12 @@ class ResidualAttentionBlock(nn.Module):
             if stepped is not None:
                 return stepped
         h = self.attn_ln(x)
-        k, v = self.attn.project_kv(h)
         if cache is None:
+            k, v = self.attn.project_kv(h)
             x = x + self.attn.attend(h, k, v, mask)
         else:
-            k = mx.slice_update(cache[0], k, offset, axes=(1,))
-            v = mx.slice_update(cache[1], v, offset, axes=(1,))
-            q = linear(self.attn.query, h)
-            x = x + linear(self.attn.out, kernels.cached_attention(q, k, v, offset, self.attn.n_head))
+            attended, (k, v) = self.attn.attend_cache(h, cache, offset, mask)
+            x = x + attended
         if self.cross_attn is not None:
             h = self.cross_attn_ln(x)
             if cross_logits is not None:
@@ -215,9 +288,28 @@ class TextDecoder(nn.Module):
         return [block.cross_attn.project_kv(audio_features) for block in self.blocks]
 
     def new_cache(self, batch: int) -> KVCache:
-        shape = (batch, *self.positional_embedding.shape)
+        """An empty cache, in the CPU kernels' layout where they attend, else as padded heads."""
+        n_ctx, n_state = self.positional_embedding.shape
         dtype = self.ln.weight.dtype  # never quantized, unlike the embedding
-        return [(mx.zeros(shape, dtype), mx.zeros(shape, dtype)) for _ in self.blocks]
+        n_head = self.blocks[0].attn.n_head
+        if kernels.attends_cache(n_state // n_head):
+            shape = (batch, n_ctx, n_state)
+            return [(mx.zeros(shape, dtype), mx.zeros(shape, dtype)) for _ in self.blocks]
+        for block in self.blocks:
+            block.attn.pad_weights()
+        shape = (batch, n_head, n_ctx, n_state // n_head + HEAD_PAD)
+        keys = mx.zeros(shape, dtype)
+        keys[..., n_state // n_head] = UNWRITTEN_KEY
+        return [(keys, mx.zeros(shape, dtype)) for _ in self.blocks]
+
+    def forget(self, cache: KVCache, n_kept: int) -> KVCache:
+        """The cache with positions from `n_kept` on counting as unwritten again."""
+        if cache[0][0].ndim == 3:  # the CPU kernels never read past the query's position
+            return cache
+        head_dim = self.positional_embedding.shape[1] // self.blocks[0].attn.n_head
+        for keys, _ in cache:
+            keys[:, :, n_kept:, head_dim] = UNWRITTEN_KEY
+        return cache
 
     def __call__(
         self,
@@ -244,7 +336,11 @@ class TextDecoder(nn.Module):
                 mask = nn.MultiHeadAttention.create_additive_causal_mask(n).astype(x.dtype)
             cache = [None] * len(self.blocks)
         else:
-            x = self._embed(tokens) + self.positional_embedding[offset + mx.arange(n)]
+            at = offset + mx.arange(n)
+            x = self._embed(tokens) + self.positional_embedding[at]
+            if n > 1:
+                after = mx.arange(self.positional_embedding.shape[0])[None] > at[:, None]
+                mask = mx.where(after, -mx.inf, 0.0).astype(x.dtype)
         new_cache: KVCache = []
         for block, layer_cache, kv in zip(self.blocks, cache, cross_kv):
             x, layer_cache = block(x, mask, layer_cache, kv, cross_logits, offset)
