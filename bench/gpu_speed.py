@@ -154,13 +154,19 @@ class Ours:
         return sum(len(r.tokens) + 1 for r in result)  # + the end of text
 
 
+STEP_MODES = ("host", "fused", "chained")
+
+
 def step_ms(
-    folder: Path, audio: np.ndarray, batches: tuple[int, ...] = (1, 16), steps: int = 100, fused: bool = False
+    folder: Path, audio: np.ndarray, mode: str, batches: tuple[int, ...] = (1, 16), steps: int = 100
 ) -> dict[int, float]:
-    """The compiled decoder step alone, per batch size: argmax on the device, token ids back to
-    the host each step (what a decoding loop cannot avoid), median of 3 passes of `steps` steps.
-    With `fused`, the argmax is compiled into the step's call (`TextDecoder.step_then`), as the
-    decoding loop on a GPU does with its choice."""
+    """The compiled decoder step alone, per batch size, median of 3 passes of `steps` steps.
+
+    "host": argmax on the device, token ids back to the host each step (what the decoding loop
+    does today); "fused": the same with the argmax compiled into the step's call
+    (`TextDecoder.step_then`); "chained": the ids stay on the device and feed the next step,
+    nothing is read until the end (`mx.async_eval`), the most a loop that reads ids every k
+    steps could gain."""
     import mlx.core as mx
 
     def argmax(logits: mx.array) -> mx.array:
@@ -175,13 +181,17 @@ def step_ms(
         cache, tokens = decoder.new_cache(batch), mx.full((batch, 1), sot, dtype=mx.int32)
         for position in range(n):
             offset = mx.array([position], dtype=mx.int32)
-            if fused:
-                ids, cache = decoder.step_then(argmax)(tokens, cross_kv, cache, offset)
-            else:
+            if mode == "host":
                 logits, cache = decoder.step(tokens, cross_kv, cache, offset)
                 ids = argmax(logits)
-            mx.eval(ids, cache)
-            tokens = mx.array(ids.tolist(), dtype=mx.int32).reshape(batch, 1)
+            else:
+                ids, cache = decoder.step_then(argmax)(tokens, cross_kv, cache, offset)
+            if mode == "chained":
+                tokens = ids.reshape(batch, 1)
+                mx.async_eval(tokens, cache)
+            else:
+                mx.eval(ids, cache)
+                tokens = mx.array(ids.tolist(), dtype=mx.int32).reshape(batch, 1)
 
     result = {}
     for batch in batches:
@@ -691,10 +701,8 @@ def main() -> None:
         )
         print(report["speed"], flush=True)
     if args.step:
-        report["step_ms"] = step_ms(args.models / args.model, data.audio["jfk.flac"])
-        print(f"{args.model} decoder step alone (ms, by batch size): {report['step_ms']}", flush=True)
-        report["step_fused_ms"] = step_ms(args.models / args.model, data.audio["jfk.flac"], fused=True)
-        print(f"{args.model} decoder step, argmax in its call (ms): {report['step_fused_ms']}", flush=True)
+        report["step_ms"] = {m: step_ms(args.models / args.model, data.audio["jfk.flac"], m) for m in STEP_MODES}
+        print(f"{args.model} decoder step alone (ms by mode and batch size): {report['step_ms']}", flush=True)
     if args.profile:
         report["profile"] = profile(args.models / args.model, data)
         print(report["profile"], flush=True)
