@@ -261,6 +261,14 @@ def test_matvec_of_float16_weights_is_that_of_the_same_values_in_float32(fast):
 
 
 @needs_kernels
+def test_huge_pages_keep_the_values(fast):
+    values = RNG.standard_normal((4096, 1024)).astype(np.float16)  # 8 MB: whole 2 MB pages inside
+    a = mx.array(values)
+    assert isinstance(fast.huge_pages(a), bool)  # the system may refuse; the values stay
+    assert np.array_equal(np.array(a), values)
+
+
+@needs_kernels
 def test_a_library_built_from_other_sources_is_not_loaded(fast, monkeypatch):
     # It would lack the kernels that these sources' engine calls: MLX's ops run instead.
     monkeypatch.setattr(kernels, "sources_sha256", lambda: "0" * 64)

@@ -128,6 +128,15 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
     return mx.fast.layer_norm(x, weight, bias, eps)
 
 
+def prefer_huge_pages(a: mx.array) -> None:
+    """Evaluate `a` and have its memory backed by 2 MB pages where whole ones fit, on Linux: a
+    decoding step reads each weight once, and with 4 KB pages (a TLB miss each, and the hardware
+    prefetcher stopping at each) the vocabulary's matvec reads 20 % slower."""
+    module = _on_cpu()
+    if module is not None:
+        module.huge_pages(a)
+
+
 # Up to this many rows of x, `linear` reads the weights once per row block instead of packing them.
 MATVEC_ROWS = 8
 

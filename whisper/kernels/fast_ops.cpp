@@ -12,6 +12,7 @@
 // ops, and for GELU's negative tail far more.
 
 #include <sched.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
@@ -1308,6 +1309,25 @@ std::vector<mx::array> decoder_layer(const mx::array& x, const mx::array& offset
                                 std::make_shared<MennyDecoderStep>(stream, n_head, scale, eps), inputs);
 }
 
+// Linux 6.1's madvise: back a range by huge pages now (copying what is there), whatever the
+// system's transparent-huge-page setting short of "never".
+#if defined(__linux__) && !defined(MADV_COLLAPSE)
+#define MADV_COLLAPSE 25
+#endif
+
+bool huge_pages(mx::array a) {
+  mx::eval(a);
+#if defined(__linux__)
+  constexpr std::uintptr_t kHugePage = std::uintptr_t{2} << 20;
+  const auto start = reinterpret_cast<std::uintptr_t>(a.data<char>());
+  const std::uintptr_t first = (start + kHugePage - 1) & ~(kHugePage - 1);
+  const std::uintptr_t last = (start + a.data_size() * a.itemsize()) & ~(kHugePage - 1);
+  return last > first && madvise(reinterpret_cast<void*>(first), last - first, MADV_COLLAPSE) == 0;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 NB_MODULE(_fast_ops, m) {
@@ -1335,6 +1355,9 @@ NB_MODULE(_fast_ops, m) {
         "weight, bias; key weight; value weight, bias; out weight, bias; cross_attn_ln weight, bias; cross "
         "query weight, bias; cross out weight, bias; mlp_ln weight, bias; mlp1 weight, bias; mlp2 weight, "
         "bias (matrices float32 or float16).  Returns the output and the caches, written in place.");
+  m.def("huge_pages", &huge_pages, nb::arg("a"),
+        "Evaluates a and asks Linux to back the 2 MB pages wholly inside its memory by huge pages "
+        "(MADV_COLLAPSE); whether it did.");
   m.def("uses_avx2", [] { return kUseAvx2; }, "Whether this CPU runs the AVX2+FMA kernels.");
   m.def("threads", [] { return kernel_threads(); }, "How many threads a large op is split across.");
 }
