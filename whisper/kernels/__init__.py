@@ -171,8 +171,9 @@ def decoder_layer_step(
     quantized weights, more rows than a matvec takes): the layer's own ops then run."""
     module = _on_cpu()
     head_dim = x.shape[-1] // n_head
-    plain = all(w.dtype in (mx.float16, mx.float32) for w in weights)
-    if module is None or not plain or x.dtype != mx.float32 or x.shape[0] > MATVEC_ROWS or head_dim % 16:
+    plain = all(w.dtype == mx.float32 or (w.ndim == 2 and w.dtype == mx.float16) for w in weights)
+    floats = all(a.dtype == mx.float32 for a in (x, *cache, *cross_kv))
+    if module is None or not plain or not floats or x.shape[0] > MATVEC_ROWS or head_dim % 16:
         return None
     out, keys, values = module.decoder_layer(x, offset, *cache, *cross_kv, weights, n_head, eps)
     return out, (keys, values)
