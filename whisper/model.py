@@ -267,6 +267,7 @@ class TextDecoder(nn.Module):
                 block.mlp2,
                 *(getattr(a, n) for a in attentions for n in ("query", "key", "value", "out")),
             ]
+        halved = []
         for layer in layers:
             weight = layer.weight
             if isinstance(layer, (nn.Linear, nn.Embedding)) and weight.dtype == mx.float32:
@@ -281,6 +282,18 @@ class TextDecoder(nn.Module):
                     layer.weight = half
                     if layer is self.token_embedding:  # the largest read of a step, 40-53 MB
                         kernels.prefer_huge_pages(half)
+                    else:
+                        halved.append(layer)
+        if halved:
+            # The layers' matrices as views of one buffer backed by 2 MB pages: most are smaller
+            # than a page themselves.  (The step's kernel reads views in place.)
+            packed = mx.concatenate([layer.weight.reshape(-1) for layer in halved])
+            kernels.prefer_huge_pages(packed)
+            start = 0
+            for layer in halved:
+                layer.weight = packed[start : start + layer.weight.size].reshape(layer.weight.shape)
+                start += layer.weight.size
+            mx.eval([layer.weight for layer in halved])
 
     def _embed(self, tokens: mx.array) -> mx.array:
         return self.token_embedding(tokens).astype(self.positional_embedding.dtype)

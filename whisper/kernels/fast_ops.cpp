@@ -1086,52 +1086,6 @@ class MennyAttention : public CpuKernel {
   float scale_;
 };
 
-// A matvec hands out its rows in blocks of this many weights (256 KB of float16): long
-// enough runs of contiguous memory for the prefetches to stay ahead.
-constexpr std::size_t kWeightsPerBlock = 1 << 17;
-
-// x (..., depth) times w (n_w, depth) transposed, for few rows of x: w is read once, as in a
-// matrix-vector product.  (OpenBLAS's sgemm first copies all of w into packed panels, which
-// for one row of x doubles the memory traffic of a step's vocabulary projection.)
-class MennyMatvec : public CpuKernel {
- public:
-  using CpuKernel::CpuKernel;
-
-  const char* name() const override {
-    return "MennyMatvec";
-  }
-
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    mx::Shape shape = inputs[0].shape();
-    shape.back() = inputs[1].shape(0);
-    return {shape};
-  }
-
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    auto& encoder = fresh_output(inputs, out);
-#if defined(__x86_64__)
-    const std::optional<mx::array> bias = inputs.size() > 2 ? std::optional(inputs[2]) : std::nullopt;
-    encoder.dispatch([x = inputs[0], w = inputs[1], bias, out]() mutable {
-      const std::size_t depth = w.shape(1), n_w = w.shape(0), n_x = x.size() / depth;
-      const float* xs = x.data<float>();
-      const float* bs = bias ? bias->data<float>() : nullptr;
-      float* dst = out.data<float>();
-      auto split = [&](const auto* ws) {
-        parallel_for(
-            n_w, n_x * depth, 8,
-            [=](std::size_t begin, std::size_t end) { matvec_rows_avx2(xs, n_x, ws, bs, depth, dst, n_w, begin, end); },
-            kWeightsPerBlock);
-      };
-      if (w.dtype() == mx::float16) {
-        split(reinterpret_cast<const std::uint16_t*>(w.data<mx::float16_t>()));
-      } else {
-        split(w.data<float>());
-      }
-    });
-#endif
-  }
-};
-
 // Whether a's elements lie in row-major order in its memory (a view into a larger buffer too).
 bool in_row_order(const mx::array& a) {
   std::int64_t stride = 1;
@@ -1167,6 +1121,55 @@ mx::array copy_in_row_order(const mx::array& a, char* to = nullptr) {
   }
   return fresh ? *fresh : a;
 }
+
+// A matvec hands out its rows in blocks of this many weights (256 KB of float16): long
+// enough runs of contiguous memory for the prefetches to stay ahead.
+constexpr std::size_t kWeightsPerBlock = 1 << 17;
+
+// x (..., depth) times w (n_w, depth) transposed, for few rows of x: w is read once, as in a
+// matrix-vector product.  (OpenBLAS's sgemm first copies all of w into packed panels, which
+// for one row of x doubles the memory traffic of a step's vocabulary projection.)
+class MennyMatvec : public CpuKernel {
+ public:
+  using CpuKernel::CpuKernel;
+
+  const char* name() const override {
+    return "MennyMatvec";
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    mx::Shape shape = inputs[0].shape();
+    shape.back() = inputs[1].shape(0);
+    return {shape};
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& encoder = fresh_output(inputs, out);
+#if defined(__x86_64__)
+    const std::optional<mx::array> bias = inputs.size() > 2 ? std::optional(inputs[2]) : std::nullopt;
+    // The weights come as they are (the decoder's are views of one buffer, which contiguous()
+    // would copy every call); ones not in row order are copied here.
+    encoder.dispatch([x = inputs[0], given = inputs[1], bias, out]() mutable {
+      const mx::array w = in_row_order(given) ? given : copy_in_row_order(given);
+      const std::size_t depth = w.shape(1), n_w = w.shape(0), n_x = x.size() / depth;
+      const float* xs = x.data<float>();
+      const float* bs = bias ? bias->data<float>() : nullptr;
+      float* dst = out.data<float>();
+      auto split = [&](const auto* ws) {
+        parallel_for(
+            n_w, n_x * depth, 8,
+            [=](std::size_t begin, std::size_t end) { matvec_rows_avx2(xs, n_x, ws, bs, depth, dst, n_w, begin, end); },
+            kWeightsPerBlock);
+      };
+      if (w.dtype() == mx::float16) {
+        split(reinterpret_cast<const std::uint16_t*>(w.data<mx::float16_t>()));
+      } else {
+        split(w.data<float>());
+      }
+    });
+#endif
+  }
+};
 
 // A decoder layer's one-token step (decoder_layer_step).  Outputs: the layer's output, then the
 // key and value caches, which are the input caches' memory with the token's key and value
@@ -1296,7 +1299,7 @@ mx::array matvec(const mx::array& x, const mx::array& w, const std::optional<mx:
   mx::Shape shape = x.shape();
   shape.back() = w.shape(0);
   // float16 weights stay float16: half the bytes to read.
-  const mx::array weights = w.dtype() == mx::float16 ? mx::contiguous(w, false, stream) : float32_rows(w, stream);
+  const mx::array weights = w.dtype() == mx::float16 || w.dtype() == mx::float32 ? w : mx::astype(w, mx::float32, stream);
   std::vector<mx::array> inputs{float32_rows(x, stream), weights};
   if (bias) {
     inputs.push_back(float32_rows(*bias, stream));
