@@ -294,6 +294,8 @@ class TextDecoder(nn.Module):
                 layer.weight = packed[start : start + layer.weight.size].reshape(layer.weight.shape)
                 start += layer.weight.size
             mx.eval([layer.weight for layer in halved])
+            # The float32 matrices and the separate halves would stay in MLX's buffer cache.
+            mx.clear_cache()
 
     def _embed(self, tokens: mx.array) -> mx.array:
         return self.token_embedding(tokens).astype(self.positional_embedding.dtype)
