@@ -15,7 +15,7 @@ import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from . import kernels
+from . import cuda, kernels
 
 # The decoder's self-attention cache: per layer (keys, values), allocated once per decode and
 # written in place by position, so that every decoding step has the same shapes and
@@ -53,11 +53,37 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
     return np.concatenate([np.sin(scaled_time), np.cos(scaled_time)], axis=1).astype(np.float32)
 
 
-def linear(layer: nn.Linear, x: mx.array) -> mx.array:
-    """`layer(x)`; a decoding step's few rows take one pass over the weights (`kernels.linear`)."""
-    if isinstance(layer, nn.QuantizedLinear):  # packed weights: only MLX's quantized product reads them
-        return layer(x)
-    return kernels.linear(x, layer.weight, layer.get("bias"))
+def linear(
+    layer: nn.Linear | nn.Embedding,
+    x: mx.array,
+    *,
+    norm: nn.LayerNorm | None = None,
+    residual: mx.array | None = None,
+    gelu: bool = False,
+) -> mx.array:
+    """`layer(norm(x))`, then exact GELU, then plus `residual`, as asked (an embedding multiplies
+    by its transpose).  A decoding step's few rows take one pass over the weights: on NVIDIA GPUs
+    one kernel for all of it (`cuda.fused_linear`), on CPUs `kernels.linear`."""
+    quantized = isinstance(layer, nn.QuantizedLinear)  # packed weights: only MLX's quantized product reads them
+    if not quantized:
+        norm_arrays = None if norm is None else (norm.weight, norm.bias, norm.eps)
+        fused = cuda.fused_linear(x, layer.weight, layer.get("bias"), norm=norm_arrays, residual=residual, gelu=gelu)
+        if fused is not None:
+            return fused
+    if norm is not None:
+        x = norm(x)
+    y = layer(x) if quantized else kernels.linear(x, layer.weight, layer.get("bias"))
+    if gelu:
+        y = kernels.gelu(y)
+    return y if residual is None else residual + y
+
+
+def linear_layer(weight: mx.array, bias: mx.array | None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    layer.weight = weight
+    if bias is not None:
+        layer.bias = bias
+    return layer
 
 
 def dense_weight(layer: nn.Linear) -> mx.array:
@@ -87,6 +113,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, n_state: int, n_head: int):
         super().__init__()
         self.n_head = n_head
+        self.head_dim = n_state // n_head
         self.query = nn.Linear(n_state, n_state)
         self.key = nn.Linear(n_state, n_state, bias=False)
         self.value = nn.Linear(n_state, n_state)
@@ -96,23 +123,15 @@ class MultiHeadAttention(nn.Module):
         return linear(self.key, source), linear(self.value, source)
 
     def attend_cache(
-        self, x: mx.array, cache: tuple[mx.array, mx.array], offset: mx.array, mask: mx.array | None
+        self, x: mx.array, cache: tuple[mx.array, mx.array], offset: mx.array
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
-        """Self-attention of x (batch, n, state) at positions `offset` onwards: writes x's keys and
-        values into the cache there, attends over it; returns the output and the updated cache.
-        `mask` (n > 1, padded heads only) hides the positions after each query."""
-        if cache[0].ndim == 3:
-            k, v = self.project_kv(x)
-            k = mx.slice_update(cache[0], k, offset, axes=(1,))
-            v = mx.slice_update(cache[1], v, offset, axes=(1,))
-            return linear(self.out, kernels.cached_attention(linear(self.query, x), k, v, offset, self.n_head)), (k, v)
-        q, k, v = (self._padded_heads(name, x) for name in ("query", "key", "value"))
-        k = mx.slice_update(cache[0], k, offset, axes=(2,))
-        v = mx.slice_update(cache[1], v, offset, axes=(2,))
-        scale = (x.shape[-1] // self.n_head) ** -0.5
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-        weight, bias = self._padded["out"]
-        return mx.addmm(bias, self._merge_heads(out), weight.T), (k, v)
+        """Self-attention of x (batch, n, state) at positions `offset` onwards over a cache in the
+        CPU kernels' layout: writes x's keys and values into it there, attends over it; returns
+        the output and the updated cache."""
+        k, v = self.project_kv(x)
+        k = mx.slice_update(cache[0], k, offset, axes=(1,))
+        v = mx.slice_update(cache[1], v, offset, axes=(1,))
+        return linear(self.out, kernels.cached_attention(linear(self.query, x), k, v, offset, self.n_head)), (k, v)
 
     def pad_weights(self) -> None:
         """The projections for the padded-heads cache, made again only when the weights were
@@ -122,23 +141,29 @@ class MultiHeadAttention(nn.Module):
             return
         self._padded_for = weights
         n = self.n_head
+        value_bias = pad_heads(self.value.bias, n)
+        # Keys and values from one product: the keys' half of its bias is 0 (keys have none).
         self._padded = {
-            "query": (pad_heads(dense_weight(self.query), n), pad_heads(self.query.bias, n, first=1.0)),
-            "key": (pad_heads(dense_weight(self.key), n), None),
-            "value": (pad_heads(dense_weight(self.value), n), pad_heads(self.value.bias, n)),
-            "out": (pad_heads(dense_weight(self.out).T, n).T, self.out.bias),
+            "query": linear_layer(pad_heads(dense_weight(self.query), n), pad_heads(self.query.bias, n, first=1.0)),
+            "key_value": linear_layer(
+                mx.concatenate([pad_heads(dense_weight(self.key), n), pad_heads(dense_weight(self.value), n)]),
+                mx.concatenate([mx.zeros_like(value_bias), value_bias]),
+            ),
+            "out": linear_layer(mx.contiguous(pad_heads(dense_weight(self.out).T, n).T), self.out.bias),
         }
         mx.eval(self._padded)
 
-    def _padded_heads(self, name: str, x: mx.array) -> mx.array:
-        weight, bias = self._padded[name]
-        y = x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
+    def padded_heads(self, y: mx.array) -> mx.array:
+        """A padded projection's output (batch, n, groups * heads * padded head) as (batch, groups,
+        heads, n, padded head)."""
         batch, n, width = y.shape
-        if n == 1:  # the same memory order: no transposed copy for a step's single query
-            return y.reshape(batch, self.n_head, 1, width // self.n_head)
-        return y.reshape(batch, n, self.n_head, width // self.n_head).transpose(0, 2, 1, 3)
+        head = self.head_dim + HEAD_PAD
+        groups = width // (self.n_head * head)
+        if n == 1:  # the same memory order: no transposed copy for a step's single token
+            return y.reshape(batch, groups, self.n_head, 1, head)
+        return y.reshape(batch, n, groups, self.n_head, head).transpose(0, 2, 3, 1, 4)
 
-    def _merge_heads(self, t: mx.array) -> mx.array:
+    def merge_heads(self, t: mx.array) -> mx.array:
         batch, n_head, n, head_dim = t.shape
         if n == 1:
             return t.reshape(batch, 1, n_head * head_dim)
@@ -184,6 +209,8 @@ class ResidualAttentionBlock(nn.Module):
         and attention runs over the whole cache (`mask`, given several tokens, hides the positions
         after each).
         """
+        if cache is not None and cache[0].ndim == 4:
+            return self._padded_step(x, cache, cross_kv, offset, mask)
         if cache is not None and cross_kv is not None and cross_logits is None and x.shape[1] == 1:
             stepped = kernels.decoder_layer_step(
                 x, offset, cache, cross_kv, self.step_weights(), self.attn.n_head, self.attn_ln.eps
@@ -195,14 +222,37 @@ class ResidualAttentionBlock(nn.Module):
             k, v = self.attn.project_kv(h)
             x = x + self.attn.attend(h, k, v, mask)
         else:
-            attended, (k, v) = self.attn.attend_cache(h, cache, offset, mask)
+            attended, (k, v) = self.attn.attend_cache(h, cache, offset)
             x = x + attended
         if self.cross_attn is not None:
             h = self.cross_attn_ln(x)
             if cross_logits is not None:
                 cross_logits.append(self.cross_attn.attention_logits(h, cross_kv[0]))
             x = x + self.cross_attn.attend(h, *cross_kv, None)
-        x = x + linear(self.mlp2, kernels.gelu(linear(self.mlp1, self.mlp_ln(x))))
+        x = linear(self.mlp2, linear(self.mlp1, x, norm=self.mlp_ln, gelu=True), residual=x)
+        return x, (k, v)
+
+    def _padded_step(
+        self,
+        x: mx.array,
+        cache: tuple[mx.array, mx.array],
+        cross_kv: tuple[mx.array, mx.array],
+        offset: mx.array,
+        mask: mx.array | None,
+    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """The block over a padded-heads cache (see HEAD_PAD), each projection one `linear` call
+        that takes its layer norm, GELU or residual add along."""
+        attn, padded = self.attn, self.attn._padded
+        q = attn.padded_heads(linear(padded["query"], x, norm=self.attn_ln)).squeeze(1)
+        key_value = attn.padded_heads(linear(padded["key_value"], x, norm=self.attn_ln))
+        k = mx.slice_update(cache[0], key_value[:, 0], offset, axes=(2,))
+        v = mx.slice_update(cache[1], key_value[:, 1], offset, axes=(2,))
+        attended = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.head_dim**-0.5, mask=mask)
+        x = linear(padded["out"], attn.merge_heads(attended), residual=x)
+        cross = self.cross_attn
+        q = linear(cross.query, x, norm=self.cross_attn_ln)
+        x = linear(cross.out, kernels.multi_head_attention(q, *cross_kv, cross.n_head), residual=x)
+        x = linear(self.mlp2, linear(self.mlp1, x, norm=self.mlp_ln, gelu=True), residual=x)
         return x, (k, v)
 
     def step_weights(self) -> list[mx.array]:
@@ -366,7 +416,7 @@ class TextDecoder(nn.Module):
             x = x[:, -positions:]
         if isinstance(self.token_embedding, nn.QuantizedEmbedding):
             return self.token_embedding.as_linear(self.ln(x)), new_cache
-        return kernels.linear(self.ln(x), self.token_embedding.weight), new_cache
+        return linear(self.token_embedding, x, norm=self.ln), new_cache
 
     def _step(
         self, tokens: mx.array, cross_kv: list[tuple[mx.array, mx.array]], cache: KVCache, offset: mx.array
