@@ -649,6 +649,48 @@ def check(data: Data, models: Path) -> bool:
     return passed
 
 
+def check_fused_linear() -> bool:
+    """`whisper.cuda.fused_linear` against the same arithmetic in MLX's ops (fp32 from the same
+    fp16 inputs), every combination of its options, the decoder's shapes, 1 to 32 rows."""
+    import itertools
+
+    import mlx.core as mx
+
+    from whisper import cuda
+
+    worst = 0.0
+    for (depth, features), rows, bias, norm, residual, gelu in itertools.product(
+        [(512, 2304), (768, 512), (2048, 512), (512, 51865)], [1, 5, 16, 32], *[[False, True]] * 4
+    ):
+        if residual and features != depth:
+            continue
+        rng = mx.random.split(mx.random.key(rows * depth + features))[0]
+        x, w, b, g, beta, r = (
+            mx.random.normal(shape, key=k).astype(mx.float16)
+            for shape, k in zip(
+                [(rows, depth), (features, depth), (features,), (depth,), (depth,), (rows, features)],
+                mx.random.split(rng, 6),
+            )
+        )
+        w = w * depth**-0.5
+        options = {"norm": (g, beta, 1e-5) if norm else None, "residual": r if residual else None, "gelu": gelu}
+        fused = cuda.fused_linear(x, w, b if bias else None, **options)
+        assert fused is not None, "the kernel did not run"
+        h = x.astype(mx.float32)
+        if norm:
+            h = mx.fast.layer_norm(h, g.astype(mx.float32), beta.astype(mx.float32), 1e-5)
+        y = h @ w.astype(mx.float32).T + (b.astype(mx.float32) if bias else 0)
+        if gelu:
+            y = mx.array(0.5) * y * (1 + mx.erf(y / 2**0.5))
+        if residual:
+            y = y + r.astype(mx.float32)
+        error = (mx.abs(fused.astype(mx.float32) - y).max() / (mx.abs(y).max() + 1e-6)).item()
+        worst = max(worst, error)
+    ok = worst < 2e-3
+    print(f"check fused_linear: worst error relative to the largest value {worst:.2e}: {'pass' if ok else 'FAIL'}")
+    return ok
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prepare", type=Path, help="(CPU, here) write audio.npz and reference.json into this folder")
@@ -661,6 +703,7 @@ def main() -> None:
     parser.add_argument("--speed", action="store_true")
     parser.add_argument("--step", action="store_true", help="time our compiled decoder step alone")
     parser.add_argument("--profile", action="store_true", help="cProfile our batch-16 folder run")
+    parser.add_argument("--unfused", action="store_true", help="MLX's own ops instead of whisper.cuda's kernel (A/B)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write the numbers here as JSON")
     args = parser.parse_args()
@@ -670,6 +713,8 @@ def main() -> None:
     if not (args.data and args.models):
         parser.error("give --prepare DIR here, or --data and --models on the GPU machine")
     data = load_data(args.data)
+    if args.unfused:
+        whisper.cuda.MAX_ROWS = 0
     report: dict = {}
     with contextlib.suppress(ImportError):
         import torch
@@ -681,7 +726,7 @@ def main() -> None:
     print(json.dumps(report), flush=True)
     passed = True
     if args.check:
-        passed = check(data, args.models)
+        passed = check_fused_linear() and check(data, args.models)
     if args.quantization:
         from quantization import HEADER, quantization_rows
 
