@@ -846,6 +846,10 @@ struct Matrix {
   const void* data;
   bool half;
 
+  explicit Matrix(const mx::array& w)
+      : data(w.dtype() == mx::float16 ? static_cast<const void*>(w.data<mx::float16_t>()) : w.data<float>()),
+        half(w.dtype() == mx::float16) {}
+
   // Rows [begin, end) of x (n_x, depth) @ this.T (+ bias), row j of the result at out + j * ld_out.
   MENNY_AVX2 void times(const float* x, std::size_t n_x, const float* bias, std::size_t depth, float* out,
                         std::size_t ld_out, std::size_t begin, std::size_t end) const {
@@ -921,9 +925,7 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
   const std::size_t position =
       std::clamp<std::ptrdiff_t>(in[kOffset].data<int32_t>()[0], 0, static_cast<std::ptrdiff_t>(ctx) - 1);
   auto vector = [&](StepInput i) { return in[i].data<float>(); };
-  auto matrix = [&](StepInput i) {
-    return in[i].dtype() == mx::float16 ? Matrix{in[i].data<mx::float16_t>(), true} : Matrix{in[i].data<float>(), false};
-  };
+  auto matrix = [&](StepInput i) { return Matrix(in[i]); };
   // Per batch row: a layer norm's output, the query, the attention's output, the residual
   // after self-attention and after cross-attention, and the MLP's hidden layer.
   std::vector<float> buffers(batch * (5 * state + hidden));
@@ -1155,17 +1157,12 @@ class MennyMatvec : public CpuKernel {
       const float* xs = x.data<float>();
       const float* bs = bias ? bias->data<float>() : nullptr;
       float* dst = out.data<float>();
-      auto split = [&](const auto* ws) {
-        parallel_for(
-            n_w, n_x * depth, 8,
-            [=](std::size_t begin, std::size_t end) { matvec_rows_avx2(xs, n_x, ws, bs, depth, dst, n_w, begin, end); },
-            kWeightsPerBlock);
-      };
-      if (w.dtype() == mx::float16) {
-        split(reinterpret_cast<const std::uint16_t*>(w.data<mx::float16_t>()));
-      } else {
-        split(w.data<float>());
-      }
+      parallel_for(
+          n_w, n_x * depth, 8,
+          [=, matrix = Matrix(w)](std::size_t begin, std::size_t end) {
+            matrix.times(xs, n_x, bs, depth, dst, n_w, begin, end);
+          },
+          kWeightsPerBlock);
     });
 #endif
   }
