@@ -11,8 +11,20 @@ from speech import SPEECH_DIR
 import whisper
 from whisper import kernels
 from whisper.audio import N_SAMPLES, load_audio
-from whisper.decoding import DecodingOptions, DecodingTask, DeviceRules, Inference, _greedy_pick, log_softmax
+from whisper.decoding import (
+    ApplyTimestampRules,
+    DecodingOptions,
+    DecodingTask,
+    DeviceRules,
+    GreedyDecoder,
+    Inference,
+    TimestampState,
+    _greedy_pick,
+    log_softmax,
+    timestamp_ranges,
+)
 from whisper.model import ResidualAttentionBlock, TextDecoder
+from whisper.tokenizer import get_tokenizer
 
 TOLERANCE = 1e-3
 
@@ -122,6 +134,37 @@ def test_greedy_choice_where_the_logits_are_equals_the_host_filters(traced_model
     expected = host.argmax(axis=-1)
     assert np.array(chosen).tolist() == expected.tolist()
     np.testing.assert_allclose(np.array(logprobs), log_softmax(host)[np.arange(3), expected], atol=1e-5)
+
+
+def test_the_timestamp_rules_state_advanced_on_the_device_gives_the_host_ranges():
+    tokenizer = get_tokenizer(False)
+    begin = tokenizer.timestamp_begin
+    rules = ApplyTimestampRules(tokenizer, sample_begin=3, max_initial_timestamp_index=50)
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        n = int(rng.integers(1, 9))
+        text = rng.integers(0, tokenizer.eot, size=(4, n))
+        stamps = rng.integers(begin, begin + 1500, size=(4, n))
+        tokens = np.concatenate([np.full((4, 3), tokenizer.sot), np.where(rng.random((4, n)) < 0.5, text, stamps)], 1)
+        state = TimestampState(*(mx.array(a) for a in rules.state(tokens[:, :4]).arrays()))
+        for column in tokens[:, 4:].T:
+            state = state.advance(mx.array(column.astype(np.int32)), begin, mx)
+        device = np.array(timestamp_ranges(state, begin, tokenizer.eot, mx))
+        assert np.array_equal(device, rules.ranges(tokens)), tokens
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_steps_sent_ahead_with_the_rules_on_the_device_give_the_host_loop_s_tokens(traced_model, monkeypatch, batch):
+    """The GPU's decoding loop, run here: the same tokens and log-probabilities as the host's."""
+    model = traced_model[0]
+    names = ["jfk.flac", "mfa_acoustic_corpus.wav", "librivox_sns01_0870.wav"][:batch]
+    mel = mx.stack([whisper.log_mel_spectrogram(load_audio(SPEECH_DIR / n), padding=N_SAMPLES).T[:3000] for n in names])
+    options = DecodingOptions(language="en")
+    host = whisper.decode(model, mel, options)
+    monkeypatch.setattr(DecodingTask, "_chooses_on_device", lambda self, decoder: isinstance(decoder, GreedyDecoder))
+    ahead = whisper.decode(model, mel, options)
+    assert [r.tokens for r in ahead] == [r.tokens for r in host]
+    np.testing.assert_allclose([r.avg_logprob for r in ahead], [r.avg_logprob for r in host], atol=1e-5)
 
 
 def test_the_vocabulary_in_half_precision_gives_the_same_logits():

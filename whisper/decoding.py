@@ -106,6 +106,14 @@ class Inference:
         result, self._cache = self.model.decoder.step_then(then)(new_tokens, self.cross_kv, self._cache, offset, *extra)
         return result
 
+    def chained_step(self, last: mx.array, then: Callable, *extra: mx.array) -> tuple[mx.array, ...]:
+        """As `step_then`, for the last chosen ids (batch, 1) still on the device: the host need
+        not know them before the step is sent."""
+        offset = mx.array([self.n_cached], dtype=mx.int32)
+        self.n_cached += 1
+        result, self._cache = self.model.decoder.step_then(then)(last, self.cross_kv, self._cache, offset, *extra)
+        return result
+
     def _advance(self, tokens: np.ndarray) -> tuple[mx.array, mx.array]:
         """The tokens not cached yet and the position of the first of them; from now on they count as cached."""
         new_tokens = mx.array(tokens[:, self.n_cached :], dtype=mx.int32)
@@ -218,6 +226,42 @@ def timestamps_win(logits: ArrayLike, timestamp_begin: int, xp: ModuleType = mx)
     return (top + _log_sum_exp(shifted, xp))[:, 0] > best_text
 
 
+@dataclass(frozen=True)
+class TimestampState:
+    """What the timestamp rules need of each row's sampled tokens (batch,): whether the last and
+    the one before it were timestamps, the latest timestamp token, and whether there was one;
+    numpy arrays on the host, MLX arrays where a GPU decodes several steps ahead."""
+
+    last: ArrayLike
+    penultimate: ArrayLike
+    latest: ArrayLike
+    seen: ArrayLike
+
+    def arrays(self) -> tuple[ArrayLike, ArrayLike, ArrayLike, ArrayLike]:
+        return self.last, self.penultimate, self.latest, self.seen
+
+    def advance(self, chosen: ArrayLike, timestamp_begin: int, xp: ModuleType) -> TimestampState:
+        """The state after each row's `chosen` token."""
+        is_timestamp = chosen >= timestamp_begin
+        latest = xp.where(is_timestamp, chosen, self.latest).astype(self.latest.dtype)
+        return TimestampState(is_timestamp, self.last, latest, self.seen | is_timestamp)
+
+
+def timestamp_ranges(state: TimestampState, begin: int, eot: int, xp: ModuleType) -> ArrayLike:
+    """The token ids the timestamp rules forbid each row next, as `LogitFilter.ranges`
+    (batch, 2, 2); `xp` is numpy or mlx.core, whichever holds the state."""
+    opened = state.last & xp.logical_not(state.penultimate)
+    pair_closed = state.last & state.penultimate
+    nothing = xp.zeros(state.last.shape, dtype=xp.int32)
+    # After a closed pair text must follow; an opened pair must close (or the text end).
+    stop = xp.where(pair_closed, np.iinfo(np.int32).max, xp.where(opened, eot, 0))
+    first = xp.stack([xp.where(pair_closed, begin, nothing), stop], axis=-1)
+    # A segment may start where the last one ended, but must not be empty.
+    latest = state.latest + xp.logical_not(opened)
+    second = xp.stack([xp.where(state.seen, begin, nothing), xp.where(state.seen, latest, nothing)], axis=-1)
+    return xp.stack([first, second], axis=1)
+
+
 class ApplyTimestampRules(LogitFilter):
     """Timestamps come in pairs, never go back, start the text, and win when likelier."""
 
@@ -234,26 +278,30 @@ class ApplyTimestampRules(LogitFilter):
             if self.max_initial_timestamp_index is not None:
                 forbidden[:, begin + self.max_initial_timestamp_index + 1 :] = True
 
-    def ranges(self, tokens: np.ndarray) -> np.ndarray:
-        begin, eot = self.tokenizer.timestamp_begin, self.tokenizer.eot
+    def state(self, tokens: np.ndarray) -> TimestampState:
         sequences = tokens[:, self.sample_begin :]
         n_rows, length = sequences.shape
-        result = np.zeros((n_rows, 2, 2), dtype=np.int64)  # [0, 0): nothing
-        if length == 0:
-            return result
-        is_timestamp = sequences >= begin
-        last_was_timestamp = is_timestamp[:, -1]
-        penultimate_was_timestamp = is_timestamp[:, -2] if length >= 2 else np.ones(n_rows, dtype=bool)
-        opened = last_was_timestamp & ~penultimate_was_timestamp
-        result[last_was_timestamp & penultimate_was_timestamp, 0] = (begin, np.iinfo(np.int32).max)  # text must follow
-        result[opened, 0] = (0, eot)  # an opened pair must close (or the text end)
-        # A segment may start where the last one ended, but must not be empty.
-        last_index = length - 1 - is_timestamp[:, ::-1].argmax(axis=1)
-        last = sequences[np.arange(n_rows), last_index] + ~opened
+        is_timestamp = sequences >= self.tokenizer.timestamp_begin
         seen = is_timestamp.any(axis=1)
-        result[seen, 1, 0] = begin
-        result[seen, 1, 1] = last[seen]
-        return result
+        latest = np.zeros(n_rows, dtype=np.int64)
+        if length:
+            last_index = length - 1 - is_timestamp[:, ::-1].argmax(axis=1)
+            latest = np.where(seen, sequences[np.arange(n_rows), last_index], 0)
+        return TimestampState(
+            last=is_timestamp[:, -1] if length else np.zeros(n_rows, dtype=bool),
+            penultimate=is_timestamp[:, -2] if length >= 2 else np.ones(n_rows, dtype=bool),
+            latest=latest,
+            seen=seen,
+        )
+
+    @staticmethod
+    def no_state(n_rows: int) -> TimestampState:
+        """The state of rows with nothing sampled yet."""
+        no = np.zeros(n_rows, dtype=bool)
+        return TimestampState(last=no, penultimate=~no, latest=np.zeros(n_rows, dtype=np.int32), seen=no)
+
+    def ranges(self, tokens: np.ndarray) -> np.ndarray:
+        return timestamp_ranges(self.state(tokens), self.tokenizer.timestamp_begin, self.tokenizer.eot, np)
 
     def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
         # Called last: the likelier-timestamps rule weighs what every filter left.
@@ -279,6 +327,28 @@ def _greedy_choice(timestamp_begin: int | None) -> Callable[[mx.array, mx.array,
         return chosen, mx.take_along_axis(log_softmax(logits, mx), chosen[:, None], axis=-1)[:, 0]
 
     return pick
+
+
+@functools.cache
+def _chained_choice(timestamp_begin: int | None, eot: int) -> Callable[..., tuple[mx.array, ...]]:
+    """`_greedy_choice` for steps sent ahead of the host: the timestamp rules' ranges come from
+    their state on the device, which each choice advances, and a row that has ended keeps
+    choosing end-of-text.  (logits, forbidden, done, *state) -> (chosen, log-probability, done, *state)."""
+    choose = _greedy_choice(timestamp_begin)
+
+    def chained(logits: mx.array, forbidden: mx.array, done: mx.array, *arrays: mx.array) -> tuple[mx.array, ...]:
+        state = TimestampState(*arrays)
+        if timestamp_begin is None:
+            ranges = mx.zeros((logits.shape[0], 1, 2), dtype=mx.int32)
+        else:
+            ranges = timestamp_ranges(state, timestamp_begin, eot, mx)
+        chosen, logprobs = choose(logits, forbidden, ranges)
+        chosen = mx.where(done, eot, chosen).astype(mx.int32)
+        if timestamp_begin is not None:
+            state = state.advance(chosen, timestamp_begin, mx)
+        return chosen, logprobs, done | (chosen == eot), *state.arrays()
+
+    return chained
 
 
 @functools.cache
@@ -588,36 +658,80 @@ class DecodingTask:
         return decoder.update(tokens, logits, sum_logprobs)
 
     def _sample(self, inference: Inference, decoder: TokenDecoder, tokens: np.ndarray):
-        n_rows = tokens.shape[0]
-        sum_logprobs = np.zeros(n_rows, dtype=np.float64)
-        # On a GPU greedy choices are made where the logits are: only token ids and
-        # log-probabilities cross to the host per step.  On a CPU numpy's filters are cheaper
-        # (0.5 ms a step against 3 ms for MLX's one-lane exp over the vocabulary, twice).
-        on_device = isinstance(decoder, GreedyDecoder) and decoder.temperature == 0 and mx.default_device() != mx.cpu
-        rules = DeviceRules(self.logit_filters, self.model.dims.n_vocab) if on_device else None
-        for step in range(self.sample_len):
-            if on_device and step > 0:
-                # The step and the choice in one compiled call: one launch of the graph, and
-                # only the token ids, log-probabilities and a few ranges cross per step.
-                chosen, logprobs = inference.step_then(tokens, _greedy_choice(self.timestamp_begin), *rules(tokens))
-            elif step == 0:
-                # From start-of-transcript on: the prompt before it needs no logits.
-                all_logits = inference.device_logits(tokens, positions=tokens.shape[1] - self.sot_index)
-                sot_probs = mx.softmax(all_logits[:, 0].astype(mx.float32), axis=-1, precise=True)
-                no_speech_probs = np.array(sot_probs[:, self.tokenizer.no_speech]).astype(np.float64)
-                logits = all_logits[:, -1]
-            else:
-                logits = inference.device_logits(tokens)[:, -1]
-            if on_device:
-                if step == 0:
-                    chosen, logprobs = _greedy_pick(self.timestamp_begin)(logits, *rules(tokens))
-                chosen, logprobs = np.array(chosen).astype(np.int64), np.array(logprobs)
-                tokens, completed = decoder.append(tokens, chosen, logprobs, sum_logprobs)
-            else:
-                tokens, completed = self._choose(decoder, tokens, np.array(logits.astype(mx.float32)), sum_logprobs)
+        sum_logprobs = np.zeros(tokens.shape[0], dtype=np.float64)
+        # From start-of-transcript on: the prompt before it needs no logits.
+        all_logits = inference.device_logits(tokens, positions=tokens.shape[1] - self.sot_index)
+        sot_probs = mx.softmax(all_logits[:, 0].astype(mx.float32), axis=-1, precise=True)
+        no_speech_probs = np.array(sot_probs[:, self.tokenizer.no_speech]).astype(np.float64)
+        logits = all_logits[:, -1]
+        if self._chooses_on_device(decoder):
+            rules = DeviceRules(self.logit_filters, self.model.dims.n_vocab)
+            chosen, logprobs = _greedy_pick(self.timestamp_begin)(logits, *rules(tokens))
+            chosen, logprobs = np.array(chosen).astype(np.int64), np.array(logprobs)
+            tokens, completed = decoder.append(tokens, chosen, logprobs, sum_logprobs)
+            steps = functools.partial(self._steps_on_device, rules)
+        else:
+            tokens, completed = self._choose(decoder, tokens, np.array(logits.astype(mx.float32)), sum_logprobs)
+            steps = self._steps_on_host
+        if not (completed or tokens.shape[1] > self.n_ctx):
+            tokens = steps(inference, decoder, tokens, sum_logprobs)
+        return tokens, sum_logprobs, no_speech_probs
+
+    def _chooses_on_device(self, decoder: TokenDecoder) -> bool:
+        """On a GPU greedy choices are made where the logits are: only token ids and
+        log-probabilities cross to the host.  On a CPU numpy's filters are cheaper (0.5 ms a step
+        against 3 ms for MLX's one-lane exp over the vocabulary, twice)."""
+        return isinstance(decoder, GreedyDecoder) and decoder.temperature == 0 and mx.default_device() != mx.cpu
+
+    def _steps_on_host(
+        self, inference: Inference, decoder: TokenDecoder, tokens: np.ndarray, sum_logprobs: np.ndarray
+    ) -> np.ndarray:
+        for _ in range(1, self.sample_len):
+            logits = inference.device_logits(tokens)[:, -1]
+            tokens, completed = self._choose(decoder, tokens, np.array(logits.astype(mx.float32)), sum_logprobs)
             if completed or tokens.shape[1] > self.n_ctx:
                 break
-        return tokens, sum_logprobs, no_speech_probs
+        return tokens
+
+    def _steps_on_device(
+        self,
+        rules: DeviceRules,
+        inference: Inference,
+        decoder: GreedyDecoder,
+        tokens: np.ndarray,
+        sum_logprobs: np.ndarray,
+    ) -> np.ndarray:
+        """Greedy steps whose choices and timestamp rules stay on the device: each step is sent
+        before the previous one's ids are read, so that the host's sending of ~100 operations
+        overlaps the GPU's running of the last ones."""
+        eot = self.tokenizer.eot
+        forbidden, _ = rules(tokens)  # the same for every row from here on
+        timestamps = next((f for f in self.logit_filters if isinstance(f, ApplyTimestampRules)), None)
+        host_state = timestamps.state(tokens) if timestamps else ApplyTimestampRules.no_state(tokens.shape[0])
+        state = [mx.array(a) for a in host_state.arrays()]
+        choose = _chained_choice(self.timestamp_begin, eot)
+
+        def send(last: mx.array, done: mx.array, state: list[mx.array]) -> tuple[mx.array, ...] | None:
+            if inference.n_cached >= self.n_ctx:
+                return None
+            step = inference.chained_step(last, choose, forbidden, done, *state)
+            mx.async_eval(step)
+            return step
+
+        pending = send(mx.array(tokens[:, -1:], dtype=mx.int32), mx.array(tokens[:, -1] == eot), state)
+        for sent in range(1, self.sample_len):
+            if pending is None:
+                break
+            chosen, logprobs, done, *state = pending
+            pending = send(chosen[:, None], done, state) if sent < self.sample_len - 1 else None
+            tokens, completed = decoder.append(
+                tokens, np.array(chosen).astype(np.int64), np.array(logprobs), sum_logprobs
+            )
+            if completed or tokens.shape[1] > self.n_ctx:
+                break
+        if pending is not None:  # a step sent past the end: its position holds nothing
+            inference.rewind(tokens.shape[1] - 1)
+        return tokens
 
     def run(self, mel: mx.array) -> list[DecodingResult]:
         if mel.ndim == 2:
