@@ -627,6 +627,7 @@ def check(data: Data, models: Path) -> bool:
     references = [data.references[f] for f in files]
     passed = True
     for name in MODELS:
+        started = time.perf_counter()
         model = whisper.load_model(str(models / name))
         assert mx.default_device() == mx.gpu and model.dtype == mx.float16
         single = [whisper.transcribe(model, a, **OPTIONS)["text"] for a in audio]
@@ -640,7 +641,7 @@ def check(data: Data, models: Path) -> bool:
         print(
             f"check {name}: WER CPU fp32 {cpu['wer']:.2f}, GPU fp16 {gpu_wer:.2f}, GPU fp16 batched {batch_wer:.2f}; "
             f"GPU text == CPU text on {same_cpu}/{len(files)} clips, batched == unbatched on "
-            f"{same_batch}/{len(files)}: {'pass' if ok else 'FAIL'}",
+            f"{same_batch}/{len(files)}: {'pass' if ok else 'FAIL'} ({time.perf_counter() - started:.0f} s)",
             flush=True,
         )
         for f, a, b in zip(files, single, batched):
