@@ -116,8 +116,10 @@ _NORMALIZED = "((v[i] - mean[r]) * inverse_deviation[r] * g[i] + b[i])"
 
 
 def available() -> bool:
-    """Whether MLX computes on a CUDA GPU here and now."""
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+    """Whether MLX computes on a CUDA GPU here and now (not an Apple GPU: mlx builds for Metal
+    may lack `mx.cuda`)."""
+    cuda = getattr(mx, "cuda", None)
+    return mx.default_device() == mx.gpu and cuda is not None and cuda.is_available()
 
 
 @functools.cache
