@@ -70,6 +70,7 @@ def audio_server(
         host: str = "127.0.0.1",
         token: str | None = None,
         data_dir: Path | None = None,
+        launcher: tuple[str, ...] = (),
     ) -> ServerProcess:
         if env is None:
             env = request.getfixturevalue("virtual_mic").env()
@@ -79,7 +80,7 @@ def audio_server(
         data_dir = data_dir or tmp_path / f"clips{n}"
         for _attempt in range(3):  # another program may take the chosen port meanwhile
             server = ServerProcess(
-                data_dir, tmp_path / f"server{n}.log", env, args, host=host, token=token
+                data_dir, tmp_path / f"server{n}.log", env, args, host=host, token=token, launcher=launcher
             )
             started.append(server)
             try:

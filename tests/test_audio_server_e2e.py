@@ -1,6 +1,6 @@
 """The microphone server as a real process recording a real virtual microphone: what is played
 arrives whole, is transcribed like an upload, survives kill -9 and SIGTERM; many start/stop
-cycles and concurrent clients leak nothing; no device, other hosts and tokens."""
+cycles and concurrent clients leak nothing; no device, no PortAudio, other hosts and tokens."""
 
 from __future__ import annotations
 
@@ -246,6 +246,30 @@ def test_without_an_input_device_recording_fails_with_the_fix(
     assert "To fix: connect a microphone" in detail
     assert server.client.get("/devices").json() == []
     assert server.client.post("/stop").status_code == 409
+
+
+def portaudio_library() -> Path:
+    listed = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
+    return Path(next(line.split(" => ")[1] for line in listed.splitlines() if "libportaudio.so" in line)).resolve()
+
+
+def test_without_portaudio_the_server_runs_and_says_how_to_install_it(
+    audio_server: Callable[..., ServerProcess], no_mic_env: dict[str, str]
+) -> None:
+    # The server runs in its own mount namespace where the real library file reads as empty:
+    # PortAudio is missing for it alone.
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --mount is not permitted here, so no library can be hidden")
+    hide = ("unshare", "--mount", "sh", "-c", 'mount --bind /dev/null "$0" && exec "$@"', str(portaudio_library()))
+    server = audio_server(env=no_mic_env, launcher=hide)
+    fix = "To fix: install PortAudio (Debian/Ubuntu: `apt-get install libportaudio2`"
+    status = server.client.get("/status").json()
+    assert status["error"].startswith("PortAudio is not available") and fix in status["error"]
+    for method, path in [("POST", "/start"), ("GET", "/devices")]:
+        answer = server.client.request(method, path)
+        assert answer.status_code == 503 and fix in answer.json()["detail"], (path, answer.text)
+    assert server.client.post("/stop").status_code == 409
+    assert server.client.get("/health").json() == {"status": "ok"}
 
 
 def test_configured_device(audio_server: Callable[..., ServerProcess]) -> None:

@@ -194,7 +194,9 @@ class ServerProcess:
         args: tuple[str, ...] = (),
         host: str = "127.0.0.1",
         token: str | None = None,
+        launcher: tuple[str, ...] = (),
     ) -> None:
+        """`launcher` is a command that runs the server's command line (its arguments appended)."""
         self.data_dir = data_dir
         self.log_path = log_path
         self.host = host
@@ -202,7 +204,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=60.0)
-        command = [sys.executable, str(REPO / "audio_server.py"), "--host", host,
+        command = [*launcher, sys.executable, str(REPO / "audio_server.py"), "--host", host,
                    "--port", str(self.port), "--data-dir", str(data_dir), *args]
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
