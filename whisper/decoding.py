@@ -99,16 +99,10 @@ class Inference:
         logits, self._cache = decoder(new_tokens, self.cross_kv, self._cache, offset=offset, positions=positions)
         return logits
 
-    def step_then(self, tokens: np.ndarray, then: Callable, *extra: mx.array) -> tuple[mx.array, ...]:
-        """A single-token step (all tokens but the last already cached) and `then(logits, *extra)`
-        on its logits (batch, vocab), compiled into one call: what `then` returns stays on the device."""
-        new_tokens, offset = self._advance(tokens)
-        result, self._cache = self.model.decoder.step_then(then)(new_tokens, self.cross_kv, self._cache, offset, *extra)
-        return result
-
     def chained_step(self, last: mx.array, then: Callable, *extra: mx.array) -> tuple[mx.array, ...]:
-        """As `step_then`, for the last chosen ids (batch, 1) still on the device: the host need
-        not know them before the step is sent."""
+        """A single-token step for the last chosen ids (batch, 1), still on the device (the host
+        need not know them before the step is sent), and `then(logits, *extra)` on its logits
+        (batch, vocab), compiled into one call: what `then` returns stays on the device."""
         offset = mx.array([self.n_cached], dtype=mx.int32)
         self.n_cached += 1
         result, self._cache = self.model.decoder.step_then(then)(last, self.cross_kv, self._cache, offset, *extra)
@@ -294,12 +288,6 @@ class ApplyTimestampRules(LogitFilter):
             seen=seen,
         )
 
-    @staticmethod
-    def no_state(n_rows: int) -> TimestampState:
-        """The state of rows with nothing sampled yet."""
-        no = np.zeros(n_rows, dtype=bool)
-        return TimestampState(last=no, penultimate=~no, latest=np.zeros(n_rows, dtype=np.int32), seen=no)
-
     def ranges(self, tokens: np.ndarray) -> np.ndarray:
         return timestamp_ranges(self.state(tokens), self.tokenizer.timestamp_begin, self.tokenizer.eot, np)
 
@@ -333,20 +321,21 @@ def _greedy_choice(timestamp_begin: int | None) -> Callable[[mx.array, mx.array,
 def _chained_choice(timestamp_begin: int | None, eot: int) -> Callable[..., tuple[mx.array, ...]]:
     """`_greedy_choice` for steps sent ahead of the host: the timestamp rules' ranges come from
     their state on the device, which each choice advances, and a row that has ended keeps
-    choosing end-of-text.  (logits, forbidden, done, *state) -> (chosen, log-probability, done, *state)."""
+    choosing end-of-text.  (logits, forbidden, done, *state) -> (chosen, log-probability, done, *state);
+    the state's arrays (`TimestampState.arrays`) only with `timestamp_begin`."""
     choose = _greedy_choice(timestamp_begin)
 
     def chained(logits: mx.array, forbidden: mx.array, done: mx.array, *arrays: mx.array) -> tuple[mx.array, ...]:
-        state = TimestampState(*arrays)
         if timestamp_begin is None:
             ranges = mx.zeros((logits.shape[0], 1, 2), dtype=mx.int32)
         else:
+            state = TimestampState(*arrays)
             ranges = timestamp_ranges(state, timestamp_begin, eot, mx)
         chosen, logprobs = choose(logits, forbidden, ranges)
         chosen = mx.where(done, eot, chosen).astype(mx.int32)
         if timestamp_begin is not None:
-            state = state.advance(chosen, timestamp_begin, mx)
-        return chosen, logprobs, done | (chosen == eot), *state.arrays()
+            arrays = state.advance(chosen, timestamp_begin, mx).arrays()
+        return chosen, logprobs, done | (chosen == eot), *arrays
 
     return chained
 
@@ -707,8 +696,7 @@ class DecodingTask:
         eot = self.tokenizer.eot
         forbidden, _ = rules(tokens)  # the same for every row from here on
         timestamps = next((f for f in self.logit_filters if isinstance(f, ApplyTimestampRules)), None)
-        host_state = timestamps.state(tokens) if timestamps else ApplyTimestampRules.no_state(tokens.shape[0])
-        state = [mx.array(a) for a in host_state.arrays()]
+        state = [mx.array(a) for a in timestamps.state(tokens).arrays()] if timestamps else []
         choose = _chained_choice(self.timestamp_begin, eot)
 
         def send(last: mx.array, done: mx.array, state: list[mx.array]) -> tuple[mx.array, ...] | None:
