@@ -169,8 +169,31 @@ class MultiHeadAttention(nn.Module):
             return t.reshape(batch, 1, n_head * head_dim)
         return t.transpose(0, 2, 1, 3).reshape(batch, n, n_head * head_dim)
 
-    def attend(self, x: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
-        return linear(self.out, kernels.multi_head_attention(linear(self.query, x), k, v, self.n_head, mask))
+    def attend(
+        self,
+        x: mx.array,
+        k: mx.array,
+        v: mx.array,
+        mask: mx.array | None,
+        *,
+        norm: nn.LayerNorm | None = None,
+        residual: mx.array | None = None,
+    ) -> mx.array:
+        """Attention of x's queries over k, v; `norm` and `residual` as in `linear`."""
+        q = linear(self.query, x, norm=norm)
+        return linear(self.out, kernels.multi_head_attention(q, k, v, self.n_head, mask), residual=residual)
+
+    def attend_padded(
+        self, x: mx.array, norm: nn.LayerNorm, cache: tuple[mx.array, mx.array], offset: mx.array, mask: mx.array | None
+    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """x plus the self-attention of norm(x) at positions `offset` onwards over a padded-heads
+        cache (see HEAD_PAD), x's keys and values written into it there; and the updated cache."""
+        q = self.padded_heads(linear(self._padded["query"], x, norm=norm)).squeeze(1)
+        key_value = self.padded_heads(linear(self._padded["key_value"], x, norm=norm))
+        k = mx.slice_update(cache[0], key_value[:, 0], offset, axes=(2,))
+        v = mx.slice_update(cache[1], key_value[:, 1], offset, axes=(2,))
+        attended = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        return linear(self._padded["out"], self.merge_heads(attended), residual=x), (k, v)
 
     def attention_logits(self, x: mx.array, k: mx.array) -> mx.array:
         """Scaled query-key products before the softmax, (batch, heads, queries, keys)."""
@@ -209,49 +232,26 @@ class ResidualAttentionBlock(nn.Module):
         and attention runs over the whole cache (`mask`, given several tokens, hides the positions
         after each).
         """
-        if cache is not None and cache[0].ndim == 4:
-            return self._padded_step(x, cache, cross_kv, offset, mask)
         if cache is not None and cross_kv is not None and cross_logits is None and x.shape[1] == 1:
             stepped = kernels.decoder_layer_step(
                 x, offset, cache, cross_kv, self.step_weights(), self.attn.n_head, self.attn_ln.eps
             )
             if stepped is not None:
                 return stepped
-        h = self.attn_ln(x)
         if cache is None:
+            h = self.attn_ln(x)
             k, v = self.attn.project_kv(h)
-            x = x + self.attn.attend(h, k, v, mask)
+            x = self.attn.attend(h, k, v, mask, residual=x)
+        elif cache[0].ndim == 4:
+            x, (k, v) = self.attn.attend_padded(x, self.attn_ln, cache, offset, mask)
         else:
-            attended, (k, v) = self.attn.attend_cache(h, cache, offset)
+            attended, (k, v) = self.attn.attend_cache(self.attn_ln(x), cache, offset)
             x = x + attended
+        # Each projection below takes its layer norm, GELU or residual add along (`linear`).
         if self.cross_attn is not None:
-            h = self.cross_attn_ln(x)
             if cross_logits is not None:
-                cross_logits.append(self.cross_attn.attention_logits(h, cross_kv[0]))
-            x = x + self.cross_attn.attend(h, *cross_kv, None)
-        x = linear(self.mlp2, linear(self.mlp1, x, norm=self.mlp_ln, gelu=True), residual=x)
-        return x, (k, v)
-
-    def _padded_step(
-        self,
-        x: mx.array,
-        cache: tuple[mx.array, mx.array],
-        cross_kv: tuple[mx.array, mx.array],
-        offset: mx.array,
-        mask: mx.array | None,
-    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
-        """The block over a padded-heads cache (see HEAD_PAD), each projection one `linear` call
-        that takes its layer norm, GELU or residual add along."""
-        attn, padded = self.attn, self.attn._padded
-        q = attn.padded_heads(linear(padded["query"], x, norm=self.attn_ln)).squeeze(1)
-        key_value = attn.padded_heads(linear(padded["key_value"], x, norm=self.attn_ln))
-        k = mx.slice_update(cache[0], key_value[:, 0], offset, axes=(2,))
-        v = mx.slice_update(cache[1], key_value[:, 1], offset, axes=(2,))
-        attended = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.head_dim**-0.5, mask=mask)
-        x = linear(padded["out"], attn.merge_heads(attended), residual=x)
-        cross = self.cross_attn
-        q = linear(cross.query, x, norm=self.cross_attn_ln)
-        x = linear(cross.out, kernels.multi_head_attention(q, *cross_kv, cross.n_head), residual=x)
+                cross_logits.append(self.cross_attn.attention_logits(self.cross_attn_ln(x), cross_kv[0]))
+            x = self.cross_attn.attend(x, *cross_kv, None, norm=self.cross_attn_ln, residual=x)
         x = linear(self.mlp2, linear(self.mlp1, x, norm=self.mlp_ln, gelu=True), residual=x)
         return x, (k, v)
 
@@ -358,24 +358,23 @@ class TextDecoder(nn.Module):
         """An empty cache, in the CPU kernels' layout where they attend, else as padded heads."""
         n_ctx, n_state = self.positional_embedding.shape
         dtype = self.ln.weight.dtype  # never quantized, unlike the embedding
-        n_head = self.blocks[0].attn.n_head
-        if kernels.attends_cache(n_state // n_head):
+        attention = self.blocks[0].attn
+        if kernels.attends_cache(attention.head_dim):
             shape = (batch, n_ctx, n_state)
             return [(mx.zeros(shape, dtype), mx.zeros(shape, dtype)) for _ in self.blocks]
         for block in self.blocks:
             block.attn.pad_weights()
-        shape = (batch, n_head, n_ctx, n_state // n_head + HEAD_PAD)
+        shape = (batch, attention.n_head, n_ctx, attention.head_dim + HEAD_PAD)
         keys = mx.zeros(shape, dtype)
-        keys[..., n_state // n_head] = UNWRITTEN_KEY
+        keys[..., attention.head_dim] = UNWRITTEN_KEY
         return [(keys, mx.zeros(shape, dtype)) for _ in self.blocks]
 
     def forget(self, cache: KVCache, n_kept: int) -> KVCache:
         """The cache with positions from `n_kept` on counting as unwritten again."""
         if cache[0][0].ndim == 3:  # the CPU kernels never read past the query's position
             return cache
-        head_dim = self.positional_embedding.shape[1] // self.blocks[0].attn.n_head
         for keys, _ in cache:
-            keys[:, :, n_kept:, head_dim] = UNWRITTEN_KEY
+            keys[:, :, n_kept:, self.blocks[0].attn.head_dim] = UNWRITTEN_KEY
         return cache
 
     def __call__(
