@@ -186,15 +186,13 @@ def attends_cache(head_dim: int) -> bool:
 
 def cached_attention(q: mx.array, k: mx.array, v: mx.array, offset: mx.array, n_head: int) -> mx.array:
     """Causal attention of q (batch, queries, state), at positions `offset` (int32, one element)
-    onwards, over a key cache k, v (batch, n_ctx, state): query i sees keys [0, offset + i]."""
-    module = _on_cpu()
+    onwards, over a key cache k, v (batch, n_ctx, state): query i sees keys [0, offset + i].
+    Only where `attends_cache` (elsewhere the decoder keeps its cache as padded heads)."""
     head_dim = q.shape[-1] // n_head
-    if module is not None and head_dim % 16 == 0:
-        # Only the keys written so far are read; no mask is built.
-        return module.attention(q, k, v, n_head, head_dim**-0.5, offset)
-    query_positions = offset + mx.arange(q.shape[1])
-    visible = mx.arange(k.shape[1])[None] <= query_positions[:, None]
-    return multi_head_attention(q, k, v, n_head, mx.where(visible, 0.0, -mx.inf).astype(q.dtype))
+    if not attends_cache(head_dim):
+        raise RuntimeError("the compiled attention does not run here: the cache should be padded heads")
+    # Only the keys written so far are read; no mask is built.
+    return _on_cpu().attention(q, k, v, n_head, head_dim**-0.5, offset)
 
 
 def multi_head_attention(q: mx.array, k: mx.array, v: mx.array, n_head: int, mask: mx.array | None = None) -> mx.array:
