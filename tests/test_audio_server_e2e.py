@@ -50,6 +50,9 @@ def record_played_clip(server: ServerProcess, mic: VirtualMic, path: Path, tail_
     """Starts a recording, plays ``path`` into the microphone, records ``tail_s`` more; returns
     the last status (still recording)."""
     assert server.client.post("/start").status_code == 200
+    # PulseAudio connects a new recording stream asynchronously: a clip played at once can begin
+    # a few samples before the stream hears anything. Play only once audio arrives.
+    wait_for_elapsed(server, 0.1)
     mic.play(path)
     after_play = server.client.get("/status").json()["elapsed_s"]
     return wait_for_elapsed(server, after_play + tail_s)
