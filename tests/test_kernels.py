@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ from speech import REPO, SPEECH_DIR
 import whisper
 from whisper import kernels
 from whisper.audio import N_SAMPLES, load_audio
+from whisper.model import linear, pack_products, packed_panels
 
 FORCED_OFF = os.environ.get("MENNY_NO_KERNELS") == "1"
 needs_kernels = pytest.mark.skipif(FORCED_OFF, reason="MENNY_NO_KERNELS=1 forces MLX's own ops")
@@ -260,6 +262,75 @@ def test_matvec_of_float16_weights_is_that_of_the_same_values_in_float32(fast):
     assert mx.array_equal(half, fast.matvec(x, w.astype(mx.float32), bias)).item()
 
 
+@pytest.fixture(scope="module")
+def panels_here(fast):
+    if not fast.uses_avx512():
+        pytest.skip("the panel product needs AVX-512")
+    return fast
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("rows", "depth", "n"), [((1, 1500), 384, 1536), ((2, 37), 512, 64), ((13,), 80, 32), ((1, 9), 7, 96)]
+)
+def test_panel_product_matches_float64(panels_here, rows, depth, n):
+    x = RNG.standard_normal((*rows, depth)).astype(np.float32)
+    w = RNG.standard_normal((n, depth)).astype(np.float16)
+    bias = RNG.standard_normal(n).astype(np.float32)
+    panels = kernels.pack_panels(mx.array(w))
+    assert panels.shape == (n // 32, depth, 32) and panels.dtype == mx.float16
+    ours = np.array(kernels.panel_product(mx.array(x), panels, mx.array(bias)))
+    exact = x.astype(np.float64) @ w.astype(np.float64).T + bias
+    assert ours.shape == (*rows, n)
+    np.testing.assert_allclose(ours, exact, rtol=1e-4, atol=1e-4 * np.sqrt(depth))
+    # float32 panels of the same values give the same bits; no bias is no bias.
+    same = kernels.panel_product(mx.array(x), kernels.pack_panels(mx.array(w).astype(mx.float32)), mx.array(bias))
+    assert np.array_equal(np.array(same), ours)
+    unbiased = np.array(kernels.panel_product(mx.array(x), panels))
+    np.testing.assert_allclose(unbiased, exact - bias, rtol=1e-4, atol=1e-4 * np.sqrt(depth))
+
+
+@needs_kernels
+def test_panel_product_gelu_and_residual_are_the_separate_ops_bit_for_bit(panels_here):
+    x = mx.array(RNG.standard_normal((3, 50, 64)).astype(np.float32))
+    panels = kernels.pack_panels(mx.array(RNG.standard_normal((96, 64)).astype(np.float16)))
+    bias = mx.array(RNG.standard_normal(96).astype(np.float32))
+    residual = mx.array(RNG.standard_normal((3, 50, 96)).astype(np.float32))
+    plain = kernels.panel_product(x, panels, bias)
+    fused = kernels.panel_product(x, panels, bias, gelu=True, residual=residual)
+    assert mx.array_equal(fused, residual + kernels.gelu(plain)).item()
+    assert mx.array_equal(kernels.panel_product(x, panels, bias, residual=residual), residual + plain).item()
+
+
+@needs_kernels
+def test_panel_product_refuses_what_it_cannot_do(panels_here):
+    x = mx.zeros((4, 64))
+    assert kernels.pack_panels(mx.zeros((48, 64))) is None  # not a multiple of 32 outputs
+    with pytest.raises(ValueError, match="panels"):
+        panels_here.panel_product(x, mx.zeros((2, 32, 32)))  # depth 32 against x's 64
+    with pytest.raises(ValueError, match="residual"):
+        panels_here.panel_product(x, mx.zeros((2, 64, 32)), None, mx.zeros((4, 32)))
+
+
+@needs_kernels
+@pytest.mark.usefixtures("panels_here")
+def test_packed_products_keep_float16_values_and_follow_a_replaced_weight():
+    layer = nn.Linear(64, 96)
+    layer.weight = layer.weight.astype(mx.float16).astype(mx.float32)  # values a float16 checkpoint holds
+    values = np.array(layer.weight)
+    pack_products([layer])
+    assert layer.weight.dtype == mx.float16 and np.array_equal(np.array(layer.weight, dtype=np.float32), values)
+    x = mx.array(RNG.standard_normal((20, 64)).astype(np.float32))
+    np.testing.assert_allclose(np.array(linear(layer, x)), np.array(x) @ values.T + np.array(layer.bias), atol=1e-4)
+    layer.weight = mx.zeros((96, 64))
+    assert packed_panels(layer) is None  # stale panels are never used
+    np.testing.assert_array_equal(np.array(linear(layer, x)), np.broadcast_to(np.array(layer.bias), (20, 96)))
+    pack_products([layer])
+    assert packed_panels(layer) is not None
+    with kernels.fallback():
+        assert packed_panels(layer) is None
+
+
 @needs_kernels
 def test_huge_pages_keep_the_values(fast):
     values = RNG.standard_normal((4096, 1024)).astype(np.float16)  # 8 MB: whole 2 MB pages inside
@@ -325,6 +396,19 @@ def test_encoder_features_agree_with_and_without_the_kernels():
     # Float32 rounding differs (MLX's erf is a 1.5e-7 approximation); the features may not.
     assert np.abs(ours - reference).max() < 1e-3
     assert np.abs(ours - reference).mean() < 1e-5
+
+
+def test_later_windows_reuse_the_memory_of_earlier_ones():
+    # glibc would hand the freed activations back to the kernel and fault ~40 MB in again.
+    model = whisper.load_model("tiny.en")
+    mel = mx.zeros((1, 3000, model.dims.n_mels))
+    for _ in range(2):  # the heap grows to the passes' high-water mark
+        mx.eval(model.embed_audio(mel))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    mx.eval(model.embed_audio(mel))
+    faulted_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * 4096 / 2**20
+    assert faulted_mb < 4
+    assert whisper.backend.KEEPS_FREED_MEMORY
 
 
 def test_fallback_on_request_uses_mlx_ops():

@@ -72,10 +72,55 @@ def linear(
             return fused
     if norm is not None:
         x = norm(x)
+    panels = packed_panels(layer)
+    if panels is not None and x.dtype == mx.float32 and x.size > kernels.MATVEC_ROWS * x.shape[-1]:
+        return kernels.panel_product(x, panels, layer.get("bias"), gelu=gelu, residual=residual)
     y = layer(x) if quantized else kernels.linear(x, layer.weight, layer.get("bias"))
     if gelu:
         y = kernels.gelu(y)
     return y if residual is None else residual + y
+
+
+def packed_panels(layer: nn.Module) -> mx.array | None:
+    """The panels `pack_products` made of the layer's current weight, if any and if the panel
+    product runs here now."""
+    packed = layer.get("_panels")
+    if packed is None or packed[0] is not layer.weight or not kernels.packs_panels():
+        return None
+    return packed[1]
+
+
+def half_if_exact(weight: mx.array) -> mx.array:
+    """A float32 weight as float16 if that changes no value (the bundled checkpoints are float16,
+    so their float32 weights hold float16 values), else the weight as it is."""
+    if weight.dtype != mx.float32:
+        return weight
+    half = weight.astype(mx.float16)
+    mx.eval(half)
+    # Compared in slices: a whole float32 copy of the embedding would add 80-106 MB to the
+    # process's peak memory.
+    rows = range(0, weight.shape[0], 4096)
+    exact = all(mx.array_equal(half[i : i + 4096].astype(mx.float32), weight[i : i + 4096]).item() for i in rows)
+    return half if exact else weight
+
+
+def pack_products(layers: list[nn.Module]) -> None:
+    """Where the CPU runs `kernels.panel_product`: each layer's matrix kept in float16 where that
+    changes no value, and packed once into the panels that product reads (the two together take
+    the memory of the float32 matrix alone).  Packed again after a weight is replaced; quantized
+    layers are left as they are."""
+    if not kernels.packs_panels():
+        return
+    for layer in layers:
+        if isinstance(layer, nn.QuantizedLinear) or packed_panels(layer) is not None:
+            continue
+        weight = half_if_exact(layer.weight)
+        panels = kernels.pack_panels(weight)
+        if panels is None:
+            continue
+        mx.eval(panels)
+        layer.weight = weight
+        layer._panels = (weight, panels)
 
 
 def linear_layer(weight: mx.array, bias: mx.array | None) -> nn.Linear:
@@ -255,6 +300,11 @@ class ResidualAttentionBlock(nn.Module):
         x = linear(self.mlp2, linear(self.mlp1, x, norm=self.mlp_ln, gelu=True), residual=x)
         return x, (k, v)
 
+    def products(self) -> list[nn.Linear]:
+        """The layers whose matrices multiply the whole sequence (for the encoder's blocks)."""
+        attn = self.attn
+        return [attn.query, attn.key, attn.value, attn.out, self.mlp1, self.mlp2]
+
     def step_weights(self) -> list[mx.array]:
         """The weights in the order `kernels.decoder_layer_step` takes them."""
         attn, cross = self.attn, self.cross_attn
@@ -278,6 +328,7 @@ class AudioEncoder(nn.Module):
 
     def __call__(self, mel: mx.array, *, partial: bool = False) -> mx.array:
         """Features of a 30-second window; with `partial`, of its first frames only (an even number)."""
+        pack_products([layer for block in self.blocks for layer in block.products()])
         x = kernels.gelu(self.conv1(mel))
         x = kernels.gelu(self.conv2(x))
         n_ctx = self._positional_embedding.shape[0]
@@ -321,14 +372,8 @@ class TextDecoder(nn.Module):
         for layer in layers:
             weight = layer.weight
             if isinstance(layer, (nn.Linear, nn.Embedding)) and weight.dtype == mx.float32:
-                half = weight.astype(mx.float16)
-                mx.eval(half)
-                # Compared in slices: a whole float32 copy of the embedding would add 80-106 MB
-                # to the process's peak memory.
-                rows = range(0, weight.shape[0], 4096)
-                if all(
-                    mx.array_equal(half[i : i + 4096].astype(mx.float32), weight[i : i + 4096]).item() for i in rows
-                ):
+                half = half_if_exact(weight)
+                if half is not weight:
                     layer.weight = half
                     if layer is self.token_embedding:  # the largest read of a step, 40-53 MB
                         kernels.prefer_huge_pages(half)
@@ -352,6 +397,7 @@ class TextDecoder(nn.Module):
 
     def cross_kv(self, audio_features: mx.array) -> list[tuple[mx.array, mx.array]]:
         """Keys and values of the audio, computed once per window and reused every step."""
+        pack_products([layer for block in self.blocks for layer in (block.cross_attn.key, block.cross_attn.value)])
         return [block.cross_attn.project_kv(audio_features) for block in self.blocks]
 
     def new_cache(self, batch: int) -> KVCache:
