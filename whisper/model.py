@@ -105,22 +105,23 @@ def half_if_exact(weight: mx.array) -> mx.array:
 
 
 def pack_products(layers: list[nn.Module]) -> None:
-    """Where the CPU runs `kernels.panel_product`: each layer's matrix kept in float16 where that
-    changes no value, and packed once into the panels that product reads (the two together take
-    the memory of the float32 matrix alone).  Packed again after a weight is replaced; quantized
-    layers are left as they are."""
+    """Where the CPU runs `kernels.panel_product`: each layer's matrix packed once into the
+    panels that product reads, in float16 where that changes no value.  The matrix itself then
+    becomes an unevaluated view of the panels: it takes no memory unless MLX's own ops need it
+    (a fallback), so the encoder's weights take half the memory of float32 ones.  Packed again
+    after a weight is replaced; quantized layers are left as they are."""
     if not kernels.packs_panels():
         return
     for layer in layers:
         if isinstance(layer, nn.QuantizedLinear) or packed_panels(layer) is not None:
             continue
-        weight = half_if_exact(layer.weight)
-        panels = kernels.pack_panels(weight)
+        panels = kernels.pack_panels(half_if_exact(layer.weight))
         if panels is None:
             continue
         mx.eval(panels)
-        layer.weight = weight
-        layer._panels = (weight, panels)
+        n, depth = layer.weight.shape
+        layer.weight = panels.transpose(0, 2, 1).reshape(n, depth)
+        layer._panels = (layer.weight, panels)
 
 
 def linear_layer(weight: mx.array, bias: mx.array | None) -> nn.Linear:
