@@ -21,7 +21,7 @@ from speech import REPO, SPEECH_DIR
 import whisper
 from whisper import kernels
 from whisper.audio import N_SAMPLES, load_audio
-from whisper.model import linear, pack_products, packed_panels
+from whisper.model import convolve_gelu, linear, pack_products, packed_panels
 
 FORCED_OFF = os.environ.get("MENNY_NO_KERNELS") == "1"
 needs_kernels = pytest.mark.skipif(FORCED_OFF, reason="MENNY_NO_KERNELS=1 forces MLX's own ops")
@@ -329,6 +329,20 @@ def test_packed_products_keep_float16_values_and_follow_a_replaced_weight():
     assert packed_panels(layer) is not None
     with kernels.fallback():
         assert packed_panels(layer) is None
+
+
+@needs_kernels
+@pytest.mark.usefixtures("panels_here")
+@pytest.mark.parametrize(("stride", "frames"), [(1, 3000), (2, 3000), (2, 7), (1, 1)])
+def test_packed_convolution_is_mlx_convolution(stride, frames):
+    layer = nn.Conv1d(80, 64, kernel_size=3, stride=stride, padding=1)
+    x = mx.array(RNG.standard_normal((2, frames, 80)).astype(np.float32))
+    expected = np.array(kernels.gelu(layer(x)))
+    pack_products([layer])
+    assert packed_panels(layer) is not None
+    ours = np.array(convolve_gelu(layer, x))
+    assert ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels

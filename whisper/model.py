@@ -115,13 +115,29 @@ def pack_products(layers: list[nn.Module]) -> None:
     for layer in layers:
         if isinstance(layer, nn.QuantizedLinear) or packed_panels(layer) is not None:
             continue
-        panels = kernels.pack_panels(half_if_exact(layer.weight))
+        # A convolution's (out, width, in) matrix keeps its dtype: it sets the model's (`Whisper.dtype`).
+        weight = half_if_exact(layer.weight) if isinstance(layer, nn.Linear) else layer.weight
+        panels = kernels.pack_panels(weight.reshape(weight.shape[0], -1))
         if panels is None:
             continue
         mx.eval(panels)
-        n, depth = layer.weight.shape
-        layer.weight = panels.transpose(0, 2, 1).reshape(n, depth)
+        if isinstance(layer, nn.Linear):
+            layer.weight = panels.transpose(0, 2, 1).reshape(layer.weight.shape)
         layer._panels = (layer.weight, panels)
+
+
+def convolve_gelu(layer: nn.Conv1d, x: mx.array) -> mx.array:
+    """GELU(layer(x)) for x (batch, frames, channels).  Where the layer is packed: one panel
+    product over the `width` shifted (strided) copies of x side by side, the columns the
+    convolution's matrix (out, width * in) multiplies."""
+    panels = packed_panels(layer)
+    if panels is None or x.dtype != mx.float32 or layer.dilation != 1 or layer.groups != 1:
+        return kernels.gelu(layer(x))
+    width, pad, stride = layer.weight.shape[1], layer.padding, layer.stride
+    padded = mx.pad(x, [(0, 0), (pad, pad), (0, 0)])
+    last = padded.shape[1] - width  # the last window's first frame
+    shifted = [padded[:, k : k + last + 1 : stride] for k in range(width)]
+    return kernels.panel_product(mx.concatenate(shifted, axis=-1), panels, layer.get("bias"), gelu=True)
 
 
 def linear_layer(weight: mx.array, bias: mx.array | None) -> nn.Linear:
@@ -329,9 +345,8 @@ class AudioEncoder(nn.Module):
 
     def __call__(self, mel: mx.array, *, partial: bool = False) -> mx.array:
         """Features of a 30-second window; with `partial`, of its first frames only (an even number)."""
-        pack_products([layer for block in self.blocks for layer in block.products()])
-        x = kernels.gelu(self.conv1(mel))
-        x = kernels.gelu(self.conv2(x))
+        pack_products([self.conv1, self.conv2, *(layer for block in self.blocks for layer in block.products())])
+        x = convolve_gelu(self.conv2, convolve_gelu(self.conv1, mel))
         n_ctx = self._positional_embedding.shape[0]
         if x.shape[1] > n_ctx or (x.shape[1] < n_ctx and not partial):
             raise ValueError(f"the encoder takes 30-second windows (3000 frames); got {mel.shape[1]} frames")
