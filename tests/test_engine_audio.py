@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 import wave
 
 import av
@@ -10,7 +11,18 @@ import pytest
 from speech import SPEECH_DIR, model
 
 import whisper
-from whisper.audio import SAMPLE_RATE, AudioError, load_audio, log_mel_spectrogram, pad_or_trim
+from whisper.audio import (
+    FRAMES_PER_BLOCK,
+    HOP_LENGTH,
+    N_FFT,
+    SAMPLE_RATE,
+    AudioError,
+    load_audio,
+    log_mel_frames,
+    log_mel_spectrogram,
+    pad_or_trim,
+    power_spectrum,
+)
 
 
 def _encode(path, samples: np.ndarray, rate: int, codec: str, layout: str = "mono") -> None:
@@ -131,3 +143,21 @@ def test_mel_shapes_and_padding():
     assert log_mel_spectrogram(audio, n_mels=128).shape == (128, 1100)
     assert pad_or_trim(audio).shape == (480000,)
     assert pad_or_trim(np.ones(600000)).shape == (480000,)
+
+
+def test_mel_of_long_audio_is_computed_in_blocks_with_the_same_values():
+    rng = np.random.default_rng(3)
+    audio = (rng.standard_normal(10 * 60 * SAMPLE_RATE) * 0.1).astype(np.float32)
+    tracemalloc.start()
+    mel = log_mel_frames(audio)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # All frames at once would take ~200 MB of temporary arrays for ten minutes.
+    assert peak < audio.nbytes + 2 * mel.nbytes + 16 * 2**20
+    # Frames on either side of a block boundary are the frames themselves, transformed alone.
+    spectrum = power_spectrum(audio[: 25 * SAMPLE_RATE])
+    padded = np.pad(audio[: 25 * SAMPLE_RATE], (N_FFT // 2, N_FFT // 2), mode="reflect")
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)
+    for i in (0, FRAMES_PER_BLOCK - 1, FRAMES_PER_BLOCK, 2 * FRAMES_PER_BLOCK + 1, len(spectrum) - 1):
+        frame = padded[i * HOP_LENGTH : i * HOP_LENGTH + N_FFT] * window.astype(np.float32)
+        np.testing.assert_allclose(spectrum[i], np.abs(np.fft.rfft(frame)) ** 2, rtol=1e-4, atol=1e-9)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from functools import cache
 
 import av
@@ -119,17 +120,29 @@ def _hann_window() -> np.ndarray:
     return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
 
 
-def power_spectrum(audio: np.ndarray) -> np.ndarray:
-    """|STFT|^2 with centred, reflect-padded frames; (frames, bins), the last frame dropped."""
+# Frames transformed at a time: the STFT's temporary arrays stay a few MB however long the
+# audio (all at once, two minutes of it took 120 MB more memory, and kept it).
+FRAMES_PER_BLOCK = 1000
+
+
+def power_spectrum_blocks(audio: np.ndarray) -> Iterator[np.ndarray]:
+    """|STFT|^2 with centred, reflect-padded frames, (frames, bins) in blocks of up to
+    FRAMES_PER_BLOCK frames; the last frame dropped."""
     half = N_FFT // 2
     if audio.shape[0] <= half:
         # Reflection needs more samples than the half window; too short to hold speech.
         audio = np.pad(audio, (0, half + 1 - audio.shape[0]))
     padded = np.pad(audio, (half, half), mode="reflect")
     n_frames = 1 + (padded.shape[0] - N_FFT) // HOP_LENGTH
-    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH][:n_frames]
-    spectrum = np.fft.rfft(frames * _hann_window(), axis=-1)
-    return (np.abs(spectrum[:-1]) ** 2).astype(np.float32)
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH][: n_frames - 1]
+    for start in range(0, n_frames - 1, FRAMES_PER_BLOCK):
+        spectrum = np.fft.rfft(frames[start : start + FRAMES_PER_BLOCK] * _hann_window(), axis=-1)
+        yield (np.abs(spectrum) ** 2).astype(np.float32)
+
+
+def power_spectrum(audio: np.ndarray) -> np.ndarray:
+    """|STFT|^2 with centred, reflect-padded frames; (frames, bins), the last frame dropped."""
+    return np.concatenate(list(power_spectrum_blocks(audio)))
 
 
 def log_mel_frames(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -> np.ndarray:
@@ -137,7 +150,8 @@ def log_mel_frames(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -> np.
     audio = np.asarray(audio, dtype=np.float32).reshape(-1)
     if padding:
         audio = np.pad(audio, (0, padding))
-    mel = power_spectrum(audio) @ mel_filters(n_mels).T
+    filters = mel_filters(n_mels).T
+    mel = np.concatenate([block @ filters for block in power_spectrum_blocks(audio)])
     log_spec = np.log10(np.maximum(mel, 1e-10))
     log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
     return (log_spec + 4.0) / 4.0
