@@ -11,6 +11,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 
 import mlx.core as mx
 import numpy as np
@@ -410,6 +411,24 @@ def test_encoder_features_agree_with_and_without_the_kernels():
     # Float32 rounding differs (MLX's erf is a 1.5e-7 approximation); the features may not.
     assert np.abs(ours - reference).max() < 1e-3
     assert np.abs(ours - reference).mean() < 1e-5
+
+
+def test_a_model_packed_in_one_thread_transcribes_in_another():
+    # MLX gives each thread its own streams: nothing the packing leaves may be unevaluated.
+    model = whisper.load_model("tiny.en")
+    mx.eval(model.embed_audio(mx.zeros((1, 3000, model.dims.n_mels))))
+    result = {}
+
+    def work() -> None:
+        # A live transcript's first frames: too few rows for the panel product, MLX's ops read the matrices.
+        result["features"] = np.array(model.embed_audio(mx.zeros((1, 8, model.dims.n_mels)), partial=True))
+        result.update(whisper.transcribe(model, SPEECH_DIR / "jfk.flac"))
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert result["features"].shape == (1, 4, model.dims.n_audio_state)
+    assert "ask what you can do for your country" in result["text"]
 
 
 def test_later_windows_reuse_the_memory_of_earlier_ones():

@@ -106,10 +106,11 @@ def half_if_exact(weight: mx.array) -> mx.array:
 
 def pack_products(layers: list[nn.Module]) -> None:
     """Where the CPU runs `kernels.panel_product`: each layer's matrix packed once into the
-    panels that product reads, in float16 where that changes no value.  The matrix itself then
-    becomes an unevaluated view of the panels: it takes no memory unless MLX's own ops need it
-    (a fallback), so the encoder's weights take half the memory of float32 ones.  Packed again
-    after a weight is replaced; quantized layers are left as they are."""
+    panels that product reads, the matrix and its panels kept in float16 where that changes no
+    value (together the memory of the float32 matrix alone).  Packed again after a weight is
+    replaced; quantized layers are left as they are.  (The matrix stays evaluated: an unevaluated
+    view of the panels would belong to the packing thread's stream, which MLX refuses to
+    evaluate from another thread, say a live transcript's.)"""
     if not kernels.packs_panels():
         return
     for layer in layers:
@@ -121,9 +122,8 @@ def pack_products(layers: list[nn.Module]) -> None:
         if panels is None:
             continue
         mx.eval(panels)
-        if isinstance(layer, nn.Linear):
-            layer.weight = panels.transpose(0, 2, 1).reshape(layer.weight.shape)
-        layer._panels = (layer.weight, panels)
+        layer.weight = weight
+        layer._panels = (weight, panels)
 
 
 def convolve_gelu(layer: nn.Conv1d, x: mx.array) -> mx.array:
