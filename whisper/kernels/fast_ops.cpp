@@ -588,14 +588,12 @@ const bool kUseAvx512 = cpu_has_avx512();
 
 // A product's output columns come 32 at a time from a panel: the 32 weight rows' values for
 // each input column in turn, (depth, 32) contiguous.  The panels of a weight matrix (n, depth)
-// are an array (n / 32, depth, 32), packed once when the model is loaded.
+// are an array (n / 32, depth, 32), packed once (model.pack_products).
 constexpr std::size_t kPanelWidth = 32;
 // Rows of x a thread takes at a time: its panel, widened from float16 once, serves them all.
 constexpr std::size_t kProductRows = 96;
 
-MENNY_AVX512 inline __m512 load16(const float* p) {
-  return _mm512_loadu_ps(p);
-}
+// Sixteen float16 weights (raw bits) widened exactly.
 MENNY_AVX512 inline __m512 load16(const std::uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
