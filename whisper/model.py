@@ -73,7 +73,7 @@ def linear(
     if norm is not None:
         x = norm(x)
     panels = packed_panels(layer)
-    if panels is not None and x.dtype == mx.float32 and x.size > kernels.MATVEC_ROWS * x.shape[-1]:
+    if panels is not None and x.dtype == mx.float32 and not kernels.few_rows(x):
         return kernels.panel_product(x, panels, layer.get("bias"), gelu=gelu, residual=residual)
     y = layer(x) if quantized else kernels.linear(x, layer.weight, layer.get("bias"))
     if gelu:

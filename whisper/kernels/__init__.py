@@ -147,11 +147,17 @@ def available() -> bool:
     return _on_cpu() is not None
 
 
+def few_rows(x: mx.array) -> bool:
+    """Whether x (..., depth) has at most MATVEC_ROWS rows (a decoding step's), which `linear`
+    multiplies in one pass over the weights."""
+    return x.size <= MATVEC_ROWS * x.shape[-1]
+
+
 def linear(x: mx.array, w: mx.array, bias: mx.array | None = None) -> mx.array:
     """x (..., depth) @ w.T (+ bias) for w (n, depth), as `mlx.nn.Linear`, in x's dtype; for a
     few rows of x (a decoding step) one pass over w, which may be float16 (half the bytes)."""
     module = _on_cpu()
-    if module is not None and x.size <= MATVEC_ROWS * x.shape[-1]:
+    if module is not None and few_rows(x):
         return module.matvec(x, w, bias)
     w = w.astype(x.dtype)
     return x @ w.T if bias is None else mx.addmm(bias, x, w.T)
