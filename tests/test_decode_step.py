@@ -206,17 +206,75 @@ def test_a_layer_step_in_one_kernel_call_gives_the_bits_of_the_layers_own_ops(mo
         cache = (random(batch, n_ctx, state), random(batch, n_ctx, state))
         mx.eval(cache)
         before = np.array(cache[0])
-        out, (k, v) = block(x, cache=cache, cross_kv=cross_kv, offset=position)
+        out, (k, v) = block(x, cache=cache, cross=cross_kv, offset=position)
         return before, *(np.array(a) for a in (out, k, v))
 
     state_before = rng.bit_generator.state
     before, *fused = step()
     rng.bit_generator.state = state_before
     with monkeypatch.context() as patch:
-        patch.setattr(kernels, "decoder_layer_step", lambda *args: None)
+        patch.setattr(kernels, "decoder_layer_step", lambda *args, **kwargs: None)
         _, *own_ops = step()
     for ours, expected in zip(fused, own_ops):
         assert np.array_equal(ours, expected)
     # The token's key went to its position; the others stayed.
     changed = np.flatnonzero((fused[1] != before).any(axis=(0, 2)))
     assert changed.tolist() == [offset]
+
+
+@pytest.mark.skipif(not kernels.packs_panels(), reason="the step over the audio features needs AVX-512 kernels")
+@pytest.mark.parametrize(("batch", "half"), [(1, False), (3, True)])
+def test_a_layer_step_over_the_audio_features_matches_the_step_over_their_keys_and_values(batch, half):
+    rng = np.random.default_rng(batch)
+    n_ctx, n_audio, state, offset = 448, 300, 128, 21  # 300 frames: the last panel part padding
+
+    def random(*shape: int) -> mx.array:
+        return mx.array(rng.standard_normal(shape).astype(np.float32))
+
+    decoder = TextDecoder(n_vocab=64, n_ctx=n_ctx, n_state=state, n_head=2, n_layer=1)
+    decoder.update(tree_map(lambda p: 0.3 * random(*p.shape), decoder.parameters()))
+    block = decoder.blocks[0]
+    if half:
+        for layer in (block.cross_attn.key, block.cross_attn.value, block.mlp1):
+            layer.weight = layer.weight.astype(mx.float16)
+    features, x = random(batch, n_audio, state), random(batch, 1, state)
+    memory = decoder.audio_memory(features)
+    assert isinstance(memory, dict)
+    position = mx.array([offset], dtype=mx.int32)
+    cached = [rng.standard_normal((batch, n_ctx, state)).astype(np.float32) for _ in range(2)]
+    results = []
+    for cross in (decoder.cross_kv(features)[0], memory):
+        out, (k, v) = block(x, cache=tuple(mx.array(c) for c in cached), cross=cross, offset=position)
+        results.append([np.array(a) for a in (out, k, v)])
+    (out_kv, k_kv, v_kv), (out_features, k_features, v_features) = results
+    # The same sums in another order: float32 rounding apart.
+    assert np.abs(out_features - out_kv).max() < 1e-4 * np.abs(out_kv).max()
+    assert np.array_equal(k_features[:, offset], k_kv[:, offset])
+    assert np.array_equal(v_features[:, offset], v_kv[:, offset])
+
+
+@pytest.mark.skipif(not kernels.packs_panels(), reason="the step over the audio features needs AVX-512 kernels")
+def test_audio_features_are_packed_as_the_step_reads_them():
+    features = mx.arange(2 * 40 * 64, dtype=mx.float32).reshape(2, 40, 64)
+    frame_panels, channel_panels = (np.array(a) for a in kernels.pack_features(features))
+    f = np.array(features)
+    assert frame_panels.shape == (2, 2, 64, 32) and channel_panels.shape == (2, 2, 40, 32)
+    assert frame_panels[1, 1, 5, 3] == f[1, 32 + 3, 5]
+    assert (frame_panels[:, 1, :, 8:] == 0).all()  # frames 40-63 do not exist
+    assert channel_panels[1, 1, 7, 3] == f[1, 7, 32 + 3]
+
+
+@pytest.mark.skipif(not kernels.packs_panels(), reason="the step over the audio features needs AVX-512 kernels")
+def test_decoding_over_the_audio_features_gives_the_tokens_of_decoding_over_keys_and_values(traced_model):
+    model, features, _ = traced_model
+    over_features = model.decoder.audio_memory(features)
+    assert isinstance(over_features, dict)
+    runs = []
+    for memory in (over_features, model.decoder.cross_kv(features)):
+        inference = Inference(model, features)
+        inference.audio = memory
+        chosen = np.array([[50257, 50362]])
+        for _ in range(20):
+            chosen = np.concatenate([chosen, inference.logits(chosen)[:, -1].argmax(-1)[:, None]], axis=1)
+        runs.append(chosen)
+    assert np.array_equal(runs[0], runs[1])

@@ -437,10 +437,12 @@ def test_later_windows_reuse_the_memory_of_earlier_ones():
     mel = mx.zeros((1, 3000, model.dims.n_mels))
     for _ in range(2):  # the heap grows to the passes' high-water mark
         mx.eval(model.embed_audio(mel))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    mx.eval(model.embed_audio(mel))
-    faulted_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * 4096 / 2**20
-    assert faulted_mb < 4
+    faulted_mb = []
+    for _ in range(3):  # the median: a one-off fault elsewhere in the process is not the passes'
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        mx.eval(model.embed_audio(mel))
+        faulted_mb.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * 4096 / 2**20)
+    assert sorted(faulted_mb)[1] < 4, faulted_mb
     assert whisper.backend.KEEPS_FREED_MEMORY
 
 

@@ -23,6 +23,14 @@ from . import cuda, kernels
 # read, and elsewhere (batch, heads, n_text_ctx, head_dim + HEAD_PAD), the "padded heads".
 KVCache = list[tuple[mx.array, mx.array]]
 
+# What a decoder layer's cross-attention reads of a window's audio: its keys and values (batch,
+# frames, state) each; or, where a CPU step attends over the audio features themselves
+# (`TextDecoder.audio_memory`), the features and their panels in a dict shared by every layer,
+# whose keys and values other passes compute when they need them.
+CrossSource = tuple[mx.array, mx.array] | dict[str, mx.array]
+# The whole decoder's: each layer's keys and values (`TextDecoder.cross_kv`), or that dict.
+AudioMemory = list[tuple[mx.array, mx.array]] | dict[str, mx.array]
+
 # MLX's single-query attention kernel (the GPU's) takes no mask, and without one a step would
 # attend to the cache's unwritten positions too.  So each head gets extra components, 64 -> 96,
 # a head size the kernel takes: queries hold 1 in the first of them, written keys 0, unwritten
@@ -284,7 +292,7 @@ class ResidualAttentionBlock(nn.Module):
         x: mx.array,
         mask: mx.array | None = None,
         cache: tuple[mx.array, mx.array] | None = None,
-        cross_kv: tuple[mx.array, mx.array] | None = None,
+        cross: CrossSource | None = None,
         cross_logits: list[mx.array] | None = None,
         offset: mx.array | None = None,
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
@@ -294,9 +302,17 @@ class ResidualAttentionBlock(nn.Module):
         and attention runs over the whole cache (`mask`, given several tokens, hides the positions
         after each).
         """
-        if cache is not None and cross_kv is not None and cross_logits is None and x.shape[1] == 1:
+        if cache is not None and cross is not None and cross_logits is None and x.shape[1] == 1:
+            over_features = isinstance(cross, dict)
             stepped = kernels.decoder_layer_step(
-                x, offset, cache, cross_kv, self.step_weights(), self.attn.n_head, self.attn_ln.eps
+                x,
+                offset,
+                cache,
+                (cross["frame_panels"], cross["channel_panels"]) if over_features else cross,
+                self.step_weights(over_features=over_features),
+                self.attn.n_head,
+                self.attn_ln.eps,
+                over_features=over_features,
             )
             if stepped is not None:
                 return stepped
@@ -311,9 +327,10 @@ class ResidualAttentionBlock(nn.Module):
             x = x + attended
         # Each projection below takes its layer norm, GELU or residual add along (`linear`).
         if self.cross_attn is not None:
+            keys, values = self.cross_attn.project_kv(cross["features"]) if isinstance(cross, dict) else cross
             if cross_logits is not None:
-                cross_logits.append(self.cross_attn.attention_logits(self.cross_attn_ln(x), cross_kv[0]))
-            x = self.cross_attn.attend(x, *cross_kv, None, norm=self.cross_attn_ln, residual=x)
+                cross_logits.append(self.cross_attn.attention_logits(self.cross_attn_ln(x), keys))
+            x = self.cross_attn.attend(x, keys, values, None, norm=self.cross_attn_ln, residual=x)
         x = linear(self.mlp2, linear(self.mlp1, x, norm=self.mlp_ln, gelu=True), residual=x)
         return x, (k, v)
 
@@ -322,16 +339,19 @@ class ResidualAttentionBlock(nn.Module):
         attn = self.attn
         return [attn.query, attn.key, attn.value, attn.out, self.mlp1, self.mlp2]
 
-    def step_weights(self) -> list[mx.array]:
+    def step_weights(self, *, over_features: bool = False) -> list[mx.array]:
         """The weights in the order `kernels.decoder_layer_step` takes them."""
         attn, cross = self.attn, self.cross_attn
-        return [
+        weights = [
             *(self.attn_ln.weight, self.attn_ln.bias, attn.query.weight, attn.query.bias, attn.key.weight),
             *(attn.value.weight, attn.value.bias, attn.out.weight, attn.out.bias),
             *(self.cross_attn_ln.weight, self.cross_attn_ln.bias, cross.query.weight, cross.query.bias),
             *(cross.out.weight, cross.out.bias, self.mlp_ln.weight, self.mlp_ln.bias),
             *(self.mlp1.weight, self.mlp1.bias, self.mlp2.weight, self.mlp2.bias),
         ]
+        if over_features:
+            weights += [cross.key.weight, cross.value.weight, cross.value.bias]
+        return weights
 
 
 class AudioEncoder(nn.Module):
@@ -416,6 +436,16 @@ class TextDecoder(nn.Module):
         pack_products([layer for block in self.blocks for layer in (block.cross_attn.key, block.cross_attn.value)])
         return [block.cross_attn.project_kv(audio_features) for block in self.blocks]
 
+    def audio_memory(self, audio_features: mx.array) -> AudioMemory:
+        """What decoding over these features reads of them (see CrossSource): where the CPU steps
+        attend over the features themselves, the features and their panels (`kernels.pack_features`);
+        else `cross_kv`."""
+        if not kernels.steps_over_features(audio_features, self.blocks[0].attn.n_head):
+            return self.cross_kv(audio_features)
+        frame_panels, channel_panels = kernels.pack_features(audio_features)
+        mx.eval(frame_panels, channel_panels)
+        return {"features": audio_features, "frame_panels": frame_panels, "channel_panels": channel_panels}
+
     def new_cache(self, batch: int) -> KVCache:
         """An empty cache, in the CPU kernels' layout where they attend, else as padded heads."""
         n_ctx, n_state = self.positional_embedding.shape
@@ -442,14 +472,15 @@ class TextDecoder(nn.Module):
     def __call__(
         self,
         tokens: mx.array,
-        cross_kv: list[tuple[mx.array, mx.array]],
+        audio: AudioMemory,
         cache: KVCache | None = None,
         cross_logits: list[mx.array] | None = None,
         *,
         offset: mx.array | None = None,
         positions: int | None = None,
     ) -> tuple[mx.array, KVCache]:
-        """Logits of the last `positions` positions (default all), and the updated cache.
+        """Logits of the last `positions` positions (default all), and the updated cache.  `audio`
+        is `cross_kv` or `audio_memory` of the audio features.
 
         Without a cache the tokens attend to each other only and the returned cache holds
         their keys and values. With one (`new_cache`), the tokens sit at positions `offset`
@@ -470,8 +501,9 @@ class TextDecoder(nn.Module):
                 after = mx.arange(self.positional_embedding.shape[0])[None] > at[:, None]
                 mask = mx.where(after, -mx.inf, 0.0).astype(x.dtype)
         new_cache: KVCache = []
-        for block, layer_cache, kv in zip(self.blocks, cache, cross_kv):
-            x, layer_cache = block(x, mask, layer_cache, kv, cross_logits, offset)
+        sources = audio if isinstance(audio, list) else [audio] * len(self.blocks)
+        for block, layer_cache, cross in zip(self.blocks, cache, sources):
+            x, layer_cache = block(x, mask, layer_cache, cross, cross_logits, offset)
             new_cache.append(layer_cache)
         if positions is not None:
             x = x[:, -positions:]
@@ -480,17 +512,21 @@ class TextDecoder(nn.Module):
         return linear(self.token_embedding, x, norm=self.ln), new_cache
 
     def _step(
-        self, tokens: mx.array, cross_kv: list[tuple[mx.array, mx.array]], cache: KVCache, offset: mx.array
+        self,
+        tokens: mx.array,
+        audio: AudioMemory,
+        cache: KVCache,
+        offset: mx.array,
     ) -> tuple[mx.array, KVCache]:
-        logits, cache = self(tokens, cross_kv, cache, offset=offset, positions=1)
+        logits, cache = self(tokens, audio, cache, offset=offset, positions=1)
         return logits[:, 0], cache
 
     def _compile_step_then(self, then: Callable) -> Callable:
         """`step` followed by `then(logits, *extra)`, compiled together (one per `then`):
-        (tokens, cross_kv, cache, offset, *extra) -> (then's result, cache)."""
+        (tokens, audio, cache, offset, *extra) -> (then's result, cache)."""
 
-        def fused(tokens: mx.array, cross_kv: KVCache, cache: KVCache, offset: mx.array, *extra: mx.array):
-            logits, cache = self._step(tokens, cross_kv, cache, offset)
+        def fused(tokens: mx.array, audio: AudioMemory, cache: KVCache, offset: mx.array, *extra: mx.array):
+            logits, cache = self._step(tokens, audio, cache, offset)
             return then(logits, *extra), cache
 
         return mx.compile(fused, inputs=self)

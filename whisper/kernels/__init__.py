@@ -196,23 +196,55 @@ def decoder_layer_step(
     x: mx.array,
     offset: mx.array,
     cache: tuple[mx.array, mx.array],
-    cross_kv: tuple[mx.array, mx.array],
+    audio: tuple[mx.array, mx.array],
     weights: list[mx.array],
     n_head: int,
     eps: float,
+    *,
+    over_features: bool = False,
 ) -> tuple[mx.array, tuple[mx.array, mx.array]] | None:
     """One token's step through a decoder layer as one kernel call (see `ResidualAttentionBlock`
     for the weights' order): its output and the caches with the token's key and value written
-    at `offset`, in place.  None where the kernel cannot run it (no kernels here, other dtypes,
-    quantized weights, more rows than a matvec takes): the layer's own ops then run."""
+    at `offset`, in place.  `audio` is the audio's keys and values, or with `over_features` the
+    audio features packed by `pack_features`, the weights then followed by the cross key
+    weight, value weight and value bias.  None where the kernel cannot run it (no kernels
+    here, other dtypes, quantized weights, more rows than a matvec takes): the layer's own ops
+    then run."""
     module = _on_cpu()
     head_dim = x.shape[-1] // n_head
     plain = all(w.dtype == mx.float32 or (w.ndim == 2 and w.dtype == mx.float16) for w in weights)
-    floats = all(a.dtype == mx.float32 for a in (x, *cache, *cross_kv))
+    floats = all(a.dtype == mx.float32 for a in (x, *cache, *audio))
     if module is None or not plain or not floats or x.shape[0] > MATVEC_ROWS or head_dim % 16:
         return None
-    out, keys, values = module.decoder_layer(x, offset, *cache, *cross_kv, weights, n_head, eps)
+    if over_features and not module.uses_avx512():
+        return None
+    out, keys, values = module.decoder_layer(x, offset, *cache, *audio, weights, n_head, eps, over_features)
     return out, (keys, values)
+
+
+def steps_over_features(features: mx.array, n_head: int) -> bool:
+    """Whether `decoder_layer_step` runs over these audio features (batch, frames, state) here."""
+    batch, _, state = features.shape
+    head_dim = state // n_head
+    return (
+        packs_panels()
+        and features.dtype == mx.float32
+        and batch <= MATVEC_ROWS
+        and head_dim % 16 == 0
+        and state % PANEL_WIDTH == 0
+    )
+
+
+def pack_features(features: mx.array) -> tuple[mx.array, mx.array]:
+    """Audio features f (batch, frames, state) as a step over them reads them: frame panels (batch,
+    frames / 32 rounded up, state, 32), [b, p, c, j] = f[b, 32 p + j, c] (0 past the last frame),
+    for the scores; and channel panels (batch, state / 32, frames, 32), [b, p, i, j] = f[b, i,
+    32 p + j], for the weighted sums.  Each panel is one contiguous stream."""
+    batch, frames, state = features.shape
+    padded = mx.pad(features, [(0, 0), (0, -frames % PANEL_WIDTH), (0, 0)])
+    frame_panels = padded.reshape(batch, -1, PANEL_WIDTH, state).transpose(0, 1, 3, 2)
+    channel_panels = features.reshape(batch, frames, -1, PANEL_WIDTH).transpose(0, 2, 1, 3)
+    return mx.contiguous(frame_panels), mx.contiguous(channel_panels)
 
 
 def attends_cache(head_dim: int) -> bool:

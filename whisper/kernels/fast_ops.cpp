@@ -593,23 +593,28 @@ constexpr std::size_t kPanelWidth = 32;
 // Rows of x a thread takes at a time: its panel, widened from float16 once, serves them all.
 constexpr std::size_t kProductRows = 96;
 
-// Sixteen float16 weights (raw bits) widened exactly.
+// Sixteen weights as floats: float16 (raw bits) widened exactly, float32 as they are.
 MENNY_AVX512 inline __m512 load16(const std::uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+MENNY_AVX512 inline __m512 load16(const float* p) {
+  return _mm512_loadu_ps(p);
+}
 
-// C[ROWS x 32] = A[ROWS x depth] * panel (depth x 32), plus the bias, GELU'd if asked, plus the
-// residual (rows ldc apart, like C's) if given.  2 * ROWS accumulators (ROWS <= 12 of the 32 zmm
-// registers), two loads of the panel and ROWS broadcasts of A per 2 * ROWS multiply-adds: at
-// ~92 % of this machine's multiply-add peak.  Each output is one chain over the depth in order.
+// C[ROWS x 32] = A[ROWS x depth] * panel (depth x 32, its rows panel_ld floats apart), plus the
+// bias, GELU'd if asked, plus the residual (rows ldc apart, like C's) if given.  2 * ROWS
+// accumulators (ROWS <= 12 of the 32 zmm registers), two loads of the panel and ROWS broadcasts
+// of A per 2 * ROWS multiply-adds: at ~92 % of this machine's multiply-add peak.  Each output is
+// one chain over the depth in order.
 #define MENNY_PANEL_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 template <int ROWS>
-MENNY_AVX512 void panel_tile(const float* a, std::size_t lda, const float* panel, std::size_t depth, const float* bias,
-                             bool gelu, const float* residual, float* c, std::size_t ldc) {
+MENNY_AVX512 void panel_tile(const float* a, std::size_t lda, const float* panel, std::size_t panel_ld,
+                             std::size_t depth, const float* bias, bool gelu, const float* residual, float* c,
+                             std::size_t ldc) {
 #define MENNY_DECLARE(r) __m512 acc##r##a = _mm512_setzero_ps(), acc##r##b = _mm512_setzero_ps();
   MENNY_PANEL_ROWS(MENNY_DECLARE)
 #undef MENNY_DECLARE
-  for (std::size_t k = 0; k < depth; ++k, panel += kPanelWidth) {
+  for (std::size_t k = 0; k < depth; ++k, panel += panel_ld) {
     const __m512 b0 = _mm512_loadu_ps(panel);
     const __m512 b1 = _mm512_loadu_ps(panel + 16);
 #define MENNY_ACCUMULATE(r)                                 \
@@ -647,6 +652,34 @@ MENNY_AVX512 void panel_tile(const float* a, std::size_t lda, const float* panel
 }
 #undef MENNY_PANEL_ROWS
 
+// panel_tile over `rows` rows of A (and of C and the residual), twelve at a time.
+MENNY_AVX512 void panel_rows(const float* a, std::size_t lda, const float* panel, std::size_t panel_ld,
+                             std::size_t depth, const float* bias, bool gelu, const float* residual, float* c,
+                             std::size_t ldc, std::size_t rows) {
+  auto tile = [&]<int ROWS>(std::size_t row) {
+    panel_tile<ROWS>(a + row * lda, lda, panel, panel_ld, depth, bias, gelu, residual ? residual + row * ldc : nullptr,
+                     c + row * ldc, ldc);
+  };
+  std::size_t row = 0;
+  for (; row + 12 <= rows; row += 12) {
+    tile.template operator()<12>(row);
+  }
+  switch (rows - row) {
+    case 11: tile.template operator()<11>(row); break;
+    case 10: tile.template operator()<10>(row); break;
+    case 9: tile.template operator()<9>(row); break;
+    case 8: tile.template operator()<8>(row); break;
+    case 7: tile.template operator()<7>(row); break;
+    case 6: tile.template operator()<6>(row); break;
+    case 5: tile.template operator()<5>(row); break;
+    case 4: tile.template operator()<4>(row); break;
+    case 3: tile.template operator()<3>(row); break;
+    case 2: tile.template operator()<2>(row); break;
+    case 1: tile.template operator()<1>(row); break;
+    default: break;
+  }
+}
+
 // Rows [begin, end) of out (rows, n) = x (rows, depth) @ w.T + bias (GELU'd, + residual, as
 // asked), w given as its panels (float32, or float16 as raw bits).
 template <class W>
@@ -667,29 +700,40 @@ MENNY_AVX512 void panel_product_rows(const float* x, const W* panels, std::size_
       panel = widened.data();
     }
     const std::size_t col = p * kPanelWidth;
-    const float* panel_bias = bias ? bias + col : nullptr;
-    auto tile = [&]<int ROWS>(std::size_t row) {
-      panel_tile<ROWS>(x + row * depth, depth, panel, depth, panel_bias, gelu,
-                       residual ? residual + row * n + col : nullptr, out + row * n + col, n);
-    };
-    std::size_t row = begin;
-    for (; row + 12 <= end; row += 12) {
-      tile.template operator()<12>(row);
+    panel_rows(x + begin * depth, depth, panel, kPanelWidth, depth, bias ? bias + col : nullptr, gelu,
+               residual ? residual + begin * n + col : nullptr, out + begin * n + col, n, end - begin);
+  }
+}
+
+// folded[0 : depth] = the sum over i < rows of q[i] * w[i] (rows of w, depth floats each): a
+// head's query taken through its rows of the key projection, so that its scores come straight
+// from the audio features.  Eight 16-column chains at a time.
+template <class W>
+MENNY_AVX512 void fold_rows(const float* q, const W* w, std::size_t rows, std::size_t depth, float* folded) {
+  std::size_t c = 0;
+  for (; c + 128 <= depth; c += 128) {
+#define MENNY_FOLD_CHAINS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#define MENNY_DECLARE(j) __m512 acc##j = _mm512_setzero_ps();
+    MENNY_FOLD_CHAINS(MENNY_DECLARE)
+#undef MENNY_DECLARE
+    for (std::size_t i = 0; i < rows; ++i) {
+      const __m512 qi = _mm512_set1_ps(q[i]);
+      const W* row = w + i * depth + c;
+#define MENNY_ACCUMULATE(j) acc##j = _mm512_fmadd_ps(qi, load16(row + 16 * j), acc##j);
+      MENNY_FOLD_CHAINS(MENNY_ACCUMULATE)
+#undef MENNY_ACCUMULATE
     }
-    switch (end - row) {
-      case 11: tile.template operator()<11>(row); break;
-      case 10: tile.template operator()<10>(row); break;
-      case 9: tile.template operator()<9>(row); break;
-      case 8: tile.template operator()<8>(row); break;
-      case 7: tile.template operator()<7>(row); break;
-      case 6: tile.template operator()<6>(row); break;
-      case 5: tile.template operator()<5>(row); break;
-      case 4: tile.template operator()<4>(row); break;
-      case 3: tile.template operator()<3>(row); break;
-      case 2: tile.template operator()<2>(row); break;
-      case 1: tile.template operator()<1>(row); break;
-      default: break;
+#define MENNY_STORE(j) _mm512_storeu_ps(folded + c + 16 * j, acc##j);
+    MENNY_FOLD_CHAINS(MENNY_STORE)
+#undef MENNY_STORE
+#undef MENNY_FOLD_CHAINS
+  }
+  for (; c < depth; c += 16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (std::size_t i = 0; i < rows; ++i) {
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), load16(w + i * depth + c), acc);
     }
+    _mm512_storeu_ps(folded + c, acc);
   }
 }
 #else
@@ -1037,17 +1081,29 @@ enum StepInput : std::size_t {
   kX, kOffset, kKeyCache, kValueCache, kCrossKeys, kCrossValues,
   kAttnLnWeight, kAttnLnBias, kQuery, kQueryBias, kKey, kValue, kValueBias, kOut, kOutBias,
   kCrossLnWeight, kCrossLnBias, kCrossQuery, kCrossQueryBias, kCrossOut, kCrossOutBias,
-  kMlpLnWeight, kMlpLnBias, kMlp1, kMlp1Bias, kMlp2, kMlp2Bias, kStepInputs
+  kMlpLnWeight, kMlpLnBias, kMlp1, kMlp1Bias, kMlp2, kMlp2Bias, kStepInputs,
+  // A step over the audio features (see decoder_layer_step) takes these in their place and more.
+  kFramePanels = kCrossKeys, kChannelPanels = kCrossValues,
+  kCrossKey = kStepInputs, kCrossValue, kCrossValueBias, kFeatureStepInputs
 };
 
 // One token's pass through a decoder layer (self-attention over the key cache, cross-attention
 // over the audio, MLP; each behind a layer norm, each added to the residual) as one pipeline:
 // the same kernels in the same order as the layer's ops (same bits), without a call per op.
 // The token's key and value are written into the caches at the token's position, in place.
+//
+// Over the features (AVX-512 only): the cross-attention reads the audio features X (batch,
+// frames, state), packed twice (see decoder_layer), instead of each layer's keys X Wk^T and
+// values X Wv^T + bv.
+// A head's scores are q_h . (X Wk_h^T) = (q_h Wk_h) . X and its output Wv_h (p_h X) + bv_h (the
+// probabilities sum to 1): the same values, summed in another order.  X (3 MB for base) stays
+// in the cache from layer to layer, where the keys and values (6 MB a layer) came from DRAM at
+// every step, a third of base's step.
 void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* key_cache, float* value_cache,
-                        std::size_t n_head, float scale, float eps) {
+                        std::size_t n_head, float scale, float eps, bool over_features) {
   const std::size_t batch = in[kX].shape(0), state = in[kX].shape(2), head_dim = state / n_head;
-  const std::size_t ctx = in[kKeyCache].shape(1), audio = in[kCrossKeys].shape(1), hidden = in[kMlp1].shape(0);
+  const std::size_t ctx = in[kKeyCache].shape(1), hidden = in[kMlp1].shape(0);
+  const std::size_t audio = over_features ? in[kChannelPanels].shape(2) : in[kCrossKeys].shape(1);
   const std::size_t position =
       std::clamp<std::ptrdiff_t>(in[kOffset].data<int32_t>()[0], 0, static_cast<std::ptrdiff_t>(ctx) - 1);
   auto vector = [&](StepInput i) { return in[i].data<float>(); };
@@ -1061,6 +1117,7 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
   float* after_self = attended + batch * state;
   float* after_cross = after_self + batch * state;
   float* mlp = after_cross + batch * state;
+  std::vector<float> feature_scratch;  // attend_features's
 
   auto pipeline = std::make_shared<Pipeline>();
   auto layer_norm = [&](const float* src, StepInput weight) {
@@ -1109,6 +1166,70 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
     });
   };
 
+  // The query's attention over the features (see above), into `attended`.
+  auto attend_features = [&]() {
+    const std::size_t n_panels = in[kFramePanels].shape(1), ld_scores = n_panels * kPanelWidth;
+    const std::size_t heads = batch * n_head;
+    // Per batch row and head: the folded query, the scores (then their exponentials) and the
+    // weighted sum of the features; per head the inverse of its exponentials' sum.
+    feature_scratch.resize(heads * (2 * state + ld_scores + 1));
+    float* folded = feature_scratch.data();
+    float* scores = folded + heads * state;
+    float* mixed = scores + heads * ld_scores;
+    float* inverse_sums = mixed + heads * state;
+    const float* frame_panels = vector(kFramePanels);
+    const float* channel_panels = vector(kChannelPanels);
+    pipeline->add(heads, 1, [=, w = matrix(kCrossKey)](std::size_t begin, std::size_t end) {
+      for (std::size_t task = begin; task < end; ++task) {
+        const std::size_t b = task / n_head, first = (task % n_head) * head_dim;
+        const float* q = query + b * state + first;
+        if (w.half) {
+          fold_rows(q, static_cast<const std::uint16_t*>(w.data) + first * state, head_dim, state, folded + task * state);
+        } else {
+          fold_rows(q, static_cast<const float*>(w.data) + first * state, head_dim, state, folded + task * state);
+        }
+      }
+    });
+    pipeline->add(batch * n_panels, 1, [=](std::size_t begin, std::size_t end) {
+      for (std::size_t task = begin; task < end; ++task) {
+        const std::size_t b = task / n_panels, p = task % n_panels;
+        panel_rows(folded + b * n_head * state, state, frame_panels + task * state * kPanelWidth, kPanelWidth, state,
+                   nullptr, false, nullptr, scores + b * n_head * ld_scores + p * kPanelWidth, ld_scores, n_head);
+      }
+    });
+    pipeline->add(heads, 1, [=](std::size_t begin, std::size_t end) {
+      for (std::size_t task = begin; task < end; ++task) {
+        float* row = scores + task * ld_scores;
+        inverse_sums[task] = 1.0f / exp_row_avx2(row, row, audio, scale);
+      }
+    });
+    const std::size_t column_panels = state / kPanelWidth;
+    pipeline->add(batch * column_panels, 1, [=](std::size_t begin, std::size_t end) {
+      for (std::size_t task = begin; task < end; ++task) {
+        const std::size_t b = task / column_panels, column = task % column_panels * kPanelWidth;
+        float* out = mixed + b * n_head * state + column;
+        panel_rows(scores + b * n_head * ld_scores, ld_scores, channel_panels + task * audio * kPanelWidth,
+                   kPanelWidth, audio, nullptr, false, nullptr, out, state, n_head);
+        for (std::size_t h = 0; h < n_head; ++h) {
+          for (std::size_t j = 0; j < kPanelWidth; ++j) {
+            out[h * state + j] *= inverse_sums[b * n_head + h];
+          }
+        }
+      }
+    });
+    // Each head's rows of the value projection times that head's weighted sum.
+    pipeline->add(state, kStepRowsPerBlock,
+                  [=, w = matrix(kCrossValue), bias = vector(kCrossValueBias)](std::size_t begin, std::size_t end) {
+                    for (std::size_t row = begin; row < end;) {
+                      const std::size_t h = row / head_dim, last = std::min(end, (h + 1) * head_dim);
+                      for (std::size_t b = 0; b < batch; ++b) {
+                        w.times(mixed + (b * n_head + h) * state, 1, bias, state, attended + b * state, 0, row, last);
+                      }
+                      row = last;
+                    }
+                  });
+  };
+
   const float* x = vector(kX);
   layer_norm(x, kAttnLnWeight);
   // q, k and v in one stage: rows of the three matrices, k and v straight into the caches.
@@ -1133,7 +1254,11 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
   project(attended, kOut, vector(kOutBias), after_self, state, add_to(x, after_self));
   layer_norm(after_self, kCrossLnWeight);
   project(normed, kCrossQuery, vector(kCrossQueryBias), query, state, nullptr);
-  attend(vector(kCrossKeys), vector(kCrossValues), audio, audio, 0);
+  if (over_features) {
+    attend_features();
+  } else {
+    attend(vector(kCrossKeys), vector(kCrossValues), audio, audio, 0);
+  }
   project(attended, kCrossOut, vector(kCrossOutBias), after_cross, state, add_to(after_self, after_cross));
   layer_norm(after_cross, kMlpLnWeight);
   project(normed, kMlp1, vector(kMlp1Bias), mlp, hidden, [](float* row, std::size_t begin, std::size_t end) {
@@ -1358,8 +1483,8 @@ class MennyPanelProduct : public CpuKernel {
 // never reads the old one's positions from the token's on.
 class MennyDecoderStep : public mx::Primitive {
  public:
-  MennyDecoderStep(mx::Stream stream, int n_head, float scale, float eps)
-      : mx::Primitive(stream), n_head_(n_head), scale_(scale), eps_(eps) {}
+  MennyDecoderStep(mx::Stream stream, int n_head, float scale, float eps, bool over_features)
+      : mx::Primitive(stream), n_head_(n_head), scale_(scale), eps_(eps), over_features_(over_features) {}
 
   const char* name() const override {
     return "MennyDecoderStep";
@@ -1367,7 +1492,8 @@ class MennyDecoderStep : public mx::Primitive {
 
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto* same = dynamic_cast<const MennyDecoderStep*>(&other);
-    return same && same->n_head_ == n_head_ && same->scale_ == scale_ && same->eps_ == eps_;
+    return same && same->n_head_ == n_head_ && same->scale_ == scale_ && same->eps_ == eps_ &&
+           same->over_features_ == over_features_;
   }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
@@ -1392,7 +1518,8 @@ class MennyDecoderStep : public mx::Primitive {
     }
     auto& encoder = encoder_for(stream(), inputs, outputs);
 #if defined(__x86_64__)
-    encoder.dispatch([inputs, outputs, n_head = n_head_, scale = scale_, eps = eps_]() mutable {
+    encoder.dispatch([inputs, outputs, n_head = n_head_, scale = scale_, eps = eps_,
+                      over_features = over_features_]() mutable {
       std::vector<mx::array> ordered;
       for (const mx::array& input : inputs) {
         ordered.push_back(in_row_order(input) ? input : copy_in_row_order(input));
@@ -1404,7 +1531,7 @@ class MennyDecoderStep : public mx::Primitive {
         }
       }
       decoder_layer_step(ordered, outputs[0].data<float>(), outputs[1].data<float>(), outputs[2].data<float>(),
-                         n_head, scale, eps);
+                         n_head, scale, eps, over_features);
     });
 #endif
   }
@@ -1413,6 +1540,7 @@ class MennyDecoderStep : public mx::Primitive {
   int n_head_;
   float scale_;
   float eps_;
+  bool over_features_;
 };
 
 // The default stream, if the kernels can run on it (every primitive is built through here, so
@@ -1530,9 +1658,8 @@ mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::arra
 }
 
 std::vector<mx::array> decoder_layer(const mx::array& x, const mx::array& offset, const mx::array& key_cache,
-                                     const mx::array& value_cache, const mx::array& cross_keys,
-                                     const mx::array& cross_values, const std::vector<mx::array>& weights, int n_head,
-                                     float eps) {
+                                     const mx::array& value_cache, const mx::array& audio, const mx::array& audio_second,
+                                     const std::vector<mx::array>& weights, int n_head, float eps, bool over_features) {
   auto expect = [](bool ok, const char* what) {
     if (!ok) {
       throw std::invalid_argument(what);
@@ -1543,22 +1670,37 @@ std::vector<mx::array> decoder_layer(const mx::array& x, const mx::array& offset
   expect(n_head > 0 && state % n_head == 0 && (state / n_head) % 16 == 0,
          "the state must split into heads of a multiple of 16");
   expect(offset.size() == 1 && offset.dtype() == mx::int32, "the offset is one int32");
-  for (const mx::array* cache : {&key_cache, &value_cache, &cross_keys, &cross_values}) {
-    expect(cache->ndim() == 3 && cache->shape(0) == batch && cache->shape(2) == state && cache->shape(1) > 0 &&
-               cache->dtype() == mx::float32,
-           "expected caches and audio keys/values (batch, rows, state), float32");
+  auto rows_of_state = [&](const mx::array& a) {
+    return a.ndim() == 3 && a.shape(0) == batch && a.shape(2) == state && a.shape(1) > 0 && a.dtype() == mx::float32;
+  };
+  expect(rows_of_state(key_cache) && key_cache.shape() == value_cache.shape(),
+         "expected the caches (batch, n_ctx, state), float32");
+  if (over_features) {
+    expect(kUseAvx512, "a step over the audio features needs AVX-512");
+    const int width = kPanelWidth, frames = audio_second.ndim() == 4 ? audio_second.shape(2) : 0;
+    expect(state % width == 0 && frames > 0 && audio.dtype() == mx::float32 && audio_second.dtype() == mx::float32 &&
+               audio.shape() == mx::Shape({batch, (frames + width - 1) / width, state, width}) &&
+               audio_second.shape() == mx::Shape({batch, state / width, frames, width}),
+           "expected the audio features (batch, frames, state) as frame panels (batch, frames / 32 rounded up, "
+           "state, 32) and channel panels (batch, state / 32, frames, 32), float32");
+  } else {
+    expect(rows_of_state(audio) && audio.shape() == audio_second.shape(),
+           "expected the audio's keys and values (batch, frames, state), float32");
   }
-  expect(cross_keys.shape() == cross_values.shape() && key_cache.shape() == value_cache.shape(),
-         "keys and values differ in shape");
-  expect(weights.size() == kStepInputs - kAttnLnWeight, "expected the layer's 21 weights in order");
+  const std::size_t n_weights = (over_features ? kFeatureStepInputs : kStepInputs) - kAttnLnWeight;
+  expect(weights.size() == n_weights, over_features ? "expected the layer's 24 weights in order"
+                                                    : "expected the layer's 21 weights in order");
   const mx::Stream stream = cpu_stream();
-  std::vector<mx::array> inputs{x, offset, key_cache, value_cache, cross_keys, cross_values};
+  std::vector<mx::array> inputs{x, offset, key_cache, value_cache, audio, audio_second};
   const int hidden = weights[kMlp1 - kAttnLnWeight].shape(0);
-  for (std::size_t i = kAttnLnWeight; i < kStepInputs; ++i) {
+  const std::size_t matrices[] = {kQuery, kKey, kValue, kOut, kCrossQuery, kCrossOut, kMlp1, kMlp2, kCrossKey,
+                                  kCrossValue};
+  for (std::size_t i = kAttnLnWeight; i < kAttnLnWeight + n_weights; ++i) {
     const mx::array& w = weights[i - kAttnLnWeight];
-    if (w.ndim() == 2) {
+    if (std::find(std::begin(matrices), std::end(matrices), i) != std::end(matrices)) {
       const int rows = i == kMlp1 ? hidden : state, depth = i == kMlp2 ? hidden : state;
-      expect(w.shape(0) == rows && w.shape(1) == depth && (w.dtype() == mx::float16 || w.dtype() == mx::float32),
+      expect(w.ndim() == 2 && w.shape(0) == rows && w.shape(1) == depth &&
+                 (w.dtype() == mx::float16 || w.dtype() == mx::float32),
              "a weight matrix has the wrong shape or dtype (float16 or float32)");
     } else {
       expect(w.ndim() == 1 && w.shape(0) == (i == kMlp1Bias ? hidden : state) && w.dtype() == mx::float32,
@@ -1566,13 +1708,10 @@ std::vector<mx::array> decoder_layer(const mx::array& x, const mx::array& offset
     }
     inputs.push_back(w);
   }
-  for (std::size_t i : {kQuery, kKey, kValue, kOut, kCrossQuery, kCrossOut, kMlp1, kMlp2}) {
-    expect(inputs[i].ndim() == 2, "expected a weight matrix where a bias was given");
-  }
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(state / n_head)));
   return mx::array::make_arrays({x.shape(), key_cache.shape(), value_cache.shape()},
                                 {mx::float32, mx::float32, mx::float32},
-                                std::make_shared<MennyDecoderStep>(stream, n_head, scale, eps), inputs);
+                                std::make_shared<MennyDecoderStep>(stream, n_head, scale, eps, over_features), inputs);
 }
 
 // Linux 6.1's madvise: back a range by huge pages now (copying what is there), whatever the
@@ -1619,14 +1758,18 @@ NB_MODULE(_fast_ops, m) {
   m.def("layer_norm", &layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::arg("eps"),
         "Layer norm over the last axis of float32 x, the same bits as mx.fast.layer_norm.");
   m.def("decoder_layer", &decoder_layer, nb::arg("x"), nb::arg("offset"), nb::arg("key_cache"),
-        nb::arg("value_cache"), nb::arg("cross_keys"), nb::arg("cross_values"), nb::arg("weights"),
-        nb::arg("n_head"), nb::arg("eps"),
+        nb::arg("value_cache"), nb::arg("audio"), nb::arg("audio_second"), nb::arg("weights"), nb::arg("n_head"),
+        nb::arg("eps"), nb::arg("over_features") = false,
         "One token's step through a decoder layer: x (batch, 1, state) at position offset (an int32 array "
         "of one element), the self-attention caches (batch, n_ctx, state), the audio's keys and values "
         "(batch, n_audio, state), all float32, and the weights in order: attn_ln weight, bias; query "
         "weight, bias; key weight; value weight, bias; out weight, bias; cross_attn_ln weight, bias; cross "
         "query weight, bias; cross out weight, bias; mlp_ln weight, bias; mlp1 weight, bias; mlp2 weight, "
-        "bias (matrices float32 or float16).  Returns the output and the caches, written in place.");
+        "bias (matrices float32 or float16).  With over_features (AVX-512): the audio features f (batch, "
+        "n_audio, state) as frame panels (batch, n_audio / 32 rounded up, state, 32): [b, p, c, j] = f[b, 32 p "
+        "+ j, c], 0 past n_audio; and channel panels (batch, state / 32, n_audio, 32): [b, p, i, j] = f[b, i, "
+        "32 p + j], in place of the keys and values, and three more weights: cross key weight, cross value "
+        "weight, bias.  Returns the output and the caches, written in place.");
   m.def("huge_pages", &huge_pages, nb::arg("a"),
         "Evaluates a and asks Linux to back the 2 MB pages wholly inside its memory by huge pages "
         "(MADV_COLLAPSE); whether it did.");
