@@ -446,6 +446,17 @@ def test_later_windows_reuse_the_memory_of_earlier_ones():
     assert whisper.backend.KEEPS_FREED_MEMORY
 
 
+@pytest.mark.parametrize(("given", "expected"), [(None, "4"), ("12", "12")])
+def test_openblas_threads_sleep_right_after_a_product_unless_told_otherwise(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if given is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = given
+    code = "import os, whisper\nprint(whisper.backend.OPENBLAS is not None, os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", expected]
+
+
 def test_fallback_on_request_uses_mlx_ops():
     code = (
         "import whisper, mlx.core as mx, numpy as np\nfrom mlx import nn\n"

@@ -24,11 +24,19 @@ _OPENBLAS_CANDIDATES = (
 )
 
 
+# OpenBLAS's threads spin for 2^n cycles after each product before they sleep; by default n = 28,
+# ~75 ms here.  A prompt's pass calls it between our kernels, whose threads then shared the two
+# cores with spinning ones: that pass and the steps after it ran 10-20 % slower.  2^4 cycles:
+# they sleep at once, and waking them costs a product tens of microseconds.
+OPENBLAS_THREAD_TIMEOUT = "4"
+
+
 def _preload_openblas() -> str | None:
     if not sys.platform.startswith("linux") or "mlx.core" in sys.modules:
         return None
     for path in _OPENBLAS_CANDIDATES:
         if os.path.exists(path):
+            os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT)  # read when it loads
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             return path
     log.warning(

@@ -433,8 +433,13 @@ class TextDecoder(nn.Module):
 
     def cross_kv(self, audio_features: mx.array) -> list[tuple[mx.array, mx.array]]:
         """Keys and values of the audio, computed once per window and reused every step."""
-        pack_products([layer for block in self.blocks for layer in (block.cross_attn.key, block.cross_attn.value)])
+        self.pack_cross_products()
         return [block.cross_attn.project_kv(audio_features) for block in self.blocks]
+
+    def pack_cross_products(self) -> None:
+        """The audio's key and value projections, which multiply all its frames, packed where
+        that pays (`pack_products`)."""
+        pack_products([layer for block in self.blocks for layer in (block.cross_attn.key, block.cross_attn.value)])
 
     def audio_memory(self, audio_features: mx.array) -> AudioMemory:
         """What decoding over these features reads of them (see CrossSource): where the CPU steps
@@ -442,6 +447,7 @@ class TextDecoder(nn.Module):
         else `cross_kv`."""
         if not kernels.steps_over_features(audio_features, self.blocks[0].attn.n_head):
             return self.cross_kv(audio_features)
+        self.pack_cross_products()  # for passes over several tokens, which compute the keys and values
         frame_panels, channel_panels = kernels.pack_features(audio_features)
         mx.eval(frame_panels, channel_panels)
         return {"features": audio_features, "frame_panels": frame_panels, "channel_panels": channel_panels}
