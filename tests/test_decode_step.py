@@ -222,7 +222,7 @@ def test_a_layer_step_in_one_kernel_call_gives_the_bits_of_the_layers_own_ops(mo
     assert changed.tolist() == [offset]
 
 
-@pytest.mark.skipif(not kernels.packs_panels(), reason="the step over the audio features needs AVX-512 kernels")
+@pytest.mark.skipif(not kernels.runs_avx512(), reason="the step over the audio features needs AVX-512 kernels")
 @pytest.mark.parametrize(("batch", "half"), [(1, False), (3, True)])
 def test_a_layer_step_over_the_audio_features_matches_the_step_over_their_keys_and_values(batch, half):
     rng = np.random.default_rng(batch)
@@ -253,7 +253,7 @@ def test_a_layer_step_over_the_audio_features_matches_the_step_over_their_keys_a
     assert np.array_equal(v_features[:, offset], v_kv[:, offset])
 
 
-@pytest.mark.skipif(not kernels.packs_panels(), reason="the step over the audio features needs AVX-512 kernels")
+@pytest.mark.skipif(not kernels.runs_avx512(), reason="the step over the audio features needs AVX-512 kernels")
 def test_audio_features_are_packed_as_the_step_reads_them():
     features = mx.arange(2 * 40 * 64, dtype=mx.float32).reshape(2, 40, 64)
     frame_panels, channel_panels = (np.array(a) for a in kernels.pack_features(features))
@@ -264,7 +264,7 @@ def test_audio_features_are_packed_as_the_step_reads_them():
     assert channel_panels[1, 1, 7, 3] == f[1, 7, 32 + 3]
 
 
-@pytest.mark.skipif(not kernels.packs_panels(), reason="the step over the audio features needs AVX-512 kernels")
+@pytest.mark.skipif(not kernels.runs_avx512(), reason="the step over the audio features needs AVX-512 kernels")
 def test_decoding_over_the_audio_features_gives_the_tokens_of_decoding_over_keys_and_values(traced_model):
     model, features, _ = traced_model
     over_features = model.decoder.audio_memory(features)

@@ -21,8 +21,9 @@ from speech import REPO, SPEECH_DIR
 
 import whisper
 from whisper import kernels
+from whisper import model as whisper_model
 from whisper.audio import N_SAMPLES, load_audio
-from whisper.model import convolve_gelu, linear, pack_products, packed_panels
+from whisper.model import convolve_gelu, linear, store_in_half
 
 FORCED_OFF = os.environ.get("MENNY_NO_KERNELS") == "1"
 needs_kernels = pytest.mark.skipif(FORCED_OFF, reason="MENNY_NO_KERNELS=1 forces MLX's own ops")
@@ -278,72 +279,76 @@ def test_panel_product_matches_float64(panels_here, rows, depth, n):
     x = RNG.standard_normal((*rows, depth)).astype(np.float32)
     w = RNG.standard_normal((n, depth)).astype(np.float16)
     bias = RNG.standard_normal(n).astype(np.float32)
-    panels = kernels.pack_panels(mx.array(w))
-    assert panels.shape == (n // 32, depth, 32) and panels.dtype == mx.float16
-    ours = np.array(kernels.panel_product(mx.array(x), panels, mx.array(bias)))
+    assert kernels.multiplies_in_panels(mx.array(w))
+    ours = np.array(kernels.panel_product(mx.array(x), mx.array(w), mx.array(bias)))
     exact = x.astype(np.float64) @ w.astype(np.float64).T + bias
     assert ours.shape == (*rows, n)
     np.testing.assert_allclose(ours, exact, rtol=1e-4, atol=1e-4 * np.sqrt(depth))
-    # float32 panels of the same values give the same bits; no bias is no bias.
-    same = kernels.panel_product(mx.array(x), kernels.pack_panels(mx.array(w).astype(mx.float32)), mx.array(bias))
+    # float32 weights of the same values give the same bits, and so does a view into a larger
+    # buffer (as the decoder keeps its weights); no bias is no bias.
+    same = kernels.panel_product(mx.array(x), mx.array(w).astype(mx.float32), mx.array(bias))
     assert np.array_equal(np.array(same), ours)
-    unbiased = np.array(kernels.panel_product(mx.array(x), panels))
+    buffer = mx.concatenate([mx.zeros(5, mx.float16), mx.array(w).reshape(-1)])
+    view = buffer[5:].reshape(n, depth)
+    assert np.array_equal(np.array(kernels.panel_product(mx.array(x), view, mx.array(bias))), ours)
+    unbiased = np.array(kernels.panel_product(mx.array(x), mx.array(w)))
     np.testing.assert_allclose(unbiased, exact - bias, rtol=1e-4, atol=1e-4 * np.sqrt(depth))
 
 
 @needs_kernels
 def test_panel_product_gelu_and_residual_are_the_separate_ops_bit_for_bit(panels_here):
     x = mx.array(RNG.standard_normal((3, 50, 64)).astype(np.float32))
-    panels = kernels.pack_panels(mx.array(RNG.standard_normal((96, 64)).astype(np.float16)))
+    w = mx.array(RNG.standard_normal((96, 64)).astype(np.float16))
     bias = mx.array(RNG.standard_normal(96).astype(np.float32))
     residual = mx.array(RNG.standard_normal((3, 50, 96)).astype(np.float32))
-    plain = kernels.panel_product(x, panels, bias)
-    fused = kernels.panel_product(x, panels, bias, gelu=True, residual=residual)
+    plain = kernels.panel_product(x, w, bias)
+    fused = kernels.panel_product(x, w, bias, gelu=True, residual=residual)
     assert mx.array_equal(fused, residual + kernels.gelu(plain)).item()
-    assert mx.array_equal(kernels.panel_product(x, panels, bias, residual=residual), residual + plain).item()
+    assert mx.array_equal(kernels.panel_product(x, w, bias, residual=residual), residual + plain).item()
 
 
 @needs_kernels
 def test_panel_product_refuses_what_it_cannot_do(panels_here):
     x = mx.zeros((4, 64))
-    assert kernels.pack_panels(mx.zeros((48, 64))) is None  # not a multiple of 32 outputs
-    with pytest.raises(ValueError, match="panels"):
-        panels_here.panel_product(x, mx.zeros((2, 32, 32)))  # depth 32 against x's 64
+    assert not kernels.multiplies_in_panels(mx.zeros((48, 64)))  # not a multiple of 32 outputs
+    with pytest.raises(ValueError, match="matrix"):
+        panels_here.panel_product(x, mx.zeros((48, 64)))
+    with pytest.raises(ValueError, match="matrix"):
+        panels_here.panel_product(x, mx.zeros((64, 32)))  # depth 32 against x's 64
     with pytest.raises(ValueError, match="residual"):
-        panels_here.panel_product(x, mx.zeros((2, 64, 32)), None, mx.zeros((4, 32)))
+        panels_here.panel_product(x, mx.zeros((32, 64)), None, mx.zeros((4, 64)))
 
 
 @needs_kernels
-@pytest.mark.usefixtures("panels_here")
-def test_packed_products_keep_float16_values_and_follow_a_replaced_weight():
-    layer = nn.Linear(64, 96)
-    layer.weight = layer.weight.astype(mx.float16).astype(mx.float32)  # values a float16 checkpoint holds
-    values = np.array(layer.weight)
-    pack_products([layer])
-    assert layer.weight.dtype == mx.float16 and np.array_equal(np.array(layer.weight, dtype=np.float32), values)
+def test_weights_kept_in_half_hold_the_same_values_and_each_matrix_is_looked_at_once(monkeypatch):
+    exact, inexact = nn.Linear(64, 96), nn.Linear(64, 96)
+    exact.weight = exact.weight.astype(mx.float16).astype(mx.float32)  # values a float16 checkpoint holds
+    values = np.array(exact.weight)
+    assert store_in_half([exact, inexact]) == [exact]
+    assert exact.weight.dtype == mx.float16 and np.array_equal(np.array(exact.weight, dtype=np.float32), values)
+    assert inexact.weight.dtype == mx.float32
     x = mx.array(RNG.standard_normal((20, 64)).astype(np.float32))
-    np.testing.assert_allclose(np.array(linear(layer, x)), np.array(x) @ values.T + np.array(layer.bias), atol=1e-4)
-    layer.weight = mx.zeros((96, 64))
-    assert packed_panels(layer) is None  # stale panels are never used
-    np.testing.assert_array_equal(np.array(linear(layer, x)), np.broadcast_to(np.array(layer.bias), (20, 96)))
-    pack_products([layer])
-    assert packed_panels(layer) is not None
-    with kernels.fallback():
-        assert packed_panels(layer) is None
+    np.testing.assert_allclose(np.array(linear(exact, x)), np.array(x) @ values.T + np.array(exact.bias), atol=1e-4)
+    looked_at = []
+    monkeypatch.setattr(whisper_model, "half_if_exact", lambda w: looked_at.append(w) or w)
+    assert store_in_half([exact, inexact]) == [] and looked_at == []
+    inexact.weight = mx.zeros((96, 64))  # replaced: looked at again
+    store_in_half([inexact])
+    assert len(looked_at) == 1
 
 
 @needs_kernels
 @pytest.mark.usefixtures("panels_here")
 @pytest.mark.parametrize(("stride", "frames"), [(1, 3000), (2, 3000), (2, 7), (1, 1)])
-def test_packed_convolution_is_mlx_convolution(stride, frames):
+def test_convolution_as_a_panel_product_is_mlx_convolution(stride, frames):
     layer = nn.Conv1d(80, 64, kernel_size=3, stride=stride, padding=1)
     x = mx.array(RNG.standard_normal((2, frames, 80)).astype(np.float32))
     expected = np.array(kernels.gelu(layer(x)))
-    pack_products([layer])
-    assert packed_panels(layer) is not None
     ours = np.array(convolve_gelu(layer, x))
     assert ours.shape == expected.shape
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+    with kernels.fallback():  # MLX's own ops
+        assert mx.array_equal(convolve_gelu(layer, x), nn.gelu(layer(x))).item()
 
 
 @needs_kernels
@@ -413,8 +418,9 @@ def test_encoder_features_agree_with_and_without_the_kernels():
     assert np.abs(ours - reference).mean() < 1e-5
 
 
-def test_a_model_packed_in_one_thread_transcribes_in_another():
-    # MLX gives each thread its own streams: nothing the packing leaves may be unevaluated.
+def test_a_model_first_run_in_one_thread_transcribes_in_another():
+    # MLX gives each thread its own streams: nothing the first pass leaves (the float16 copies of
+    # the weights) may be unevaluated.
     model = whisper.load_model("tiny.en")
     mx.eval(model.embed_audio(mx.zeros((1, 3000, model.dims.n_mels))))
     result = {}

@@ -80,22 +80,13 @@ def linear(
             return fused
     if norm is not None:
         x = norm(x)
-    panels = packed_panels(layer)
-    if panels is not None and x.dtype == mx.float32 and not kernels.few_rows(x):
-        return kernels.panel_product(x, panels, layer.get("bias"), gelu=gelu, residual=residual)
+    many_rows = x.dtype == mx.float32 and not kernels.few_rows(x)
+    if many_rows and not quantized and kernels.multiplies_in_panels(layer.weight):
+        return kernels.panel_product(x, layer.weight, layer.get("bias"), gelu=gelu, residual=residual)
     y = layer(x) if quantized else kernels.linear(x, layer.weight, layer.get("bias"))
     if gelu:
         y = kernels.gelu(y)
     return y if residual is None else residual + y
-
-
-def packed_panels(layer: nn.Module) -> mx.array | None:
-    """The panels `pack_products` made of the layer's current weight, if any and if the panel
-    product runs here now."""
-    packed = layer.get("_panels")
-    if packed is None or packed[0] is not layer.weight or not kernels.packs_panels():
-        return None
-    return packed[1]
 
 
 def half_if_exact(weight: mx.array) -> mx.array:
@@ -112,40 +103,36 @@ def half_if_exact(weight: mx.array) -> mx.array:
     return half if exact else weight
 
 
-def pack_products(layers: list[nn.Module]) -> None:
-    """Where the CPU runs `kernels.panel_product`: each layer's matrix packed once into the
-    panels that product reads, the matrix and its panels kept in float16 where that changes no
-    value (together the memory of the float32 matrix alone).  Packed again after a weight is
-    replaced; quantized layers are left as they are.  (The matrix stays evaluated: an unevaluated
-    view of the panels would belong to the packing thread's stream, which MLX refuses to
-    evaluate from another thread, say a live transcript's.)"""
-    if not kernels.packs_panels():
-        return
+def store_in_half(layers: list[nn.Module]) -> list[nn.Module]:
+    """Each layer's float32 matrix replaced by its float16 copy where that changes no value
+    (`half_if_exact`), each matrix looked at once; the layers whose matrix was replaced.  The
+    CPU kernels widen float16 weights exactly: the same products from half the memory."""
+    halved = []
     for layer in layers:
-        if isinstance(layer, nn.QuantizedLinear) or packed_panels(layer) is not None:
+        weight = layer.weight
+        if weight.dtype != mx.float32 or layer.get("_not_half") is weight:
             continue
-        # A convolution's (out, width, in) matrix keeps its dtype: it sets the model's (`Whisper.dtype`).
-        weight = half_if_exact(layer.weight) if isinstance(layer, nn.Linear) else layer.weight
-        panels = kernels.pack_panels(weight.reshape(weight.shape[0], -1))
-        if panels is None:
-            continue
-        mx.eval(panels)
-        layer.weight = weight
-        layer._panels = (weight, panels)
+        half = half_if_exact(weight)
+        if half is weight:
+            layer._not_half = weight  # not looked at again
+        else:
+            layer.weight = half
+            halved.append(layer)
+    return halved
 
 
 def convolve_gelu(layer: nn.Conv1d, x: mx.array) -> mx.array:
-    """GELU(layer(x)) for x (batch, frames, channels).  Where the layer is packed: one panel
-    product over the `width` shifted (strided) copies of x side by side, the columns the
-    convolution's matrix (out, width * in) multiplies."""
-    panels = packed_panels(layer)
-    if panels is None or x.dtype != mx.float32 or layer.dilation != 1 or layer.groups != 1:
+    """GELU(layer(x)) for x (batch, frames, channels).  Where the panel product takes the layer's
+    matrix (out, width * in): one product over the `width` shifted (strided) copies of x side by
+    side, the columns that matrix multiplies."""
+    matrix = layer.weight.reshape(layer.weight.shape[0], -1)
+    if x.dtype != mx.float32 or layer.dilation != 1 or layer.groups != 1 or not kernels.multiplies_in_panels(matrix):
         return kernels.gelu(layer(x))
     width, pad, stride = layer.weight.shape[1], layer.padding, layer.stride
     padded = mx.pad(x, [(0, 0), (pad, pad), (0, 0)])
     last = padded.shape[1] - width  # the last window's first frame
     shifted = [padded[:, k : k + last + 1 : stride] for k in range(width)]
-    return kernels.panel_product(mx.concatenate(shifted, axis=-1), panels, layer.get("bias"), gelu=True)
+    return kernels.panel_product(mx.concatenate(shifted, axis=-1), matrix, layer.get("bias"), gelu=True)
 
 
 def linear_layer(weight: mx.array, bias: mx.array | None) -> nn.Linear:
@@ -365,7 +352,8 @@ class AudioEncoder(nn.Module):
 
     def __call__(self, mel: mx.array, *, partial: bool = False) -> mx.array:
         """Features of a 30-second window; with `partial`, of its first frames only (an even number)."""
-        pack_products([self.conv1, self.conv2, *(layer for block in self.blocks for layer in block.products())])
+        if kernels.runs_avx512():  # the panel product widens float16 weights itself
+            store_in_half([layer for block in self.blocks for layer in block.products()])
         x = convolve_gelu(self.conv2, convolve_gelu(self.conv1, mel))
         n_ctx = self._positional_embedding.shape[0]
         if x.shape[1] > n_ctx or (x.shape[1] < n_ctx and not partial):
@@ -404,17 +392,10 @@ class TextDecoder(nn.Module):
                 block.mlp2,
                 *(getattr(a, n) for a in attentions for n in ("query", "key", "value", "out")),
             ]
-        halved = []
-        for layer in layers:
-            weight = layer.weight
-            if isinstance(layer, (nn.Linear, nn.Embedding)) and weight.dtype == mx.float32:
-                half = half_if_exact(weight)
-                if half is not weight:
-                    layer.weight = half
-                    if layer is self.token_embedding:  # the largest read of a step, 40-53 MB
-                        kernels.prefer_huge_pages(half)
-                    else:
-                        halved.append(layer)
+        halved = store_in_half(layers)
+        if any(layer is self.token_embedding for layer in halved):  # the largest read of a step, 40-53 MB
+            kernels.prefer_huge_pages(self.token_embedding.weight)
+        halved = [layer for layer in halved if layer is not self.token_embedding]
         if halved:
             # The layers' matrices as views of one buffer backed by 2 MB pages: most are smaller
             # than a page themselves.  (The step's kernel reads views in place.)
@@ -433,13 +414,7 @@ class TextDecoder(nn.Module):
 
     def cross_kv(self, audio_features: mx.array) -> list[tuple[mx.array, mx.array]]:
         """Keys and values of the audio, computed once per window and reused every step."""
-        self.pack_cross_products()
         return [block.cross_attn.project_kv(audio_features) for block in self.blocks]
-
-    def pack_cross_products(self) -> None:
-        """The audio's key and value projections, which multiply all its frames, packed where
-        that pays (`pack_products`)."""
-        pack_products([layer for block in self.blocks for layer in (block.cross_attn.key, block.cross_attn.value)])
 
     def audio_memory(self, audio_features: mx.array) -> AudioMemory:
         """What decoding over these features reads of them (see CrossSource): where the CPU steps
@@ -447,7 +422,6 @@ class TextDecoder(nn.Module):
         else `cross_kv`."""
         if not kernels.steps_over_features(audio_features, self.blocks[0].attn.n_head):
             return self.cross_kv(audio_features)
-        self.pack_cross_products()  # for passes over several tokens, which compute the keys and values
         frame_panels, channel_panels = kernels.pack_features(audio_features)
         mx.eval(frame_panels, channel_panels)
         return {"features": audio_features, "frame_panels": frame_panels, "channel_panels": channel_panels}

@@ -4,10 +4,11 @@ On a Linux CPU the mlx[cpu] wheel computes exp and erf one lane at a time on one
 softmax and GELU, not the matrix products, dominated the encoder.  `fast_ops.cpp` implements
 both, a fused attention (also causal over the decoder's key cache), a matrix-vector product
 (a decoding step's projections), a decoder layer's whole one-token step and, on CPUs with
-AVX-512, a matrix product over weights packed once (the encoder's), as MLX primitives
-(AVX2+FMA, split across cores), compiled by `python -m whisper.kernels.build` (scripts/setup.sh
-runs it).  Where the library is missing, was built for another mlx, the CPU lacks AVX2 or the
-default device is a GPU, these functions use MLX's ops.  MENNY_NO_KERNELS=1 forces MLX's ops.
+AVX-512, a matrix product over panels of the weights (the encoder's) and a step's attention over
+the audio features, as MLX primitives (AVX2+FMA, split across cores), compiled by
+`python -m whisper.kernels.build` (scripts/setup.sh runs it).  Where the library is missing, was
+built for another mlx, the CPU lacks AVX2 or the default device is a GPU, these functions use
+MLX's ops.  MENNY_NO_KERNELS=1 forces MLX's ops.
 """
 
 from __future__ import annotations
@@ -166,30 +167,26 @@ def linear(x: mx.array, w: mx.array, bias: mx.array | None = None) -> mx.array:
 PANEL_WIDTH = 32  # the panel product's output columns per panel
 
 
-def packs_panels() -> bool:
-    """Whether `panel_product` runs here and now (the compiled kernels, a CPU with AVX-512)."""
+def runs_avx512() -> bool:
+    """Whether the AVX-512 kernels (`panel_product`, steps over the audio features) run here and
+    now: the compiled kernels on a CPU with AVX-512."""
     module = _on_cpu()
     return module is not None and module.uses_avx512()
 
 
-def pack_panels(w: mx.array) -> mx.array | None:
-    """w (n, depth) as the panels `panel_product` reads, (n / 32, depth, 32) in w's dtype:
-    panels[p, k, j] = w[32 p + j, k]; None for a w it does not take (not float16 or float32, n
-    not a multiple of 32)."""
-    if w.ndim != 2 or w.dtype not in (mx.float16, mx.float32) or w.shape[0] % PANEL_WIDTH:
-        return None
-    n, depth = w.shape
-    return mx.contiguous(w.reshape(n // PANEL_WIDTH, PANEL_WIDTH, depth).transpose(0, 2, 1))
+def multiplies_in_panels(w: mx.array) -> bool:
+    """Whether `panel_product` takes the matrix w here and now."""
+    return runs_avx512() and w.ndim == 2 and w.dtype in (mx.float16, mx.float32) and w.shape[0] % PANEL_WIDTH == 0
 
 
 def panel_product(
-    x: mx.array, panels: mx.array, bias: mx.array | None = None, *, gelu: bool = False, residual: mx.array | None = None
+    x: mx.array, w: mx.array, bias: mx.array | None = None, *, gelu: bool = False, residual: mx.array | None = None
 ) -> mx.array:
-    """x (..., depth) float32 @ w.T (+ bias), exact GELU if asked, + residual if given, for w
-    packed by `pack_panels`: the weights are not copied again per call, and the bias, GELU and
-    residual are applied while the result is in the cache (the same bits as those ops after).
-    Only where `packs_panels`."""
-    return _on_cpu().panel_product(x, panels, bias, residual, gelu)
+    """x (..., depth) float32 @ w.T (+ bias), exact GELU if asked, + residual if given, for w (n,
+    depth) float32 or float16 where `multiplies_in_panels(w)`: w is packed 32 rows at a time,
+    in the cache, and the bias, GELU and residual are applied while the result is there too (the
+    same bits as those ops after)."""
+    return _on_cpu().panel_product(x, w, bias, residual, gelu)
 
 
 def decoder_layer_step(
@@ -227,7 +224,7 @@ def steps_over_features(features: mx.array, n_head: int) -> bool:
     batch, _, state = features.shape
     head_dim = state // n_head
     return (
-        packs_panels()
+        runs_avx512()
         and features.dtype == mx.float32
         and batch <= MATVEC_ROWS
         and head_dim % 16 == 0

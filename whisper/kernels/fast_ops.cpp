@@ -587,11 +587,8 @@ bool cpu_has_avx512() {
 const bool kUseAvx512 = cpu_has_avx512();
 
 // A product's output columns come 32 at a time from a panel: the 32 weight rows' values for
-// each input column in turn, (depth, 32) contiguous.  The panels of a weight matrix (n, depth)
-// are an array (n / 32, depth, 32), packed once (model.pack_products).
+// each input column in turn, (depth, 32) contiguous, packed by the call (strip_product).
 constexpr std::size_t kPanelWidth = 32;
-// Rows of x a thread takes at a time: its panel, widened from float16 once, serves them all.
-constexpr std::size_t kProductRows = 96;
 
 // Sixteen weights as floats: float16 (raw bits) widened exactly, float32 as they are.
 MENNY_AVX512 inline __m512 load16(const std::uint16_t* p) {
@@ -680,31 +677,6 @@ MENNY_AVX512 void panel_rows(const float* a, std::size_t lda, const float* panel
   }
 }
 
-// Rows [begin, end) of out (rows, n) = x (rows, depth) @ w.T + bias (GELU'd, + residual, as
-// asked), w given as its panels (float32, or float16 as raw bits).
-template <class W>
-MENNY_AVX512 void panel_product_rows(const float* x, const W* panels, std::size_t depth, std::size_t n,
-                                     const float* bias, bool gelu, const float* residual, float* out,
-                                     std::size_t begin, std::size_t end) {
-  thread_local std::vector<float> widened;
-  for (std::size_t p = 0; p < n / kPanelWidth; ++p) {
-    const W* given = panels + p * depth * kPanelWidth;
-    const float* panel;
-    if constexpr (std::is_same_v<W, float>) {
-      panel = given;
-    } else {
-      widened.resize(depth * kPanelWidth);
-      for (std::size_t i = 0; i < depth * kPanelWidth; i += 16) {
-        _mm512_storeu_ps(widened.data() + i, load16(given + i));
-      }
-      panel = widened.data();
-    }
-    const std::size_t col = p * kPanelWidth;
-    panel_rows(x + begin * depth, depth, panel, kPanelWidth, depth, bias ? bias + col : nullptr, gelu,
-               residual ? residual + begin * n + col : nullptr, out + begin * n + col, n, end - begin);
-  }
-}
-
 // folded[0 : depth] = the sum over i < rows of q[i] * w[i] (rows of w, depth floats each): a
 // head's query taken through its rows of the key projection, so that its scores come straight
 // from the audio features.  Eight 16-column chains at a time.
@@ -736,6 +708,50 @@ MENNY_AVX512 void fold_rows(const float* q, const W* w, std::size_t rows, std::s
     _mm512_storeu_ps(folded + c, acc);
   }
 }
+// Panel p of w (n, depth) row-major as floats (float16 widened exactly): panel[k * 32 + j] =
+// w[32 p + j, k].
+template <class W>
+MENNY_AVX512 void transpose_strip(const W* w, std::size_t depth, std::size_t p, float* panel) {
+  alignas(64) float widened[16];
+  const W* strip = w + p * kPanelWidth * depth;
+  const std::size_t full = depth / 16 * 16;
+  for (std::size_t k = 0; k < full; k += 16) {
+    for (std::size_t j = 0; j < kPanelWidth; ++j) {
+      _mm512_store_ps(widened, load16(strip + j * depth + k));
+      for (std::size_t i = 0; i < 16; ++i) {
+        panel[(k + i) * kPanelWidth + j] = widened[i];
+      }
+    }
+  }
+  for (std::size_t k = full; k < depth; ++k) {
+    for (std::size_t j = 0; j < kPanelWidth; ++j) {
+      if constexpr (std::is_same_v<W, float>) {
+        panel[k * kPanelWidth + j] = strip[j * depth + k];
+      } else {
+        panel[k * kPanelWidth + j] = _cvtsh_ss(strip[j * depth + k]);
+      }
+    }
+  }
+}
+
+// Columns [32 begin, 32 end) of out (rows, n) = x (rows, depth) @ w.T + bias (GELU'd, +
+// residual, as asked) for w (n, depth) row-major: each 32-row strip of w packed once (64-256 KB,
+// in the core's L2 cache) for all rows of x, so no copy of the weights is kept.  As fast as
+// weights packed ahead of time, on the encoder's products too.
+template <class W>
+MENNY_AVX512 void strip_product(const float* x, const W* w, std::size_t depth, std::size_t n, std::size_t rows,
+                                const float* bias, bool gelu, const float* residual, float* out, std::size_t begin,
+                                std::size_t end) {
+  thread_local std::vector<float> panel;
+  panel.resize(depth * kPanelWidth);
+  for (std::size_t p = begin; p < end; ++p) {
+    transpose_strip(w, depth, p, panel.data());
+    const std::size_t col = p * kPanelWidth;
+    panel_rows(x, depth, panel.data(), kPanelWidth, depth, bias ? bias + col : nullptr, gelu,
+               residual ? residual + col : nullptr, out + col, n, rows);
+  }
+}
+
 #else
 const bool kUseAvx512 = false;
 #endif
@@ -1419,10 +1435,10 @@ class MennyMatvec : public CpuKernel {
   }
 };
 
-// x (..., depth) @ w.T + bias, then GELU and + residual as asked, with w as its panels (see
-// kPanelWidth): the encoder's products, and the audio's keys and values.  The panels come
-// packed once, so unlike sgemm no call copies the weights; the bias, GELU and residual are
-// applied while the result is in the cache.
+// x (..., depth) @ w.T + bias, then GELU and + residual as asked, for w (n, depth) packed 32
+// rows at a time into panels (strip_product): the encoder's products, the audio's keys and
+// values, a prompt's products.  Unlike sgemm's, the packing is per strip, in the cache, and the
+// bias, GELU and residual are applied while the result is there too.
 class MennyPanelProduct : public CpuKernel {
  public:
   MennyPanelProduct(mx::Stream stream, bool has_bias, bool gelu, bool has_residual)
@@ -1439,7 +1455,7 @@ class MennyPanelProduct : public CpuKernel {
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     mx::Shape shape = inputs[0].shape();
-    shape.back() = inputs[1].shape(0) * inputs[1].shape(2);
+    shape.back() = inputs[1].shape(0);
     return {shape};
   }
 
@@ -1448,24 +1464,22 @@ class MennyPanelProduct : public CpuKernel {
 #if defined(__x86_64__)
     const std::optional<mx::array> bias = has_bias_ ? std::optional(inputs[2]) : std::nullopt;
     const std::optional<mx::array> residual = has_residual_ ? std::optional(inputs.back()) : std::nullopt;
-    encoder.dispatch([x = inputs[0], panels = inputs[1], bias, residual, gelu = gelu_, out]() mutable {
-      const std::size_t depth = panels.shape(1), n = out.shape(-1), rows = x.size() / depth;
+    encoder.dispatch([x = inputs[0], given = inputs[1], bias, residual, gelu = gelu_, out]() mutable {
+      const mx::array w = in_row_order(given) ? given : copy_in_row_order(given);
+      const std::size_t depth = w.shape(1), n = out.shape(-1), rows = x.size() / depth;
       const float* xs = x.data<float>();
       const float* bs = bias ? bias->data<float>() : nullptr;
       const float* rs = residual ? residual->data<float>() : nullptr;
       float* dst = out.data<float>();
-      const bool half = panels.dtype() == mx::float16;
-      const void* ps = half ? static_cast<const void*>(panels.data<mx::float16_t>()) : panels.data<float>();
-      parallel_for(
-          rows, depth * n, 1,
-          [=](std::size_t begin, std::size_t end) {
-            if (half) {
-              panel_product_rows(xs, static_cast<const std::uint16_t*>(ps), depth, n, bs, gelu, rs, dst, begin, end);
-            } else {
-              panel_product_rows(xs, static_cast<const float*>(ps), depth, n, bs, gelu, rs, dst, begin, end);
-            }
-          },
-          kProductRows * depth * n);
+      const bool half = w.dtype() == mx::float16;
+      const void* ws = half ? static_cast<const void*>(w.data<mx::float16_t>()) : w.data<float>();
+      parallel_for(n / kPanelWidth, rows * depth * kPanelWidth, 1, [=](std::size_t begin, std::size_t end) {
+        if (half) {
+          strip_product(xs, static_cast<const std::uint16_t*>(ws), depth, n, rows, bs, gelu, rs, dst, begin, end);
+        } else {
+          strip_product(xs, static_cast<const float*>(ws), depth, n, rows, bs, gelu, rs, dst, begin, end);
+        }
+      });
     });
 #endif
   }
@@ -1616,26 +1630,28 @@ mx::array matvec(const mx::array& x, const mx::array& w, const std::optional<mx:
   return x.dtype() == mx::float32 ? out : mx::astype(out, x.dtype(), stream);
 }
 
-mx::array panel_product(const mx::array& x, const mx::array& panels, const std::optional<mx::array>& bias,
+mx::array panel_product(const mx::array& x, const mx::array& w, const std::optional<mx::array>& bias,
                         const std::optional<mx::array>& residual, bool gelu) {
   if (!kUseAvx512) {
     throw std::invalid_argument("the panel product needs AVX-512");
   }
-  if (x.ndim() < 1 || x.dtype() != mx::float32 || panels.ndim() != 3 || panels.shape(2) != kPanelWidth ||
-      panels.shape(1) != x.shape(-1) || x.shape(-1) == 0 ||
-      (panels.dtype() != mx::float32 && panels.dtype() != mx::float16)) {
-    throw std::invalid_argument("expected float32 x (..., depth) and float32 or float16 panels (n / 32, depth, 32)");
+  if (x.ndim() < 1 || x.dtype() != mx::float32 || w.ndim() != 2 || w.shape(0) % kPanelWidth != 0 ||
+      w.shape(1) != x.shape(-1) || x.shape(-1) == 0 || (w.dtype() != mx::float32 && w.dtype() != mx::float16)) {
+    throw std::invalid_argument("expected float32 x (..., depth) and a float32 or float16 matrix (n, depth), n a "
+                                "multiple of 32");
   }
   const mx::Stream stream = cpu_stream();
   mx::Shape shape = x.shape();
-  shape.back() = panels.shape(0) * kPanelWidth;
+  shape.back() = w.shape(0);
   if (bias && bias->shape() != mx::Shape{shape.back()}) {
     throw std::invalid_argument("expected a bias (n,)");
   }
   if (residual && residual->shape() != shape) {
     throw std::invalid_argument("expected a residual of the result's shape");
   }
-  std::vector<mx::array> inputs{float32_rows(x, stream), mx::contiguous(panels, false, stream)};
+  // w as it is: a view into a larger buffer (a decoder's weights, see TextDecoder.store_weights_in_half)
+  // would be copied by a contiguous() node.
+  std::vector<mx::array> inputs{float32_rows(x, stream), w};
   if (bias) {
     inputs.push_back(float32_rows(*bias, stream));
   }
@@ -1749,10 +1765,10 @@ NB_MODULE(_fast_ops, m) {
   m.def("matvec", &matvec, nb::arg("x"), nb::arg("w"), nb::arg("bias") = nb::none(),
         "x (..., depth) @ w.T (+ bias) for w (n, depth), float32 or float16, reading w once: for a few rows "
         "of x.  The result is float32 (x's dtype if another).");
-  m.def("panel_product", &panel_product, nb::arg("x"), nb::arg("panels"), nb::arg("bias") = nb::none(),
+  m.def("panel_product", &panel_product, nb::arg("x"), nb::arg("w"), nb::arg("bias") = nb::none(),
         nb::arg("residual") = nb::none(), nb::arg("gelu") = false,
         "x (..., depth) float32 @ w.T (+ bias), exact GELU if asked, + residual if given, for w (n, depth) "
-        "given as panels (n / 32, depth, 32) float32 or float16: panels[p, k, j] = w[32 p + j, k].  "
+        "float32 or float16, n a multiple of 32, packed 32 rows at a time into panels by each call.  "
         "Needs AVX-512.");
   m.def("uses_avx512", [] { return kUseAvx512; }, "Whether this CPU runs the AVX-512 panel product.");
   m.def("layer_norm", &layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::arg("eps"),
