@@ -165,14 +165,16 @@ class LogitFilter:
 
     def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
         """Set forbidden tokens' logits to -inf, in place."""
-        forbidden = np.zeros(logits.shape, dtype=bool)
+        # One row of mask for all rows, and the forbidden ids, not a (batch, vocab) mask: a step
+        # forbids a few dozen tokens, and each pass over the vocabulary costs tens of microseconds.
+        forbidden = np.zeros((1, logits.shape[-1]), dtype=bool)
         self.forbid(forbidden, tokens)
+        logits[:, np.flatnonzero(forbidden)] = -np.inf
         ranges = self.ranges(tokens)
         # Row by row: a few slices, not comparisons over the whole vocabulary (in_ranges).
         for row, pairs in enumerate([] if ranges is None else ranges):
             for start, stop in pairs:
-                forbidden[row, start:stop] = True
-        logits[forbidden] = -np.inf
+                logits[row, start:stop] = -np.inf
 
 
 class SuppressBlank(LogitFilter):
@@ -201,8 +203,9 @@ def _log_sum_exp(shifted: ArrayLike, xp: ModuleType = mx, block: int = 256) -> A
 
     Summed in blocks, then the block sums: MLX's one float32 running sum from 1 (the top token)
     drops every term below 6e-8, and tens of thousands of them made log-probabilities 1e-5 too high."""
+    if xp is np:  # numpy sums pairwise already
+        return np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
     rows, n = shifted.shape
-    # Padded by concatenation: numpy's pad costs tens of microseconds of Python per call.
     padded = xp.concatenate([shifted, xp.full((rows, -n % block), -xp.inf, dtype=shifted.dtype)], axis=1)
     return xp.log(xp.exp(padded).reshape(rows, -1, block).sum(axis=-1).sum(axis=-1, keepdims=True))
 
@@ -223,10 +226,14 @@ def log_softmax(x: ArrayLike, xp: ModuleType = np) -> ArrayLike:
 def timestamps_win(logits: ArrayLike, timestamp_begin: int, xp: ModuleType = mx) -> ArrayLike:
     """Rows (batch,) where all timestamp tokens together are likelier than any one text token.
     `xp` is mlx.core or numpy (whose -inf arithmetic warns: callers silence it)."""
-    shifted, norm = _shifted(logits, xp)
+    # Each part's maximum once (the whole's is the larger): subtracting keeps the order and the bits.
+    text_top = logits[:, :timestamp_begin].max(axis=-1, keepdims=True)
+    top = xp.maximum(text_top, logits[:, timestamp_begin:].max(axis=-1, keepdims=True))
+    shifted = logits - top
+    norm = _log_sum_exp(shifted, xp)
     timestamps = shifted[:, timestamp_begin:] - norm
-    # The likeliest text token's log-probability: subtracting norm keeps the order (and the bits).
-    best_text = shifted[:, :timestamp_begin].max(axis=-1) - norm[:, 0]
+    # The likeliest text token's log-probability.
+    best_text = (text_top - top - norm)[:, 0]
     top = xp.max(timestamps, axis=-1, keepdims=True)
     # Every timestamp forbidden: they cannot win (and -inf - -inf must not make a NaN).
     shifted = xp.where(xp.isinf(top), -xp.inf, timestamps - top)
@@ -414,8 +421,12 @@ class GreedyDecoder(TokenDecoder):
             probs = np.exp(log_softmax(logits / self.temperature)).astype(np.float64)
             probs /= probs.sum(axis=-1, keepdims=True)
             next_tokens = np.array([self.rng.choice(len(p), p=p) for p in probs])
-        shifted, norm = _shifted(logits, np)
-        logprobs = shifted[np.arange(len(next_tokens)), next_tokens] - norm[:, 0]
+        if self.temperature == 0:  # the chosen logit is the maximum: one pass fewer than _shifted
+            chosen = logits[np.arange(len(next_tokens)), next_tokens][:, None]
+            logprobs = -_log_sum_exp(logits - chosen, np)[:, 0]
+        else:
+            shifted, norm = _shifted(logits, np)
+            logprobs = shifted[np.arange(len(next_tokens)), next_tokens] - norm[:, 0]
         return self.append(tokens, next_tokens, logprobs, sum_logprobs)
 
     def append(
