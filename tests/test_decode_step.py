@@ -19,6 +19,7 @@ from whisper.decoding import (
     GreedyDecoder,
     Inference,
     TimestampState,
+    _greedy_choice,
     _greedy_pick,
     log_softmax,
     timestamp_ranges,
@@ -130,10 +131,37 @@ def test_greedy_choice_where_the_logits_are_equals_the_host_filters(traced_model
     for logit_filter in task.logit_filters:
         logit_filter.apply(host, tokens)
     rules = DeviceRules(task.logit_filters, model.dims.n_vocab)
-    chosen, logprobs = _greedy_pick(task.timestamp_begin)(mx.array(logits), *rules(tokens))
     expected = host.argmax(axis=-1)
-    assert np.array(chosen).tolist() == expected.tolist()
-    np.testing.assert_allclose(np.array(logprobs), log_softmax(host)[np.arange(3), expected], atol=1e-5)
+    # Compiled as the decoding loop runs it (one kernel call on a CPU with the kernels), and
+    # MLX's own ops.
+    with kernels.fallback():
+        mlx_ops = _greedy_choice(task.timestamp_begin)(mx.array(logits), *rules(tokens))
+    for chosen, logprobs in (_greedy_pick(task.timestamp_begin)(mx.array(logits), *rules(tokens)), mlx_ops):
+        assert np.array(chosen).tolist() == expected.tolist()
+        np.testing.assert_allclose(np.array(logprobs), log_softmax(host)[np.arange(3), expected], atol=1e-5)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the compiled kernels do not run here")
+def test_the_greedy_choice_kernel_on_edge_cases():
+    begin, vocab = 6, 10
+    values = np.array([1.0, 3.5, 3.5, 0.0, 0.0, 0.0, 2.0, 2.5, 0.0, 0.0])
+    logits = mx.array(np.stack([values] * 4).astype(np.float32))
+    forbidden = mx.array([[False] * vocab, [False] * vocab, [True] * vocab, [False] * 3 + [True] * 7])
+    # Row 1's ranges forbid the text tokens 1-2; row 3's stop lies past the vocabulary.
+    ranges = mx.array([[[0, 0]], [[1, 3]], [[0, 0]], [[2, 2**31 - 1]]], dtype=mx.int32)
+    chosen, logprobs = kernels.greedy_choice(logits, forbidden, ranges, begin)
+    # Row 0: the first of two equal text logits (3.5 beats the timestamps' logsumexp, 3.07);
+    # row 1: the timestamps win over the 1.0 left of text; row 2: nothing allowed; row 3: tokens
+    # 0 and 1 are what is left.
+    assert np.array(chosen).tolist() == [1, 7, 0, 1]
+    def log_probability(logit: float, allowed: np.ndarray) -> float:
+        return logit - np.log(np.exp(allowed).sum())
+
+    expected = [log_probability(3.5, values), log_probability(2.5, values[6:]), log_probability(3.5, values[:2])]
+    np.testing.assert_allclose(np.array(logprobs)[[0, 1, 3]], expected, rtol=1e-6)
+    assert np.isnan(np.array(logprobs)[2])
+    no_rule, _ = kernels.greedy_choice(logits, forbidden[:1], ranges[:, :0], None)
+    assert np.array(no_rule).tolist() == [1, 1, 1, 1]
 
 
 def test_the_timestamp_rules_state_advanced_on_the_device_gives_the_host_ranges():

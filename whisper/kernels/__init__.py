@@ -244,6 +244,20 @@ def pack_features(features: mx.array) -> tuple[mx.array, mx.array]:
     return mx.contiguous(frame_panels), mx.contiguous(channel_panels)
 
 
+def greedy_choice(
+    logits: mx.array, forbidden: mx.array, ranges: mx.array, timestamp_begin: int | None
+) -> tuple[mx.array, mx.array] | None:
+    """`decoding._greedy_choice` as one kernel call: each row's likeliest allowed token and its
+    log-probability, in two passes over the vocabulary where MLX's ops make a dozen (their exp
+    one lane at a time).  None where the kernels do not run."""
+    module = _on_cpu()
+    if module is None:
+        return None
+    first_timestamp = logits.shape[-1] if timestamp_begin is None else timestamp_begin
+    chosen, logprobs = module.greedy_choice(logits, forbidden, ranges, first_timestamp)
+    return chosen, logprobs
+
+
 def attends_cache(head_dim: int) -> bool:
     """Whether `cached_attention` runs the compiled kernel here (the cache layout it reads)."""
     return available() and head_dim % 16 == 0
