@@ -650,20 +650,18 @@ MENNY_AVX512 inline __m512 load16(const float* p) {
   return _mm512_loadu_ps(p);
 }
 
-// C[ROWS x 32] = A[ROWS x depth] * panel (depth x 32, its rows panel_ld floats apart), plus the
-// bias, GELU'd if asked, plus the residual (rows ldc apart, like C's) if given.  2 * ROWS
-// accumulators (ROWS <= 12 of the 32 zmm registers), two loads of the panel and ROWS broadcasts
-// of A per 2 * ROWS multiply-adds: at ~92 % of this machine's multiply-add peak.  Each output is
-// one chain over the depth in order.
+// C[ROWS x 32] = A[ROWS x depth] * panel (depth x 32), plus the bias, GELU'd if asked, plus the
+// residual (rows ldc apart, like C's) if given.  2 * ROWS accumulators (ROWS <= 12 of the 32 zmm
+// registers), two loads of the panel and ROWS broadcasts of A per 2 * ROWS multiply-adds: at
+// ~92 % of this machine's multiply-add peak.  Each output is one chain over the depth in order.
 #define MENNY_PANEL_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 template <int ROWS>
-MENNY_AVX512 void panel_tile(const float* a, std::size_t lda, const float* panel, std::size_t panel_ld,
-                             std::size_t depth, const float* bias, bool gelu, const float* residual, float* c,
-                             std::size_t ldc) {
+MENNY_AVX512 void panel_tile(const float* a, std::size_t lda, const float* panel, std::size_t depth, const float* bias,
+                             bool gelu, const float* residual, float* c, std::size_t ldc) {
 #define MENNY_DECLARE(r) __m512 acc##r##a = _mm512_setzero_ps(), acc##r##b = _mm512_setzero_ps();
   MENNY_PANEL_ROWS(MENNY_DECLARE)
 #undef MENNY_DECLARE
-  for (std::size_t k = 0; k < depth; ++k, panel += panel_ld) {
+  for (std::size_t k = 0; k < depth; ++k, panel += kPanelWidth) {
     const __m512 b0 = _mm512_loadu_ps(panel);
     const __m512 b1 = _mm512_loadu_ps(panel + 16);
 #define MENNY_ACCUMULATE(r)                                 \
@@ -702,11 +700,10 @@ MENNY_AVX512 void panel_tile(const float* a, std::size_t lda, const float* panel
 #undef MENNY_PANEL_ROWS
 
 // panel_tile over `rows` rows of A (and of C and the residual), twelve at a time.
-MENNY_AVX512 void panel_rows(const float* a, std::size_t lda, const float* panel, std::size_t panel_ld,
-                             std::size_t depth, const float* bias, bool gelu, const float* residual, float* c,
-                             std::size_t ldc, std::size_t rows) {
+MENNY_AVX512 void panel_rows(const float* a, std::size_t lda, const float* panel, std::size_t depth, const float* bias,
+                             bool gelu, const float* residual, float* c, std::size_t ldc, std::size_t rows) {
   auto tile = [&]<int ROWS>(std::size_t row) {
-    panel_tile<ROWS>(a + row * lda, lda, panel, panel_ld, depth, bias, gelu, residual ? residual + row * ldc : nullptr,
+    panel_tile<ROWS>(a + row * lda, lda, panel, depth, bias, gelu, residual ? residual + row * ldc : nullptr,
                      c + row * ldc, ldc);
   };
   std::size_t row = 0;
@@ -760,6 +757,7 @@ MENNY_AVX512 void fold_rows(const float* q, const W* w, std::size_t rows, std::s
     _mm512_storeu_ps(folded + c, acc);
   }
 }
+
 // Panel p of w (n, depth) row-major as floats (float16 widened exactly): panel[k * 32 + j] =
 // w[32 p + j, k].
 template <class W>
@@ -799,7 +797,7 @@ MENNY_AVX512 void strip_product(const float* x, const W* w, std::size_t depth, s
   for (std::size_t p = begin; p < end; ++p) {
     transpose_strip(w, depth, p, panel.data());
     const std::size_t col = p * kPanelWidth;
-    panel_rows(x, depth, panel.data(), kPanelWidth, depth, bias ? bias + col : nullptr, gelu,
+    panel_rows(x, depth, panel.data(), depth, bias ? bias + col : nullptr, gelu,
                residual ? residual + col : nullptr, out + col, n, rows);
   }
 }
@@ -1162,11 +1160,10 @@ enum StepInput : std::size_t {
 //
 // Over the features (AVX-512 only): the cross-attention reads the audio features X (batch,
 // frames, state), packed twice (see decoder_layer), instead of each layer's keys X Wk^T and
-// values X Wv^T + bv.
-// A head's scores are q_h . (X Wk_h^T) = (q_h Wk_h) . X and its output Wv_h (p_h X) + bv_h (the
-// probabilities sum to 1): the same values, summed in another order.  X (3 MB for base) stays
-// in the cache from layer to layer, where the keys and values (6 MB a layer) came from DRAM at
-// every step, a third of base's step.
+// values X Wv^T + bv.  A head's scores are q_h . (X Wk_h^T) = (q_h Wk_h) . X and its output
+// Wv_h (p_h X) + bv_h (the probabilities sum to 1): the same values, summed in another order.
+// X (3 MB for base) stays in the cache from layer to layer, where the keys and values (6 MB a
+// layer) came from DRAM at every step, a third of base's step.
 void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* key_cache, float* value_cache,
                         std::size_t n_head, float scale, float eps, bool over_features) {
   const std::size_t batch = in[kX].shape(0), state = in[kX].shape(2), head_dim = state / n_head;
@@ -1261,7 +1258,7 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
     pipeline->add(batch * n_panels, 1, [=](std::size_t begin, std::size_t end) {
       for (std::size_t task = begin; task < end; ++task) {
         const std::size_t b = task / n_panels, p = task % n_panels;
-        panel_rows(folded + b * n_head * state, state, frame_panels + task * state * kPanelWidth, kPanelWidth, state,
+        panel_rows(folded + b * n_head * state, state, frame_panels + task * state * kPanelWidth, state,
                    nullptr, false, nullptr, scores + b * n_head * ld_scores + p * kPanelWidth, ld_scores, n_head);
       }
     });
@@ -1276,8 +1273,8 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
       for (std::size_t task = begin; task < end; ++task) {
         const std::size_t b = task / column_panels, column = task % column_panels * kPanelWidth;
         float* out = mixed + b * n_head * state + column;
-        panel_rows(scores + b * n_head * ld_scores, ld_scores, channel_panels + task * audio * kPanelWidth,
-                   kPanelWidth, audio, nullptr, false, nullptr, out, state, n_head);
+        panel_rows(scores + b * n_head * ld_scores, ld_scores, channel_panels + task * audio * kPanelWidth, audio,
+                   nullptr, false, nullptr, out, state, n_head);
         for (std::size_t h = 0; h < n_head; ++h) {
           for (std::size_t j = 0; j < kPanelWidth; ++j) {
             out[h * state + j] *= inverse_sums[b * n_head + h];
