@@ -1,6 +1,7 @@
 // Fast CPU kernels for the work that dominates Whisper on a CPU: softmax over the last axis,
-// exact (erf) GELU, a fused multi-head attention, a decoding step's products and layers, and
-// the encoder's matrix products over pre-packed weights (AVX-512), as MLX primitives.
+// exact (erf) GELU, a fused multi-head attention, a decoding step's products and layers, the
+// greedy choice of a token, and the encoder's matrix products over panels of the weights
+// (AVX-512), as MLX primitives.
 //
 // Why: the mlx[cpu] wheel for Linux is built for baseline x86-64, so its exp/erf run one lane
 // at a time, and a CPU stream runs on one thread.  These kernels use AVX2+FMA+F16C (checked at run
@@ -1086,14 +1087,20 @@ struct Matrix {
       : data(w.dtype() == mx::float16 ? static_cast<const void*>(w.data<mx::float16_t>()) : w.data<float>()),
         half(w.dtype() == mx::float16) {}
 
-  // Rows [begin, end) of x (n_x, depth) @ this.T (+ bias), row j of the result at out + j * ld_out.
-  MENNY_AVX2 void times(const float* x, std::size_t n_x, const float* bias, std::size_t depth, float* out,
-                        std::size_t ld_out, std::size_t begin, std::size_t end) const {
+  // fn(the weights, typed: float16 as raw bits, or float32).
+  template <class Fn>
+  void with_weights(Fn fn) const {
     if (half) {
-      matvec_rows_avx2(x, n_x, static_cast<const std::uint16_t*>(data), bias, depth, out, ld_out, begin, end);
+      fn(static_cast<const std::uint16_t*>(data));
     } else {
-      matvec_rows_avx2(x, n_x, static_cast<const float*>(data), bias, depth, out, ld_out, begin, end);
+      fn(static_cast<const float*>(data));
     }
+  }
+
+  // Rows [begin, end) of x (n_x, depth) @ this.T (+ bias), row j of the result at out + j * ld_out.
+  void times(const float* x, std::size_t n_x, const float* bias, std::size_t depth, float* out, std::size_t ld_out,
+             std::size_t begin, std::size_t end) const {
+    with_weights([&](auto* w) { matvec_rows_avx2(x, n_x, w, bias, depth, out, ld_out, begin, end); });
   }
 };
 #endif
@@ -1248,11 +1255,7 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
       for (std::size_t task = begin; task < end; ++task) {
         const std::size_t b = task / n_head, first = (task % n_head) * head_dim;
         const float* q = query + b * state + first;
-        if (w.half) {
-          fold_rows(q, static_cast<const std::uint16_t*>(w.data) + first * state, head_dim, state, folded + task * state);
-        } else {
-          fold_rows(q, static_cast<const float*>(w.data) + first * state, head_dim, state, folded + task * state);
-        }
+        w.with_weights([&](auto* weights) { fold_rows(q, weights + first * state, head_dim, state, folded + task * state); });
       }
     });
     pipeline->add(batch * n_panels, 1, [=](std::size_t begin, std::size_t end) {
@@ -1444,21 +1447,27 @@ mx::array copy_in_row_order(const mx::array& a, char* to = nullptr) {
 // enough runs of contiguous memory for the prefetches to stay ahead.
 constexpr std::size_t kWeightsPerBlock = 1 << 17;
 
-// x (..., depth) times w (n_w, depth) transposed, for few rows of x: w is read once, as in a
-// matrix-vector product.  (OpenBLAS's sgemm first copies all of w into packed panels, which
-// for one row of x doubles the memory traffic of a step's vocabulary projection.)
-class MennyMatvec : public CpuKernel {
+// x (..., depth) times w (n, depth) transposed, x and w its first inputs: (..., n).
+class CpuProduct : public CpuKernel {
  public:
   using CpuKernel::CpuKernel;
-
-  const char* name() const override {
-    return "MennyMatvec";
-  }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     mx::Shape shape = inputs[0].shape();
     shape.back() = inputs[1].shape(0);
     return {shape};
+  }
+};
+
+// x (..., depth) times w (n_w, depth) transposed, for few rows of x: w is read once, as in a
+// matrix-vector product.  (OpenBLAS's sgemm first copies all of w into packed panels, which
+// for one row of x doubles the memory traffic of a step's vocabulary projection.)
+class MennyMatvec : public CpuProduct {
+ public:
+  using CpuProduct::CpuProduct;
+
+  const char* name() const override {
+    return "MennyMatvec";
   }
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
@@ -1488,10 +1497,10 @@ class MennyMatvec : public CpuKernel {
 // rows at a time into panels (strip_product): the encoder's products, the audio's keys and
 // values, a prompt's products.  Unlike sgemm's, the packing is per strip, in the cache, and the
 // bias, GELU and residual are applied while the result is there too.
-class MennyPanelProduct : public CpuKernel {
+class MennyPanelProduct : public CpuProduct {
  public:
   MennyPanelProduct(mx::Stream stream, bool has_bias, bool gelu, bool has_residual)
-      : CpuKernel(stream), has_bias_(has_bias), gelu_(gelu), has_residual_(has_residual) {}
+      : CpuProduct(stream), has_bias_(has_bias), gelu_(gelu), has_residual_(has_residual) {}
 
   const char* name() const override {
     return "MennyPanelProduct";
@@ -1500,12 +1509,6 @@ class MennyPanelProduct : public CpuKernel {
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto* same = dynamic_cast<const MennyPanelProduct*>(&other);
     return same && same->has_bias_ == has_bias_ && same->gelu_ == gelu_ && same->has_residual_ == has_residual_;
-  }
-
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    mx::Shape shape = inputs[0].shape();
-    shape.back() = inputs[1].shape(0);
-    return {shape};
   }
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
@@ -1520,15 +1523,12 @@ class MennyPanelProduct : public CpuKernel {
       const float* bs = bias ? bias->data<float>() : nullptr;
       const float* rs = residual ? residual->data<float>() : nullptr;
       float* dst = out.data<float>();
-      const bool half = w.dtype() == mx::float16;
-      const void* ws = half ? static_cast<const void*>(w.data<mx::float16_t>()) : w.data<float>();
-      parallel_for(n / kPanelWidth, rows * depth * kPanelWidth, 1, [=](std::size_t begin, std::size_t end) {
-        if (half) {
-          strip_product(xs, static_cast<const std::uint16_t*>(ws), depth, n, rows, bs, gelu, rs, dst, begin, end);
-        } else {
-          strip_product(xs, static_cast<const float*>(ws), depth, n, rows, bs, gelu, rs, dst, begin, end);
-        }
-      });
+      parallel_for(n / kPanelWidth, rows * depth * kPanelWidth, 1,
+                   [=, matrix = Matrix(w)](std::size_t begin, std::size_t end) {
+                     matrix.with_weights([&](auto* weights) {
+                       strip_product(xs, weights, depth, n, rows, bs, gelu, rs, dst, begin, end);
+                     });
+                   });
     });
 #endif
   }
