@@ -29,9 +29,11 @@ from pathlib import Path
 import pytest
 from virtual_mic import ServerProcess, VirtualMic
 
-# Loads OpenBLAS before any test module imports mlx.core; otherwise MLX multiplies matrices
+import whisper
+
+# OpenBLAS must load before any test module imports mlx.core; otherwise MLX multiplies matrices
 # with the reference BLAS and engine tests run many times slower.
-import whisper  # noqa: F401
+whisper.configure()
 
 
 @pytest.fixture(scope="session")

@@ -88,7 +88,7 @@ def transcribe_batch(
         else:
             yield index, job
 
-    with on_device(device):
+    with on_device(model, device):
         files = opened()
         going: deque[tuple[int, FileTranscription]] = deque()  # files of the last batch, in order
         while True:

@@ -12,17 +12,15 @@ import functools
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from types import ModuleType
 
 import mlx.core as mx
 import numpy as np
 
-from . import kernels
 from .audio import CHUNK_LENGTH, N_FRAMES
-from .model import KVCache, Whisper
+from .backends import Backend
+from .model import Whisper
+from .rules import TimestampState, log_softmax, log_sum_exp, shifted_logits, timestamp_ranges, timestamps_win
 from .tokenizer import Tokenizer, get_tokenizer
-
-ArrayLike = mx.array | np.ndarray  # the same code runs on either (numpy on the host, MLX on a GPU)
 
 
 @dataclass(frozen=True)
@@ -66,88 +64,62 @@ def compression_ratio(text: str) -> float:
 # ------------------------------------------------------------------ the model
 
 
-# Over the audio features (see `TextDecoder.audio_memory`), up to this many new tokens go through
-# one step each: a pass over them all would first compute every layer's keys and values of the
-# audio, which costs base ~48 ms on a CPU, eight of its steps.
-STEPPED_TOKENS = 8
-
-
 class Inference:
-    """Runs the decoder over a fixed-size self-attention cache; single-token steps are compiled."""
+    """The decoder's passes for the rows of one decoding, through the model's backend: `group` rows
+    (beams, samples) per window of audio.  The first pass (the initial tokens, alike in a
+    window's rows) runs once per window; its cache is then copied to the window's rows."""
 
-    def __init__(self, model: Whisper, audio_features: mx.array):
-        self.model = model
-        model.decoder.store_weights_in_half()
-        self.audio = model.decoder.audio_memory(audio_features)
-        self._cache: KVCache | None = None
+    def __init__(self, model: Whisper, audio_features: mx.array, group: int = 1):
+        self.backend = model.backend
+        self.group = group
+        self.n_audio = audio_features.shape[0]
+        self.audio = self.backend.audio_memory(audio_features, group)
+        self.cache = self.backend.new_cache(self.n_audio)
         self.n_cached = 0
 
     def rewind(self, n_cached: int) -> None:
-        """Keep only the first `n_cached` positions (say, of a guess that was partly accepted).
-        Nothing moves: positions from `n_cached` on count as unwritten again, and the next tokens
-        overwrite them."""
+        """Keep only the first `n_cached` positions (say, of a guess that was partly accepted)."""
         self.n_cached = n_cached
-        if self._cache is not None:
-            self._cache = self.model.decoder.forget(self._cache, n_cached)
+        self.cache = self.backend.forget(self.cache, n_cached)
 
     def logits(self, tokens: np.ndarray, positions: int = 1) -> np.ndarray:
-        """Logits of the last `positions` positions, (batch, positions, vocab), as float32."""
+        """Logits of the last `positions` positions, (rows, positions, vocab), as float32."""
         return np.array(self.device_logits(tokens, positions).astype(mx.float32))
 
     def device_logits(self, tokens: np.ndarray, positions: int = 1) -> mx.array:
         """As `logits`, left where the model computes (a GPU's memory), in the model's dtype."""
-        decoder = self.model.decoder
-        if self._cache is None:
-            self._cache = decoder.new_cache(tokens.shape[0])
-        new_tokens, offset = self._advance(tokens)
-        n_new = new_tokens.shape[1]
-        if positions <= n_new and (n_new == 1 or (isinstance(self.audio, dict) and n_new <= STEPPED_TOKENS)):
-            stepped = []
-            for i in range(n_new):
-                logits, self._cache = decoder.step(new_tokens[:, i : i + 1], self.audio, self._cache, offset + i)
-                stepped.append(logits)
-            return mx.stack(stepped[n_new - positions :], axis=1)
-        logits, self._cache = decoder(new_tokens, self.audio, self._cache, offset=offset, positions=positions)
+        first = self.n_cached == 0 and self.group > 1
+        if first:  # one row per window: every row of a window starts alike
+            tokens = tokens[:: self.group]
+        new_tokens = mx.array(tokens[:, self.n_cached :], dtype=mx.int32)
+        offset = self.n_cached
+        self.n_cached = tokens.shape[1]
+        if new_tokens.shape[1] == 1:
+            logits, self.cache = self.backend.step(new_tokens, self.audio, self.cache, mx.array([offset], mx.int32))
+            logits = logits[:, None]
+        else:
+            logits, self.cache = self.backend.forward(new_tokens, self.audio, self.cache, offset, positions)
+        if first:
+            self.reorder([row // self.group for row in range(self.n_audio * self.group)])
+            logits = mx.repeat(logits, self.group, axis=0)
         return logits
 
     def chained_step(self, last: mx.array, then: Callable, *extra: mx.array) -> tuple[mx.array, ...]:
-        """A single-token step for the last chosen ids (batch, 1), still on the device (the host
+        """A single-token step for the last chosen ids (rows, 1), still on the device (the host
         need not know them before the step is sent), and `then(logits, *extra)` on its logits
-        (batch, vocab), compiled into one call: what `then` returns stays on the device."""
+        (rows, vocab), in one call: what `then` returns stays on the device."""
         offset = mx.array([self.n_cached], dtype=mx.int32)
         self.n_cached += 1
-        result, self._cache = self.model.decoder.step_then(then)(last, self.audio, self._cache, offset, *extra)
+        result, self.cache = self.backend.step_then(then)(last, self.audio, self.cache, offset, *extra)
         return result
 
-    def _advance(self, tokens: np.ndarray) -> tuple[mx.array, mx.array]:
-        """The tokens not cached yet and the position of the first of them; from now on they count as cached."""
-        new_tokens = mx.array(tokens[:, self.n_cached :], dtype=mx.int32)
-        offset = mx.array([self.n_cached], dtype=mx.int32)
-        self.n_cached = tokens.shape[1]
-        return new_tokens, offset
-
-    def expand(self, repeats: int) -> None:
-        """Repeat what each audio's cross-attention reads for several candidates of it."""
-        if isinstance(self.audio, dict):
-            self.audio = self.model.decoder.audio_memory(mx.repeat(self.audio["features"], repeats, axis=0))
-        else:
-            self.audio = [(mx.repeat(k, repeats, axis=0), mx.repeat(v, repeats, axis=0)) for k, v in self.audio]
-
-    def reorder(self, source_indices: list[int]) -> None:
-        """Keep the cached rows that the surviving beams came from."""
-        if self._cache is not None and source_indices != list(range(len(source_indices))):
-            index = mx.array(source_indices)
-            self._cache = [(k[index], v[index]) for k, v in self._cache]
+    def reorder(self, sources: list[int]) -> None:
+        """Row i of the cache becomes row sources[i] (the rows that surviving beams came from)."""
+        if sources != list(range(len(sources))):
+            self.cache = self.backend.reorder(self.cache, sources, self.n_cached)
 
 
 # -------------------------------------------------------------- logit filters
-
-
-def in_ranges(ranges: ArrayLike, n_vocab: int, xp: ModuleType = mx) -> ArrayLike:
-    """(batch, vocab) mask of the tokens inside any of each row's ranges: `ranges` (batch, n, 2) holds
-    [start, stop) pairs (start >= stop: none). `xp` is mlx.core or numpy."""
-    vocab = xp.arange(n_vocab)
-    return ((vocab >= ranges[..., :1]) & (vocab < ranges[..., 1:])).any(axis=1)
 
 
 class LogitFilter:
@@ -198,85 +170,6 @@ class SuppressTokens(LogitFilter):
         forbidden[:, self.suppressed] = True
 
 
-def _log_sum_exp(shifted: ArrayLike, xp: ModuleType = mx, block: int = 256) -> ArrayLike:
-    """log(sum(exp(shifted))) over the last axis of (rows, n) values at most 0, kept as (rows, 1);
-    `xp` is mlx.core or numpy, whichever holds the values.
-
-    Summed in blocks, then the block sums: MLX's one float32 running sum from 1 (the top token)
-    drops every term below 6e-8, and tens of thousands of them made log-probabilities 1e-5 too high."""
-    if xp is np:  # numpy sums pairwise already
-        return np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    rows, n = shifted.shape
-    padded = xp.concatenate([shifted, xp.full((rows, -n % block), -xp.inf, dtype=shifted.dtype)], axis=1)
-    return xp.log(xp.exp(padded).reshape(rows, -1, block).sum(axis=-1).sum(axis=-1, keepdims=True))
-
-
-def _shifted(x: ArrayLike, xp: ModuleType) -> tuple[ArrayLike, ArrayLike]:
-    """x minus each row's maximum, and the log of the sum of its exponentials (rows, 1): the
-    log-probabilities are their difference, computed only where needed."""
-    shifted = x - xp.max(x, axis=-1, keepdims=True)
-    return shifted, _log_sum_exp(shifted, xp)
-
-
-def log_softmax(x: ArrayLike, xp: ModuleType = np) -> ArrayLike:
-    """Log-probabilities over the last axis of (rows, n) logits; `xp` is numpy or mlx.core."""
-    shifted, norm = _shifted(x, xp)
-    return shifted - norm
-
-
-def timestamps_win(logits: ArrayLike, timestamp_begin: int, xp: ModuleType = mx) -> ArrayLike:
-    """Rows (batch,) where all timestamp tokens together are likelier than any one text token.
-    `xp` is mlx.core or numpy (whose -inf arithmetic warns: callers silence it)."""
-    # Each part's maximum once (the whole's is the larger): subtracting keeps the order and the bits.
-    text_top = logits[:, :timestamp_begin].max(axis=-1, keepdims=True)
-    top = xp.maximum(text_top, logits[:, timestamp_begin:].max(axis=-1, keepdims=True))
-    shifted = logits - top
-    norm = _log_sum_exp(shifted, xp)
-    timestamps = shifted[:, timestamp_begin:] - norm
-    # The likeliest text token's log-probability.
-    best_text = (text_top - top - norm)[:, 0]
-    top = xp.max(timestamps, axis=-1, keepdims=True)
-    # Every timestamp forbidden: they cannot win (and -inf - -inf must not make a NaN).
-    shifted = xp.where(xp.isinf(top), -xp.inf, timestamps - top)
-    return (top + _log_sum_exp(shifted, xp))[:, 0] > best_text
-
-
-@dataclass(frozen=True)
-class TimestampState:
-    """What the timestamp rules need of each row's sampled tokens (batch,): whether the last and
-    the one before it were timestamps, the latest timestamp token, and whether there was one;
-    numpy arrays on the host, MLX arrays where a GPU decodes several steps ahead."""
-
-    last: ArrayLike
-    penultimate: ArrayLike
-    latest: ArrayLike
-    seen: ArrayLike
-
-    def arrays(self) -> tuple[ArrayLike, ArrayLike, ArrayLike, ArrayLike]:
-        return self.last, self.penultimate, self.latest, self.seen
-
-    def advance(self, chosen: ArrayLike, timestamp_begin: int, xp: ModuleType) -> TimestampState:
-        """The state after each row's `chosen` token."""
-        is_timestamp = chosen >= timestamp_begin
-        latest = xp.where(is_timestamp, chosen, self.latest).astype(self.latest.dtype)
-        return TimestampState(is_timestamp, self.last, latest, self.seen | is_timestamp)
-
-
-def timestamp_ranges(state: TimestampState, begin: int, eot: int, xp: ModuleType) -> ArrayLike:
-    """The token ids the timestamp rules forbid each row next, as `LogitFilter.ranges`
-    (batch, 2, 2); `xp` is numpy or mlx.core, whichever holds the state."""
-    opened = state.last & xp.logical_not(state.penultimate)
-    pair_closed = state.last & state.penultimate
-    nothing = xp.zeros(state.last.shape, dtype=xp.int32)
-    # After a closed pair text must follow; an opened pair must close (or the text end).
-    stop = xp.where(pair_closed, np.iinfo(np.int32).max, xp.where(opened, eot, 0))
-    first = xp.stack([xp.where(pair_closed, begin, nothing), stop], axis=-1)
-    # A segment may start where the last one ended, but must not be empty.
-    latest = state.latest + xp.logical_not(opened)
-    second = xp.stack([xp.where(state.seen, begin, nothing), xp.where(state.seen, latest, nothing)], axis=-1)
-    return xp.stack([first, second], axis=1)
-
-
 class ApplyTimestampRules(LogitFilter):
     """Timestamps come in pairs, never go back, start the text, and win when likelier."""
 
@@ -321,33 +214,11 @@ class ApplyTimestampRules(LogitFilter):
 
 
 @functools.cache
-def _greedy_choice(timestamp_begin: int | None) -> Callable[[mx.array, mx.array, mx.array], tuple[mx.array, mx.array]]:
-    """(logits (batch, vocab), forbidden (1 or batch, vocab), ranges (batch, n >= 1, 2) as in
-    `LogitFilter.ranges`) -> the likeliest allowed token of each row and its log-probability,
-    computed where the logits are; with `timestamp_begin`, the rule that likelier timestamps win."""
-
-    def pick(logits: mx.array, forbidden: mx.array, ranges: mx.array) -> tuple[mx.array, mx.array]:
-        fast = kernels.greedy_choice(logits, forbidden, ranges, timestamp_begin)
-        if fast is not None:
-            return fast
-        forbidden = forbidden | in_ranges(ranges, logits.shape[-1])
-        logits = mx.where(forbidden, -mx.inf, logits.astype(mx.float32))
-        if timestamp_begin is not None:
-            text = mx.arange(logits.shape[-1]) < timestamp_begin
-            logits = mx.where(timestamps_win(logits, timestamp_begin)[:, None] & text, -mx.inf, logits)
-        chosen = mx.argmax(logits, axis=-1)
-        return chosen, mx.take_along_axis(log_softmax(logits, mx), chosen[:, None], axis=-1)[:, 0]
-
-    return pick
-
-
-@functools.cache
-def _chained_choice(timestamp_begin: int | None, eot: int) -> Callable[..., tuple[mx.array, ...]]:
-    """`_greedy_choice` for steps sent ahead of the host: the timestamp rules' ranges come from
-    their state on the device, which each choice advances, and a row that has ended keeps
-    choosing end-of-text.  (logits, forbidden, done, *state) -> (chosen, log-probability, done, *state);
-    the state's arrays (`TimestampState.arrays`) only with `timestamp_begin`."""
-    choose = _greedy_choice(timestamp_begin)
+def chained_choice(backend: Backend, timestamp_begin: int | None, eot: int) -> Callable[..., tuple[mx.array, ...]]:
+    """The backend's greedy choice for steps sent ahead of the host: the timestamp rules' ranges
+    come from their state on the device, which each choice advances, and a row that has ended
+    keeps choosing end-of-text.  (logits, forbidden, done, *state) -> (chosen, log-probability,
+    done, *state); the state's arrays (`TimestampState.arrays`) only with `timestamp_begin`."""
 
     def chained(logits: mx.array, forbidden: mx.array, done: mx.array, *arrays: mx.array) -> tuple[mx.array, ...]:
         if timestamp_begin is None:
@@ -355,19 +226,13 @@ def _chained_choice(timestamp_begin: int | None, eot: int) -> Callable[..., tupl
         else:
             state = TimestampState(*arrays)
             ranges = timestamp_ranges(state, timestamp_begin, eot, mx)
-        chosen, logprobs = choose(logits, forbidden, ranges)
+        chosen, logprobs = backend.greedy_choice(logits, forbidden, ranges, timestamp_begin)
         chosen = mx.where(done, eot, chosen).astype(mx.int32)
         if timestamp_begin is not None:
             arrays = state.advance(chosen, timestamp_begin, mx).arrays()
         return chosen, logprobs, done | (chosen == eot), *arrays
 
     return chained
-
-
-@functools.cache
-def _greedy_pick(timestamp_begin: int | None) -> Callable[[mx.array, mx.array, mx.array], tuple[mx.array, mx.array]]:
-    """`_greedy_choice`, compiled once per rule and batch size."""
-    return mx.compile(_greedy_choice(timestamp_begin))
 
 
 class DeviceRules:
@@ -425,11 +290,11 @@ class GreedyDecoder(TokenDecoder):
             probs = np.exp(log_softmax(logits / self.temperature)).astype(np.float64)
             probs /= probs.sum(axis=-1, keepdims=True)
             next_tokens = np.array([self.rng.choice(len(p), p=p) for p in probs])
-        if self.temperature == 0:  # the chosen logit is the maximum: one pass fewer than _shifted
+        if self.temperature == 0:  # the chosen logit is the maximum: one pass fewer than shifted_logits
             chosen = logits[np.arange(len(next_tokens)), next_tokens][:, None]
-            logprobs = -_log_sum_exp(logits - chosen, np)[:, 0]
+            logprobs = -log_sum_exp(logits - chosen, np)[:, 0]
         else:
-            shifted, norm = _shifted(logits, np)
+            shifted, norm = shifted_logits(logits, np)
             logprobs = shifted[np.arange(len(next_tokens)), next_tokens] - norm[:, 0]
         return self.append(tokens, next_tokens, logprobs, sum_logprobs)
 
@@ -449,6 +314,14 @@ class GreedyDecoder(TokenDecoder):
         return [[list(map(int, seq)) for seq in group] for group in rows], sum_logprobs.reshape(
             -1, self.n_group
         ).tolist()
+
+
+def top_tokens(logprobs: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k largest of `logprobs`, largest first, the lower id first among equals
+    (a stable sort's order), without sorting the whole vocabulary."""
+    threshold = np.partition(logprobs, len(logprobs) - k)[len(logprobs) - k]
+    candidates = np.flatnonzero(logprobs >= threshold)
+    return candidates[np.argsort(-logprobs[candidates], kind="stable")][:k]
 
 
 class BeamSearchDecoder(TokenDecoder):
@@ -480,7 +353,7 @@ class BeamSearchDecoder(TokenDecoder):
                 row = audio * self.beam_size + beam
                 prefix = tuple(int(t) for t in tokens[row])
                 # Each beam offers its beam_size + 1 best continuations.
-                best = np.argsort(-logprobs[row], kind="stable")[: self.beam_size + 1]
+                best = top_tokens(logprobs[row], self.beam_size + 1)
                 for token in best:
                     sequence = (*prefix, int(token))
                     scores[sequence] = float(sum_logprobs[row] + logprobs[row, token])
@@ -681,9 +554,9 @@ class DecodingTask:
         sot_probs = mx.softmax(all_logits[:, 0].astype(mx.float32), axis=-1, precise=True)
         no_speech_probs = np.array(sot_probs[:, self.tokenizer.no_speech]).astype(np.float64)
         logits = all_logits[:, -1]
-        if self._chooses_on_device(decoder):
+        if inference.backend.chooses_on_device and isinstance(decoder, GreedyDecoder) and decoder.temperature == 0:
             rules = DeviceRules(self.logit_filters, self.model.dims.n_vocab)
-            chosen, logprobs = _greedy_pick(self.timestamp_begin)(logits, *rules(tokens))
+            chosen, logprobs = inference.backend.greedy_choice(logits, *rules(tokens), self.timestamp_begin)
             chosen, logprobs = np.array(chosen).astype(np.int64), np.array(logprobs)
             tokens, completed = decoder.append(tokens, chosen, logprobs, sum_logprobs)
             steps = functools.partial(self._steps_on_device, rules)
@@ -693,15 +566,6 @@ class DecodingTask:
         if not (completed or tokens.shape[1] > self.n_ctx):
             tokens = steps(inference, decoder, tokens, sum_logprobs)
         return tokens, sum_logprobs, no_speech_probs
-
-    def _chooses_on_device(self, decoder: TokenDecoder) -> bool:
-        """Greedy choices are made where the logits are, and the next step is sent before the
-        host reads this one's ids: on a GPU; and on a CPU with the compiled kernels, whose one
-        call for the choice (`kernels.greedy_choice`) takes ~0.1 ms where numpy's filters took
-        0.5 and MLX's ops 3 (their exp one lane at a time).  Base: 8.0 -> 6.9 ms a token."""
-        if not isinstance(decoder, GreedyDecoder) or decoder.temperature != 0:
-            return False
-        return mx.default_device() != mx.cpu or kernels.available()
 
     def _steps_on_host(
         self, inference: Inference, decoder: TokenDecoder, tokens: np.ndarray, sum_logprobs: np.ndarray
@@ -728,7 +592,7 @@ class DecodingTask:
         forbidden, _ = rules(tokens)  # the same for every row from here on
         timestamps = next((f for f in self.logit_filters if isinstance(f, ApplyTimestampRules)), None)
         state = [mx.array(a) for a in timestamps.state(tokens).arrays()] if timestamps else []
-        choose = _chained_choice(self.timestamp_begin, eot)
+        choose = chained_choice(inference.backend, self.timestamp_begin, eot)
 
         def send(last: mx.array, done: mx.array, state: list[mx.array]) -> tuple[mx.array, ...] | None:
             if inference.n_cached >= self.n_ctx:
@@ -768,9 +632,7 @@ class DecodingTask:
                 ]
             return [replace(r, language_probs=p) for r, p in zip(tasks[0].run(audio_features), language_probs)]
 
-        inference = Inference(self.model, audio_features)
-        if self.n_group > 1:
-            inference.expand(self.n_group)
+        inference = Inference(self.model, audio_features, self.n_group)
         decoder = self._token_decoder(inference)
         tokens = np.tile(np.array(self.initial_tokens, dtype=np.int64), (n_audio * self.n_group, 1))
         tokens, sum_logprobs, no_speech_probs = self._sample(inference, decoder, tokens)

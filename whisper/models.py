@@ -21,9 +21,10 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from .backend import choose_device
+from .backends import prepare as prepare_backend
 from .convert import ModelFormatError, alignment_heads_from_config, load_ct2
 from .model import ModelDimensions, Whisper
+from .runtime import choose_device
 
 DEFAULT_MODEL = "base"
 # Bumped when the converted layout changes, so old cache entries are not reused.
@@ -295,7 +296,7 @@ def load_model(
             raise ValueError("this model is quantized already")
         nn.quantize(model, group_size=64, bits=quantize)
         mx.eval(model.parameters())
-    return model
+    return prepare_backend(model)
 
 
 def available_models() -> list[str]:

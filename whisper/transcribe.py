@@ -25,9 +25,10 @@ from .audio import (
     log_mel_frames,
     pad_or_trim,
 )
-from .backend import choose_device
+from .backends import backend_for
 from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language
 from .model import Whisper
+from .runtime import choose_device
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
 from .tokenizer import LANGUAGES, Tokenizer, get_tokenizer, language_code
 from .vad import speech_regions
@@ -333,7 +334,7 @@ def transcribe(
         silence_floor_db=silence_floor_db,
         vad_filter=vad_filter,
     )
-    with on_device(device):
+    with on_device(model, device):
         job = FileTranscription(model, audio, options, decode_options, verbose)
         with tqdm.tqdm(total=job.content_frames, unit="frames", disable=verbose is not False) as bar:
 
@@ -349,13 +350,20 @@ def transcribe(
 
 
 @contextlib.contextmanager
-def on_device(device: str | None) -> Iterator[None]:
-    """Compute on `device` inside the block; None keeps MLX's default (set by load_model)."""
+def on_device(model: Whisper, device: str | None) -> Iterator[None]:
+    """Compute on `device` inside the block, with the model's backend for it; None keeps the
+    device and backend the model was loaded for."""
     if device is None:
         yield
         return
-    with mx.stream(choose_device(device)):
-        yield
+    chosen = choose_device(device)
+    loaded_for = model.backend
+    with mx.stream(chosen):
+        model.backend = backend_for(model, chosen)
+        try:
+            yield
+        finally:
+            model.backend = loaded_for
 
 
 def audio_features(audio: str | os.PathLike | bytes | np.ndarray, n_mels: int) -> tuple[np.ndarray, np.ndarray]:

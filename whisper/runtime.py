@@ -1,11 +1,13 @@
-"""Choose how MLX computes on this machine: which device, and which BLAS on the CPU.
+"""The process-wide set-up the engine wants on this machine, done by `configure()` only, and the
+choice of device.
 
-MLX runs on a GPU where its wheel has one (mlx[cuda13] on NVIDIA cards, mlx on Apple
-silicon); `choose_device` picks it unless told otherwise.
+The mlx[cpu] wheel for Linux links the reference BLAS, which multiplies matrices many times
+slower than OpenBLAS.  Loading OpenBLAS globally before MLX makes MLX's BLAS calls resolve to it,
+so `configure()` must run before the first `import mlx.core`; `import whisper` itself imports
+MLX only when an engine name is first used, and configures the process then.
 
-The mlx[cpu] wheel for Linux links the reference BLAS, which multiplies matrices ~35x
-slower than OpenBLAS.  Loading OpenBLAS globally before MLX makes MLX's BLAS calls
-resolve to it.  This module must therefore run before the first `import mlx.core`.
+MLX runs on a GPU where its wheel has one (mlx[cuda13] on NVIDIA cards, mlx on Apple silicon);
+`choose_device` picks it unless told otherwise.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import ctypes
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
 log = logging.getLogger("whisper")
 
@@ -46,7 +49,6 @@ def _preload_openblas() -> str | None:
     return None
 
 
-OPENBLAS = _preload_openblas()
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -68,7 +70,24 @@ def _keep_freed_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
-KEEPS_FREED_MEMORY = _keep_freed_memory()
+@dataclass(frozen=True)
+class Configuration:
+    openblas: str | None  # the OpenBLAS library loaded before MLX, if any
+    keeps_freed_memory: bool
+
+
+_configuration: Configuration | None = None
+
+
+def configure() -> Configuration:
+    """Load OpenBLAS before MLX and keep freed memory in the process (Linux); once per process.
+    Where MLX was imported already, OpenBLAS can no longer take over its BLAS: that is logged."""
+    global _configuration
+    if _configuration is None:
+        if "mlx.core" in sys.modules:
+            log.warning("MLX was imported before whisper.configure(): its matrix products use the slow reference BLAS")
+        _configuration = Configuration(_preload_openblas(), _keep_freed_memory())
+    return _configuration
 
 
 DEVICES = ("cpu", "gpu")

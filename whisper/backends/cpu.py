@@ -1,0 +1,223 @@
+"""The compiled CPU kernels' backend (`whisper.kernels`): float32 activations, weights kept in
+float16 where that changes no value, and a decoding step as one kernel call per layer.
+
+What it does differently from the plain model, and why (bench/NOTES.md has the measurements):
+
+- Weights: the bundled checkpoints are float16, so their float32 matrices hold float16 values; the
+  kernels widen float16 exactly, so the same products read half the bytes.  The decoder's
+  matrices share one buffer backed by 2 MB pages (a step reads each weight once, and 4 KB pages
+  cost a TLB miss each).
+- The encoder: products and convolutions over panels of the weights (AVX-512), attention, GELU
+  and layer norms as kernels on every core.
+- The self-attention cache is (rows, n_ctx, state) per layer, which the kernels read in place.
+- A step's cross-attention reads the audio features themselves where AVX-512 runs (`kernels.
+  steps_over_features`): they stay in the cache where each layer's keys and values came from
+  memory at every step.  A pass over many tokens computes those keys and values when it runs.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx import nn
+
+from .. import kernels
+from ..model import ResidualAttentionBlock, Whisper
+from . import AudioMemory, Cache
+from .fused import FusedBackend
+
+# Over the audio features, up to this many new tokens go through one step each: a pass over them
+# all would first compute every layer's keys and values of the audio (eight of base's steps).
+STEPPED_TOKENS = 8
+
+
+def kernels_load() -> bool:
+    """Whether the compiled kernels run here: built for this MLX, on a CPU they support."""
+    return kernels.available()
+
+
+def half_if_exact(weight: mx.array) -> mx.array:
+    """A float32 weight as float16 if that changes no value, else the weight as it is."""
+    if weight.dtype != mx.float32:
+        return weight
+    half = weight.astype(mx.float16)
+    mx.eval(half)
+    # Compared in slices: a whole float32 copy of the embedding would add to the peak memory.
+    rows = range(0, weight.shape[0], 4096)
+    exact = all(mx.array_equal(half[i : i + 4096].astype(mx.float32), weight[i : i + 4096]).item() for i in rows)
+    return half if exact else weight
+
+
+def store_in_half(layers: list[nn.Module]) -> list[nn.Module]:
+    """Each layer's float32 matrix replaced by its float16 copy where that changes no value; the
+    layers whose matrix was replaced."""
+    halved = []
+    for layer in layers:
+        if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or layer.weight.dtype != mx.float32:
+            continue
+        half = half_if_exact(layer.weight)
+        if half is not layer.weight:
+            layer.weight = half
+            halved.append(layer)
+    return halved
+
+
+def products(block: ResidualAttentionBlock) -> list[nn.Linear]:
+    attentions = [a for a in (block.attn, block.cross_attn) if a is not None]
+    return [*(getattr(a, n) for a in attentions for n in ("query", "key", "value", "out")), block.mlp1, block.mlp2]
+
+
+def step_weights(block: ResidualAttentionBlock, *, over_features: bool) -> list[mx.array]:
+    """A decoder layer's weights in the order `kernels.decoder_layer_step` takes them."""
+    attn, cross = block.attn, block.cross_attn
+    weights = [
+        *(block.attn_ln.weight, block.attn_ln.bias, attn.query.weight, attn.query.bias, attn.key.weight),
+        *(attn.value.weight, attn.value.bias, attn.out.weight, attn.out.bias),
+        *(block.cross_attn_ln.weight, block.cross_attn_ln.bias, cross.query.weight, cross.query.bias),
+        *(cross.out.weight, cross.out.bias, block.mlp_ln.weight, block.mlp_ln.bias),
+        *(block.mlp1.weight, block.mlp1.bias, block.mlp2.weight, block.mlp2.bias),
+    ]
+    if over_features:
+        weights += [cross.key.weight, cross.value.weight, cross.value.bias]
+    return weights
+
+
+class CpuBackend(FusedBackend):
+    name = "cpu-kernels"
+
+    def __init__(self, model: Whisper):
+        super().__init__(model)
+        self._store_weights_in_half()
+
+    def _store_weights_in_half(self) -> None:
+        encoder, decoder = self.model.encoder, self.model.decoder
+        if kernels.runs_avx512():  # the panel product widens float16 weights itself
+            store_in_half([layer for block in encoder.blocks for layer in products(block)])
+        halved = store_in_half([layer for block in decoder.blocks for layer in products(block)])
+        if store_in_half([decoder.token_embedding]):  # the largest read of a step
+            kernels.prefer_huge_pages(decoder.token_embedding.weight)
+        if halved:
+            # The matrices as views of one buffer of 2 MB pages: most are smaller than a page.
+            packed = mx.concatenate([layer.weight.reshape(-1) for layer in halved])
+            kernels.prefer_huge_pages(packed)
+            start = 0
+            for layer in halved:
+                layer.weight = packed[start : start + layer.weight.size].reshape(layer.weight.shape)
+                start += layer.weight.size
+        mx.eval(self.model.parameters())
+        mx.clear_cache()  # the float32 matrices and the separate halves
+
+    # ------------------------------------------------------------------ operations
+
+    def linear(self, layer, x, *, norm=None, residual=None, gelu=False):
+        if norm is not None:
+            x = self.layer_norm(x, norm)
+        quantized = isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        if quantized:
+            y = layer.as_linear(x) if isinstance(layer, nn.QuantizedEmbedding) else layer(x)
+        elif x.dtype == mx.float32 and not kernels.few_rows(x) and kernels.multiplies_in_panels(layer.weight):
+            return kernels.panel_product(x, layer.weight, layer.get("bias"), gelu=gelu, residual=residual)
+        else:
+            y = kernels.linear(x, layer.weight, layer.get("bias"))
+        if gelu:
+            y = kernels.gelu(y)
+        return y if residual is None else residual + y
+
+    def layer_norm(self, x: mx.array, norm: nn.LayerNorm) -> mx.array:
+        return kernels.layer_norm(x, norm.weight, norm.bias, norm.eps)
+
+    def attention(self, q: mx.array, k: mx.array, v: mx.array, n_head: int) -> mx.array:
+        return kernels.multi_head_attention(q, k, v, n_head)
+
+    def convolve_gelu(self, conv: nn.Conv1d, x: mx.array) -> mx.array:
+        """Where the panel product takes the layer's matrix (out, width * in): one product over the
+        `width` shifted (strided) copies of x side by side, the columns that matrix multiplies."""
+        matrix = conv.weight.reshape(conv.weight.shape[0], -1)
+        if x.dtype != mx.float32 or conv.dilation != 1 or conv.groups != 1 or not kernels.multiplies_in_panels(matrix):
+            return kernels.gelu(conv(x))
+        width, pad, stride = conv.weight.shape[1], conv.padding, conv.stride
+        padded = mx.pad(x, [(0, 0), (pad, pad), (0, 0)])
+        last = padded.shape[1] - width  # the last window's first frame
+        shifted = [padded[:, k : k + last + 1 : stride] for k in range(width)]
+        return kernels.panel_product(mx.concatenate(shifted, axis=-1), matrix, conv.get("bias"), gelu=True)
+
+    # --------------------------------------------------------------------- decoder
+
+    def audio_memory(self, features: mx.array, group: int = 1) -> AudioMemory:
+        """Over the features where steps run over them: the features and their panels; else each
+        layer's keys and values.  What a step reads comes once per row (`group` rows a window)."""
+        if not kernels.steps_over_features(features, self.model.decoder.blocks[0].attn.n_head):
+            keys_values = super().audio_memory(features)
+            steps = [tuple(mx.repeat(a, group, axis=0) for a in layer) for layer in keys_values]
+            memory = {"keys_values": keys_values, "window_step": keys_values, "row_step": steps}
+        else:
+            panels = kernels.pack_features(features)
+            rows = kernels.pack_features(mx.repeat(features, group, axis=0)) if group > 1 else panels
+            n_layer = len(self.model.decoder.blocks)
+            memory = {"features": features, "window_step": [panels] * n_layer, "row_step": [rows] * n_layer}
+        mx.eval(memory)
+        return memory
+
+    def cross_keys_values(self, audio: AudioMemory, layer: int) -> tuple[mx.array, mx.array]:
+        if "features" in audio:
+            attention = self.model.decoder.blocks[layer].cross_attn
+            return self.linear(attention.key, audio["features"]), self.linear(attention.value, audio["features"])
+        return audio["keys_values"][layer]
+
+    def new_cache(self, rows: int) -> Cache:
+        n_ctx, n_state = self.model.decoder.positional_embedding.shape
+        dtype = self.model.decoder.ln.weight.dtype
+        return [
+            (mx.zeros((rows, n_ctx, n_state), dtype), mx.zeros((rows, n_ctx, n_state), dtype))
+            for _ in self.model.decoder.blocks
+        ]
+
+    def forget(self, cache: Cache, n_kept: int) -> Cache:
+        return cache  # the kernels never read past the query's position
+
+    def self_attend(self, block, x, cache, offset):
+        attn = block.attn
+        h = self.layer_norm(x, block.attn_ln)
+        k = mx.slice_update(cache[0], self.linear(attn.key, h), offset, axes=(1,))
+        v = mx.slice_update(cache[1], self.linear(attn.value, h), offset, axes=(1,))
+        attended = kernels.cached_attention(self.linear(attn.query, h), k, v, offset, attn.n_head)
+        return self.linear(attn.out, attended, residual=x), (k, v)
+
+    def forward(self, tokens, audio, cache, offset, positions=None):
+        n = tokens.shape[1]
+        if "features" in audio and n <= STEPPED_TOKENS:
+            logits = []
+            for i in range(n):
+                step_logits, cache = self.step(tokens[:, i : i + 1], audio, cache, mx.array([offset + i], mx.int32))
+                logits.append(step_logits)
+            return mx.stack(logits[n - (positions or n) :], axis=1), cache
+        return super().forward(tokens, audio, cache, offset, positions)
+
+    def _step(self, tokens, audio, cache, offset):
+        """One kernel call per layer where the step kernel takes the rows; else the layer's ops."""
+        decoder = self.model.decoder
+        x = decoder.embed(tokens, offset)
+        over_features = "features" in audio
+        n_audio = (audio["features"] if over_features else audio["keys_values"][0][0]).shape[0]
+        sources = audio["window_step"] if x.shape[0] == n_audio else audio["row_step"]
+        new_cache = []
+        for layer, (block, layer_cache) in enumerate(zip(decoder.blocks, cache)):
+            stepped = kernels.decoder_layer_step(
+                x,
+                offset,
+                layer_cache,
+                sources[layer],
+                step_weights(block, over_features=over_features),
+                block.attn.n_head,
+                block.attn_ln.eps,
+                over_features=over_features,
+            )
+            if stepped is None:
+                x, layer_cache = self.self_attend(block, x, layer_cache, offset)
+                x = self.mlp(block, self.cross_attend(block, x, *self.cross_keys_values(audio, layer)))
+            else:
+                x, layer_cache = stepped
+            new_cache.append(layer_cache)
+        return self.unembed(x)[:, 0], new_cache
+
+    def greedy_choice(self, logits, forbidden, ranges, timestamp_begin):
+        return kernels.greedy_choice(logits, forbidden, ranges, timestamp_begin)
