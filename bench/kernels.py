@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 # whisper first: whisper.backend loads OpenBLAS, which must happen before mlx.core is imported.
 import whisper  # noqa: E402
+whisper.configure()  # OpenBLAS before the engine's modules import mlx.core
 
 # isort: split
 import mlx.core as mx  # noqa: E402

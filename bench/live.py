@@ -56,8 +56,9 @@ sys.path.insert(0, str(REPO / "tests"))
 from speech import english_clips, normalize, wer  # noqa: E402
 
 import whisper  # noqa: E402
+
+OPENBLAS = whisper.configure().openblas  # before the engine's modules import mlx.core
 from whisper.audio import SAMPLE_RATE, load_audio  # noqa: E402
-from whisper.backend import OPENBLAS  # noqa: E402
 from whisper.streaming import LiveWord, StreamingTranscriber  # noqa: E402
 
 CLOCKS = ("cpu", "wall", "real")

@@ -45,26 +45,27 @@ class Backend:
         return self.model.encoder(mel, partial=partial)
 
     def audio_memory(self, features: mx.array, group: int = 1) -> AudioMemory:
-        """The features, once per row: the decoder's first pass computes each layer's keys and
-        values of them into its cache."""
-        return mx.repeat(features, group, axis=0)
+        """The features themselves: the decoder's first pass, one row per window, computes each
+        layer's keys and values of them into its cache, which `reorder` then gives the window's rows."""
+        return features
 
     def new_cache(self, rows: int) -> Cache:
         return None
 
     def forward(
-        self, tokens: mx.array, audio: AudioMemory, cache: Cache, offset: int | mx.array
+        self, tokens: mx.array, audio: AudioMemory, cache: Cache, offset: int | mx.array, positions: int | None = None
     ) -> tuple[mx.array, Cache]:
         """Logits (rows, n, vocab) of `tokens` (rows, n) at positions `offset` onwards, after the
-        positions already cached; and the cache with the tokens' keys and values."""
+        positions already cached, or of their last `positions`; and the cache with the tokens'
+        keys and values."""
         logits, cache, _ = self.model.decoder(tokens, audio, cache)
-        return logits, cache
+        return logits if positions is None else logits[:, -positions:], cache
 
     def step(self, tokens: mx.array, audio: AudioMemory, cache: Cache, offset: mx.array) -> tuple[mx.array, Cache]:
         """Logits (rows, vocab) of one more token (rows, 1) per row, at position `offset` (int32,
         one element)."""
         logits, cache = self.forward(tokens, audio, cache, offset)
-        return logits[:, 0], cache
+        return logits[:, -1], cache
 
     def step_then(self, then):
         """`step` followed by `then(logits, *extra)`: (tokens, audio, cache, offset, *extra) ->
@@ -79,7 +80,7 @@ class Backend:
     def reorder(self, cache: Cache, sources: list[int], n_cached: int) -> Cache:
         """The cache whose row i holds row sources[i]'s positions [0, n_cached)."""
         index = mx.array(sources)
-        return [((k[index], v[index]), cross) for (k, v), cross in cache]
+        return [tuple((k[index], v[index]) for k, v in layer) for layer in cache]
 
     def forget(self, cache: Cache, n_kept: int) -> Cache:
         """The cache with positions from `n_kept` on taken back."""

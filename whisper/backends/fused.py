@@ -113,10 +113,14 @@ class FusedBackend(Backend):
     def step(self, tokens: mx.array, audio: AudioMemory, cache: Cache, offset: mx.array) -> tuple[mx.array, Cache]:
         return self._compiled_step(tokens, audio, cache, offset)
 
+    def traced_inputs(self) -> object:
+        """The arrays a step reads besides its arguments: inputs of the trace, not constants."""
+        return self.model.decoder
+
     @functools.cached_property
     def _compiled_step(self) -> Callable:
         # The weights are inputs of the trace, not constants: converting them later counts.
-        return mx.compile(self._step, inputs=self.model.decoder)
+        return mx.compile(self._step, inputs=self.traced_inputs())
 
     def _step(self, tokens: mx.array, audio: AudioMemory, cache: Cache, offset: mx.array) -> tuple[mx.array, Cache]:
         logits, cache = self.forward(tokens, audio, cache, offset, positions=1)
@@ -128,7 +132,7 @@ class FusedBackend(Backend):
             logits, cache = self._step(tokens, audio, cache, offset)
             return then(logits, *extra), cache
 
-        return mx.compile(stepped, inputs=self.model.decoder)
+        return mx.compile(stepped, inputs=self.traced_inputs())
 
     def written(self, t: mx.array, n_cached: int) -> tuple:
         """The index of a cache array's first `n_cached` positions, for every row."""

@@ -88,6 +88,9 @@ class GpuBackend(FusedBackend):
         self.padded = {id(block): padded_projections(block.attn) for block in model.decoder.blocks}
         mx.eval(self.padded)
 
+    def traced_inputs(self) -> object:
+        return [self.model.decoder, list(self.padded.values())]
+
     def linear(self, layer, x, *, norm=None, residual=None, gelu=False):
         if not isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             norm_arrays = None if norm is None else (norm.weight, norm.bias, norm.eps)
