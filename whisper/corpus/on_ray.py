@@ -6,10 +6,10 @@ spare CPU) transcribes batches of them with the batched engine and writes each f
 outputs itself; the driver only counts, shows progress and records failures.
 
 Faults: Ray Data restarts a holder that dies and hands its unfinished batch to a holder
-again (its actors' default max_restarts=-1, max_task_retries=-1);
-the holder skips files whose JSON a dead predecessor already wrote, so every file ends up
-transcribed once in OUT.  A driver that dies takes the job with it; run it again and it
-resumes from OUT.  IN and OUT must be at the same paths on every node (a shared disk).
+again (its actors' defaults: max_restarts=-1, max_task_retries=-1); the holder skips files
+whose JSON a dead predecessor already wrote, so every file ends up transcribed once in OUT.
+A driver that dies takes the job with it; run it again and it resumes from OUT.
+IN and OUT must be at the same paths on every node (a shared disk).
 
 Needs Ray (requirements-corpus.txt); `whisper` imports this module only for `--ray`.
 """
