@@ -75,18 +75,21 @@ requirements_hash() {
     printf '%s\n' "${sum%% *}"
 }
 
-# requirements-dev.txt includes requirements.txt, so a test set-up also satisfies start.
+# requirements-dev.txt includes requirements.txt, so a test set-up also satisfies start. The tests
+# also run the corpus on Ray (requirements-corpus.txt), which the app does not need.
 ensure_python_packages() {
-    local mode=$1 files=(requirements.txt)
-    [[ $mode == test ]] && files+=(requirements-dev.txt)
+    local mode=$1 files=(requirements.txt) file
+    [[ $mode == test ]] && files+=(requirements-dev.txt requirements-corpus.txt)
     local stamp="$venv/.menny-$mode.sha256" hash
     hash="$(requirements_hash "${files[@]}")"
     if [[ -f $stamp && "$(<"$stamp")" == "$hash" ]]; then
         say "Python packages up to date"
         return
     fi
-    say "installing Python packages from ${files[-1]} (the first time takes a few minutes)"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "${files[-1]}"
+    say "installing Python packages from ${files[*]} (the first time takes a few minutes)"
+    local requirements=()
+    for file in "${files[@]}"; do requirements+=(-r "$file"); done
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${requirements[@]}"
     printf '%s\n' "$hash" >"$stamp"
     if [[ $mode == test ]]; then
         requirements_hash requirements.txt >"$venv/.menny-start.sha256"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import fields, replace
 
@@ -28,6 +28,7 @@ from .audio import AudioError
 from .decoding import DecodingTask
 from .model import Whisper
 from .transcribe import (
+    Features,
     FileTranscription,
     TranscribeOptions,
     audio_features,
@@ -37,7 +38,34 @@ from .transcribe import (
     on_device,
 )
 
-AudioSource = str | os.PathLike | bytes | np.ndarray
+AudioSource = str | os.PathLike | bytes | np.ndarray | Features
+
+
+def transcribe_stream(
+    model: Whisper,
+    audios: Iterable[AudioSource],
+    *,
+    batch_size: int = 8,
+    condition_on_previous_text: bool = False,
+    device: str | None = None,
+    **options,
+) -> Iterator[tuple[int, FileTranscription | AudioError]]:
+    """Transcribe audios (paths, file bytes, 16 kHz waveforms or `Features`) as they come,
+    and yield `(index, finished FileTranscription)` as each file ends (its `result()`,
+    its `duration`), or `(index, AudioError)` for a file that cannot be read.
+
+    Takes `transcribe`'s options.  Nothing is kept once yielded, so `audios` may be a
+    generator over an archive of any size.  With `device` given, MLX computes on it
+    until the generator is exhausted or closed.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    names = {f.name for f in fields(TranscribeOptions)}
+    transcribe_options = TranscribeOptions(
+        condition_on_previous_text=condition_on_previous_text, **{k: v for k, v in options.items() if k in names}
+    )
+    decode_options = {k: v for k, v in options.items() if k not in names}
+    return _stream(model, audios, batch_size, transcribe_options, decode_options, device)
 
 
 def transcribe_batch(
@@ -45,8 +73,6 @@ def transcribe_batch(
     audios: Sequence[AudioSource],
     *,
     batch_size: int = 8,
-    condition_on_previous_text: bool = False,
-    device: str | None = None,
     on_result: Callable[[int, dict], None] | None = None,
     on_error: Callable[[int, AudioError], None] | None = None,
     **options,
@@ -57,16 +83,28 @@ def transcribe_batch(
     finishes.  An unreadable file raises its AudioError, unless `on_error(index, error)`
     is given: then that file's result is None and the others go on.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    names = {f.name for f in fields(TranscribeOptions)}
-    transcribe_options = TranscribeOptions(
-        condition_on_previous_text=condition_on_previous_text, **{k: v for k, v in options.items() if k in names}
-    )
-    decode_options = {k: v for k, v in options.items() if k not in names}
     results: list[dict | None] = [None] * len(audios)
+    for index, finished in transcribe_stream(model, audios, batch_size=batch_size, **options):
+        if isinstance(finished, AudioError):
+            if on_error is None:
+                raise finished
+            on_error(index, finished)
+            continue
+        results[index] = finished.result()
+        if on_result is not None:
+            on_result(index, results[index])
+    return results
 
-    def opened() -> Iterator[tuple[int, FileTranscription]]:
+
+def _stream(
+    model: Whisper,
+    audios: Iterable[AudioSource],
+    batch_size: int,
+    transcribe_options: TranscribeOptions,
+    decode_options: dict,
+    device: str | None,
+) -> Iterator[tuple[int, FileTranscription | AudioError]]:
+    def opened() -> Iterator[tuple[int, FileTranscription | AudioError]]:
         # Reading a file and its log-mel (numpy's FFT, which releases the GIL) run in threads
         # a few files ahead: done in turn, they took a third of a batch-16 run on a GPU.
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -74,19 +112,16 @@ def transcribe_batch(
             for index, audio in enumerate(audios):
                 ahead.append((index, audio, pool.submit(audio_features, audio, model.dims.n_mels)))
                 if len(ahead) > 2 * batch_size:
-                    yield from ready(*ahead.popleft())
+                    yield ready(*ahead.popleft())
             while ahead:
-                yield from ready(*ahead.popleft())
+                yield ready(*ahead.popleft())
 
-    def ready(index: int, audio: AudioSource, features: Future) -> Iterator[tuple[int, FileTranscription]]:
+    def ready(index: int, audio: AudioSource, features: Future) -> tuple[int, FileTranscription | AudioError]:
         try:
-            job = FileTranscription(model, audio, transcribe_options, decode_options, features=features.result())
+            features = features.result()
         except AudioError as error:
-            if on_error is None:
-                raise
-            on_error(index, error)
-        else:
-            yield index, job
+            return index, error
+        return index, FileTranscription(model, audio, transcribe_options, decode_options, features=features)
 
     with on_device(model, device):
         files = opened()
@@ -98,16 +133,17 @@ def transcribe_batch(
                 index, job = going.popleft() if going else next(files, (None, None))
                 if job is None:
                     break
+                if isinstance(job, AudioError):
+                    yield index, job
+                    continue
                 window = job.next_window()
                 if window is None:
-                    results[index] = job.result()
-                    if on_result is not None:
-                        on_result(index, results[index])
+                    yield index, job
                 else:
                     batch.append((job, window))
                     kept.append((index, job))
             if not batch:
-                return results
+                return
             decode_batch(model, batch, transcribe_options)
             going = kept
 

@@ -40,18 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("audio", nargs="+", help="audio or video files to transcribe")
+    add_model_arguments(parser, batch_size=1)
+    parser.add_argument("--output-dir", "-o", default=".", help="where the outputs are written")
+    parser.add_argument("--output-format", "-f", default="all", choices=[*FORMATS, "all"], help="output format")
+    parser.add_argument("--verbose", type=_bool, default=True, help="print each segment as it is decoded")
+    add_decoding_arguments(parser)
+    add_subtitle_arguments(parser)
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
+    """The model, where it computes, and how many files it decodes together."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help="tiny.en, base, a model folder or a Hugging Face id")
     parser.add_argument(
         "--quantize", type=int, choices=[8, 4], default=None, help="quantize weights at load (GPU, Apple)"
     )
     parser.add_argument("--device", default=None, choices=["cpu", "gpu"], help="where to compute; default: GPU if any")
     parser.add_argument(
-        "--batch-size", type=int, default=1, help="files decoded together, a 30-s window of each (for GPUs)"
+        "--batch-size", type=int, default=batch_size, help="files decoded together, a 30-s window of each (for GPUs)"
     )
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """transcribe()'s options, with openai-whisper's names and defaults."""
     parser.add_argument("--vad-filter", type=_bool, default=False, help="decode only where speech is detected")
-    parser.add_argument("--output-dir", "-o", default=".", help="where the outputs are written")
-    parser.add_argument("--output-format", "-f", default="all", choices=[*FORMATS, "all"], help="output format")
-    parser.add_argument("--verbose", type=_bool, default=True, help="print each segment as it is decoded")
     parser.add_argument(
         "--task", default="transcribe", choices=["transcribe", "translate"], help="translate: into English"
     )
@@ -84,15 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--append-punctuations", default="\"'.。,，!！?？:：”)]}、", help="marks merged into the word before"
     )
-    parser.add_argument("--highlight-words", type=_bool, default=False, help="underline each word as it is spoken")
-    parser.add_argument("--max-line-width", type=_optional_int, default=None, help="subtitle characters per line")
-    parser.add_argument("--max-line-count", type=_optional_int, default=None, help="subtitle lines per cue")
-    parser.add_argument("--max-words-per-line", type=_optional_int, default=None, help="subtitle words per line")
     parser.add_argument("--clip-timestamps", default="0", help="start,end,start,end,... seconds to transcribe")
     parser.add_argument(
         "--hallucination-silence-threshold", type=_optional_float, default=None, help="skip silences this long"
     )
-    return parser
+
+
+def add_subtitle_arguments(parser: argparse.ArgumentParser) -> None:
+    """How word-timed subtitles are cut (they need --word-timestamps True)."""
+    parser.add_argument("--highlight-words", type=_bool, default=False, help="underline each word as it is spoken")
+    parser.add_argument("--max-line-width", type=_optional_int, default=None, help="subtitle characters per line")
+    parser.add_argument("--max-line-count", type=_optional_int, default=None, help="subtitle lines per cue")
+    parser.add_argument("--max-words-per-line", type=_optional_int, default=None, help="subtitle words per line")
 
 
 # Options handed to transcribe() exactly as given on the command line.
@@ -123,38 +138,50 @@ def _temperatures(args: argparse.Namespace) -> tuple[float, ...]:
     return tuple(np.arange(args.temperature, 1.0 + 1e-6, args.temperature_increment_on_fallback))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def argument_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with a combination of options, or None."""
     word_options = (args.highlight_words, args.max_line_width, args.max_line_count, args.max_words_per_line)
     if any(word_options) and not args.word_timestamps:
-        print("--highlight-words and the --max-* line options need --word-timestamps True", file=sys.stderr)
-        return 2
+        return "--highlight-words and the --max-* line options need --word-timestamps True"
     if args.max_line_count and not args.max_line_width:
-        print("--max-line-count needs --max-line-width", file=sys.stderr)
-        return 2
+        return "--max-line-count needs --max-line-width"
     if args.batch_size < 1:
-        print("--batch-size must be at least 1", file=sys.stderr)
+        return "--batch-size must be at least 1"
+    return None
+
+
+def subtitle_options(args: argparse.Namespace) -> SubtitleOptions:
+    return SubtitleOptions(args.max_line_width, args.max_line_count, args.max_words_per_line, args.highlight_words)
+
+
+def transcribe_options(args: argparse.Namespace, *, multilingual: bool) -> dict:
+    """The keyword arguments of transcribe() (and transcribe_batch()) the options ask for."""
+    language = args.language
+    if language and not multilingual and language.lower() not in {"en", "english"}:
+        print(f"{args.model} is English-only; use --model base for {language}", file=sys.stderr)
+        language = "en"
+    condition = args.condition_on_previous_text
+    options = {name: getattr(args, name) for name in _PASSED_THROUGH}
+    options.update(
+        temperature=_temperatures(args),
+        condition_on_previous_text=args.batch_size == 1 if condition is None else condition,
+        language=language,
+    )
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if (error := argument_error(args)) is not None:
+        print(error, file=sys.stderr)
         return 2
     try:
         model = load_model(args.model, quantize=args.quantize, device=args.device)
     except (ModelNotFoundError, ModelFormatError, ValueError) as error:
         print(f"cannot load the model: {error}", file=sys.stderr)
         return 1
-    language = args.language
-    if language and model.is_multilingual is False and language.lower() not in {"en", "english"}:
-        print(f"{args.model} is English-only; use --model base for {language}", file=sys.stderr)
-        language = "en"
-    subtitle_options = SubtitleOptions(
-        args.max_line_width, args.max_line_count, args.max_words_per_line, args.highlight_words
-    )
+    options = transcribe_options(args, multilingual=model.is_multilingual)
     batched = args.batch_size > 1
-    condition = args.condition_on_previous_text
-    options = {name: getattr(args, name) for name in _PASSED_THROUGH}
-    options.update(
-        temperature=_temperatures(args),
-        condition_on_previous_text=not batched if condition is None else condition,
-        language=language,
-    )
     failures = 0
 
     def skip(audio_path: str, error: Exception) -> None:
@@ -165,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     def write(audio_path: str, result: dict, printed: bool) -> None:
         if not printed:
             print(result["text"].strip())
-        for path in write_result(result, audio_path, args.output_dir, args.output_format, subtitle_options):
+        for path in write_result(result, audio_path, args.output_dir, args.output_format, subtitle_options(args)):
             print(f"wrote {path}", file=sys.stderr)
         if not result["segments"]:
             print(f"{Path(audio_path).name}: no speech found", file=sys.stderr)

@@ -80,13 +80,15 @@ def _package_folder(package: str, folder: str, model: BundledModel) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / folder
 
 
-def _write_atomically(target: Path, write) -> None:
+def write_atomically(target: Path, write) -> None:
     """Write through a temporary sibling and rename, so a reader never sees half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a power cut leaves no empty file
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the model is not a secret
         os.replace(tmp, target)
     except BaseException:
@@ -121,7 +123,7 @@ def bundled_model_dir(name: str) -> Path:
                     shutil.copyfileobj(f, out, 1 << 22)
 
         stamp.unlink(missing_ok=True)
-        _write_atomically(joined, join)
+        write_atomically(joined, join)
         for extra in ("config.json", "tokenizer.json", "vocabulary.txt"):
             if (folders[0] / extra).exists():
                 shutil.copyfile(folders[0] / extra, target / extra)
@@ -244,6 +246,11 @@ def prepare(name: str) -> Path:
     raise ModelNotFoundError(
         f"unknown model {name!r}: use one of {sorted(BUNDLED)}, a model folder, or a Hugging Face repo id"
     )
+
+
+def model_dims(name: str) -> ModelDimensions:
+    """A model's dimensions, read from its config without loading its weights."""
+    return _dims_from_config(json.loads((prepare(name) / "config.json").read_text()))
 
 
 def _snapshot(repo_id: str) -> Path:

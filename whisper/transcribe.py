@@ -11,6 +11,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -366,11 +367,21 @@ def on_device(model: Whisper, device: str | None) -> Iterator[None]:
             model.backend = loaded_for
 
 
-def audio_features(audio: str | os.PathLike | bytes | np.ndarray, n_mels: int) -> tuple[np.ndarray, np.ndarray]:
-    """The waveform and its log-mel frames, padded by one window: numpy only, so
-    `whisper.batch` can make them in worker threads while the model decodes."""
+class Features(NamedTuple):
+    """A file's 16 kHz waveform and its log-mel frames (padded by one window), made
+    ahead of the model: in `whisper.batch`'s threads, or by a corpus's CPU workers."""
+
+    waveform: np.ndarray
+    mel: np.ndarray
+
+
+def audio_features(audio: str | os.PathLike | bytes | np.ndarray | Features, n_mels: int) -> Features:
+    """The waveform and its log-mel frames: numpy only, so they can be made in worker
+    threads or processes while the model decodes.  Features pass through unchanged."""
+    if isinstance(audio, Features):
+        return audio
     waveform = audio if isinstance(audio, np.ndarray) else load_audio(audio)
-    return waveform, log_mel_frames(waveform, n_mels, padding=N_FRAMES * HOP_LENGTH)
+    return Features(waveform, log_mel_frames(waveform, n_mels, padding=N_FRAMES * HOP_LENGTH))
 
 
 class FileTranscription:
@@ -385,11 +396,11 @@ class FileTranscription:
     def __init__(
         self,
         model: Whisper,
-        audio: str | os.PathLike | bytes | np.ndarray,
+        audio: str | os.PathLike | bytes | np.ndarray | Features,
         options: TranscribeOptions,
         decode_options: dict,
         verbose: bool | None = None,
-        features: tuple[np.ndarray, np.ndarray] | None = None,
+        features: Features | None = None,
     ):
         if options.hallucination_silence_threshold is not None and not options.word_timestamps:
             raise ValueError("hallucination_silence_threshold needs word_timestamps=True")
@@ -457,6 +468,11 @@ class FileTranscription:
         self._window = None
         _add_window(self, result, seek, clip_end, window)
         self._report(seek)
+
+    @property
+    def duration(self) -> float:
+        """Seconds of audio in the file."""
+        return self.waveform.shape[0] / SAMPLE_RATE
 
     def result(self) -> dict:
         return {
