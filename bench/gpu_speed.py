@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 from speech import wer  # noqa: E402
 
 import whisper  # noqa: E402  (before mlx.core: OpenBLAS on CPUs)
+
 whisper.configure()  # OpenBLAS before the engine's modules import mlx.core
 
 OPTIONS = {"language": "en", "temperature": 0.0, "condition_on_previous_text": False}

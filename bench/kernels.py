@@ -39,8 +39,9 @@ from types import ModuleType
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# whisper first: whisper.backend loads OpenBLAS, which must happen before mlx.core is imported.
+# whisper.configure() loads OpenBLAS, which must happen before mlx.core is imported.
 import whisper  # noqa: E402
+
 whisper.configure()  # OpenBLAS before the engine's modules import mlx.core
 
 # isort: split

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from speech import english_clips, wer
 
 import whisper
+
 whisper.configure()  # OpenBLAS before the engine's modules import mlx.core
 
 HEADER = "| model | weights | WER % | seconds |\n| --- | --- | --- | --- |"

@@ -61,6 +61,20 @@ def store_in_half(layers: list[nn.Module]) -> list[nn.Module]:
     return halved
 
 
+def convolve_gelu(conv: nn.Conv1d, x: mx.array) -> mx.array:
+    """GELU(conv(x)) for x (batch, frames, channels).  Where the panel product takes the layer's
+    matrix (out, width * in): one product over the `width` shifted (strided) copies of x side by
+    side, the columns that matrix multiplies."""
+    matrix = conv.weight.reshape(conv.weight.shape[0], -1)
+    if x.dtype != mx.float32 or conv.dilation != 1 or conv.groups != 1 or not kernels.multiplies_in_panels(matrix):
+        return kernels.gelu(conv(x))
+    width, pad, stride = conv.weight.shape[1], conv.padding, conv.stride
+    padded = mx.pad(x, [(0, 0), (pad, pad), (0, 0)])
+    last = padded.shape[1] - width  # the last window's first frame
+    shifted = [padded[:, k : k + last + 1 : stride] for k in range(width)]
+    return kernels.panel_product(mx.concatenate(shifted, axis=-1), matrix, conv.get("bias"), gelu=True)
+
+
 def products(block: ResidualAttentionBlock) -> list[nn.Linear]:
     attentions = [a for a in (block.attn, block.cross_attn) if a is not None]
     return [*(getattr(a, n) for a in attentions for n in ("query", "key", "value", "out")), block.mlp1, block.mlp2]
@@ -128,17 +142,7 @@ class CpuBackend(FusedBackend):
     def attention(self, q: mx.array, k: mx.array, v: mx.array, n_head: int) -> mx.array:
         return kernels.multi_head_attention(q, k, v, n_head)
 
-    def convolve_gelu(self, conv: nn.Conv1d, x: mx.array) -> mx.array:
-        """Where the panel product takes the layer's matrix (out, width * in): one product over the
-        `width` shifted (strided) copies of x side by side, the columns that matrix multiplies."""
-        matrix = conv.weight.reshape(conv.weight.shape[0], -1)
-        if x.dtype != mx.float32 or conv.dilation != 1 or conv.groups != 1 or not kernels.multiplies_in_panels(matrix):
-            return kernels.gelu(conv(x))
-        width, pad, stride = conv.weight.shape[1], conv.padding, conv.stride
-        padded = mx.pad(x, [(0, 0), (pad, pad), (0, 0)])
-        last = padded.shape[1] - width  # the last window's first frame
-        shifted = [padded[:, k : k + last + 1 : stride] for k in range(width)]
-        return kernels.panel_product(mx.concatenate(shifted, axis=-1), matrix, conv.get("bias"), gelu=True)
+    convolve_gelu = staticmethod(convolve_gelu)
 
     # --------------------------------------------------------------------- decoder
 

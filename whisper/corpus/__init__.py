@@ -5,8 +5,14 @@ same job runs on a Ray cluster (`on_ray`, imported only then: Ray is optional). 
 write through `archive`, which makes a run resumable: a file is done when its JSON is.
 """
 
-from .archive import Archive, list_audio, plan
-from .in_process import run_in_process
-from .job import Job, Tally
+from ..runtime import configure
+
+# An application, like the command line: its processes (a Ray worker's too, which imports this
+# package to run a model holder) are set up for the engine before its modules import MLX.
+configure()
+
+from .archive import Archive, list_audio, plan  # noqa: E402
+from .in_process import run_in_process  # noqa: E402
+from .job import Job, Tally  # noqa: E402
 
 __all__ = ["Archive", "Job", "Tally", "list_audio", "plan", "run_in_process"]
