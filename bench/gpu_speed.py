@@ -166,7 +166,7 @@ def step_ms(
 
     "host": argmax on the device, token ids back to the host each step (what the decoding loop
     does today); "fused": the same with the argmax compiled into the step's call
-    (`TextDecoder.step_then`); "chained": the ids stay on the device and feed the next step,
+    (the backend's `step_then`); "chained": the ids stay on the device and feed the next step,
     nothing is read until the end (`mx.async_eval`), the most a loop that reads ids every k
     steps could gain."""
     import mlx.core as mx
@@ -175,19 +175,19 @@ def step_ms(
         return mx.argmax(logits, axis=-1).astype(mx.int32)
 
     model = whisper.load_model(str(folder), device="gpu")
-    decoder = model.decoder
+    backend = model.backend
     features = model.embed_audio(whisper.log_mel_spectrogram(whisper.pad_or_trim(audio)).T[None])
     sot = whisper.tokenizer.get_tokenizer(model.is_multilingual).sot
 
-    def run(n: int, batch: int, cross_kv: list) -> None:
-        cache, tokens = decoder.new_cache(batch), mx.full((batch, 1), sot, dtype=mx.int32)
+    def run(n: int, batch: int, audio: list) -> None:
+        cache, tokens = backend.new_cache(batch), mx.full((batch, 1), sot, dtype=mx.int32)
         for position in range(n):
             offset = mx.array([position], dtype=mx.int32)
             if mode == "host":
-                logits, cache = decoder.step(tokens, cross_kv, cache, offset)
+                logits, cache = backend.step(tokens, audio, cache, offset)
                 ids = argmax(logits)
             else:
-                ids, cache = decoder.step_then(argmax)(tokens, cross_kv, cache, offset)
+                ids, cache = backend.step_then(argmax)(tokens, audio, cache, offset)
             if mode == "chained":
                 tokens = ids.reshape(batch, 1)
                 mx.async_eval(tokens, cache)
@@ -197,9 +197,9 @@ def step_ms(
 
     result = {}
     for batch in batches:
-        cross_kv = decoder.cross_kv(mx.repeat(features, batch, axis=0))
-        run(10, batch, cross_kv)
-        times = [timed(mx.synchronize, lambda b=batch, kv=cross_kv: run(steps, b, kv))[0] / steps for _ in range(3)]
+        audio = backend.audio_memory(mx.repeat(features, batch, axis=0))
+        run(10, batch, audio)
+        times = [timed(mx.synchronize, lambda b=batch, a=audio: run(steps, b, a))[0] / steps for _ in range(3)]
         result[batch] = 1000 * statistics.median(times)
     return result
 

@@ -113,5 +113,5 @@ def test_half_precision_weights_compute_in_half_precision():
     half = whisper.load_model(NAME, dtype=mx.float16, device="cpu")
     features = half.embed_audio(mx.zeros((1, 200, half.dims.n_mels)), partial=True)
     assert features.dtype == mx.float16
-    logits, _ = half.decoder(mx.array([[50257]]), half.decoder.cross_kv(features))
+    logits, _, _ = half.decoder(mx.array([[50257]]), features)
     assert logits.dtype == mx.float16

@@ -111,8 +111,7 @@ def find_alignment(
     tokens = [*tokenizer.sot_sequence, tokenizer.no_timestamps, *text_tokens, tokenizer.eot]
     encoded = mel.shape == (model.dims.n_audio_ctx, model.dims.n_audio_state)
     audio_features = mel[None] if encoded else model.embed_audio(mel[None])
-    cross_logits: list[mx.array] = []
-    logits, _ = model.decoder(mx.array([tokens]), model.decoder.cross_kv(audio_features), None, cross_logits)
+    logits, _, cross_logits = model.decoder(mx.array([tokens]), audio_features)
     n_sot = len(tokenizer.sot_sequence)
     text_logits = np.array(logits[0, n_sot:-1, : tokenizer.eot].astype(mx.float32))
     text_probs = np.exp(text_logits - text_logits.max(-1, keepdims=True))
