@@ -1,7 +1,7 @@
 """Fast CPU kernels for the engine's hot spots, with MLX's own ops as the fallback.
 
 On a Linux CPU the mlx[cpu] wheel computes exp and erf one lane at a time on one thread, so
-softmax and GELU, not the matrix products, dominated the encoder.  `fast_ops.cpp` implements
+softmax and GELU, not the matrix products, dominated the encoder.  The C++ sources here implement
 both, a fused attention (also causal over the decoder's key cache), a matrix-vector product
 (a decoding step's projections), a decoder layer's whole one-token step and, on CPUs with
 AVX-512, a matrix product over panels of the weights (the encoder's) and a step's attention over
@@ -31,7 +31,7 @@ from mlx import nn
 log = logging.getLogger("whisper")
 
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("fast_ops.cpp", "CMakeLists.txt")
+SOURCE_PATTERNS = ("*.cpp", "*.h", "CMakeLists.txt")
 BUILD_DIR = SOURCE_DIR / "_build"
 STAMP = BUILD_DIR / "stamp.json"
 MODULE_NAME = "_fast_ops"
@@ -42,8 +42,9 @@ NO_AVX2 = "this CPU lacks AVX2, FMA or F16C"
 def sources_sha256() -> str:
     """The hash of the kernels' sources, as the build's stamp records it."""
     digest = hashlib.sha256()
-    for name in SOURCES:
-        digest.update((SOURCE_DIR / name).read_bytes())
+    for path in sorted(p for pattern in SOURCE_PATTERNS for p in SOURCE_DIR.glob(pattern)):
+        # The name too: a file renamed or moved between two others changes what is built.
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
