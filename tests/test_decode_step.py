@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 from speech import SPEECH_DIR
 
 import whisper
@@ -209,6 +209,26 @@ def test_the_vocabulary_in_half_precision_gives_the_same_logits():
     assert mx.array_equal(kernels.linear(x, half), expected).item()
 
 
+def weights_of(block: ResidualAttentionBlock) -> dict[str, mx.array]:
+    """A block's weights as the step's kernel takes them: by their parameter paths."""
+    return dict(tree_flatten(block.parameters()))
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the compiled kernels do not run here")
+def test_the_step_names_the_weights_it_lacks():
+    block = ResidualAttentionBlock(64, 2, cross_attention=True)
+    weights = weights_of(block)
+    del weights["mlp1.bias"], weights["attn.key.weight"]
+    x, cache = mx.zeros((1, 1, 64)), (mx.zeros((1, 8, 64)), mx.zeros((1, 8, 64)))
+    audio = (mx.zeros((1, 10, 64)), mx.zeros((1, 10, 64)))
+    with pytest.raises(ValueError, match=r"lack attn\.key\.weight, mlp1\.bias"):
+        kernels.decoder_layer_step(x, mx.array([0], dtype=mx.int32), cache, audio, weights, 2, 1e-5)
+    weights = weights_of(block)
+    weights["mlp2.bias"] = mx.zeros(63)
+    with pytest.raises(ValueError, match=r"mlp2\.bias: expected a vector \(64,\)"):
+        kernels.decoder_layer_step(x, mx.array([0], dtype=mx.int32), cache, audio, weights, 2, 1e-5)
+
+
 @pytest.mark.skipif(not kernels.available(), reason="the compiled kernels do not run here")
 @pytest.mark.parametrize(
     ("batch", "offset", "half", "views"), [(1, 0, False, False), (2, 37, True, False), (3, 447, False, True)]
@@ -230,19 +250,22 @@ def test_a_layer_step_in_one_kernel_call_gives_the_bits_of_the_layers_own_ops(mo
     x, cross_kv = random(batch, 1, state), (random(batch, n_audio, state), random(batch, n_audio, state))
     position = mx.array([offset], dtype=mx.int32)
 
-    def step() -> tuple[np.ndarray, ...]:
+    def step(fused: bool) -> tuple[np.ndarray, ...]:
         cache = (random(batch, n_ctx, state), random(batch, n_ctx, state))
         mx.eval(cache)
         before = np.array(cache[0])
-        out, (k, v) = block(x, cache=cache, cross=cross_kv, offset=position)
+        if fused:
+            out, (k, v) = kernels.decoder_layer_step(x, position, cache, cross_kv, weights_of(block), 2, 1e-5)
+        else:
+            out, (k, v) = block(x, cache=cache, cross=cross_kv, offset=position)
         return before, *(np.array(a) for a in (out, k, v))
 
     state_before = rng.bit_generator.state
-    before, *fused = step()
+    before, *fused = step(fused=True)
     rng.bit_generator.state = state_before
     with monkeypatch.context() as patch:
         patch.setattr(kernels, "decoder_layer_step", lambda *args, **kwargs: None)
-        _, *own_ops = step()
+        _, *own_ops = step(fused=False)
     for ours, expected in zip(fused, own_ops):
         assert np.array_equal(ours, expected)
     # The token's key went to its position; the others stayed.
@@ -266,13 +289,15 @@ def test_a_layer_step_over_the_audio_features_matches_the_step_over_their_keys_a
         for layer in (block.cross_attn.key, block.cross_attn.value, block.mlp1):
             layer.weight = layer.weight.astype(mx.float16)
     features, x = random(batch, n_audio, state), random(batch, 1, state)
-    memory = decoder.audio_memory(features)
-    assert isinstance(memory, dict)
     position = mx.array([offset], dtype=mx.int32)
     cached = [rng.standard_normal((batch, n_ctx, state)).astype(np.float32) for _ in range(2)]
     results = []
-    for cross in (decoder.cross_kv(features)[0], memory):
-        out, (k, v) = block(x, cache=tuple(mx.array(c) for c in cached), cross=cross, offset=position)
+    for cross, over_features in ((decoder.cross_kv(features)[0], False), (kernels.pack_features(features), True)):
+        cache = tuple(mx.array(c) for c in cached)
+        stepped = kernels.decoder_layer_step(
+            x, position, cache, cross, weights_of(block), 2, 1e-5, over_features=over_features
+        )
+        out, (k, v) = stepped
         results.append([np.array(a) for a in (out, k, v)])
     (out_kv, k_kv, v_kv), (out_features, k_features, v_features) = results
     # The same sums in another order: float32 rounding apart.

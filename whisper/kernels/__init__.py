@@ -195,24 +195,26 @@ def decoder_layer_step(
     offset: mx.array,
     cache: tuple[mx.array, mx.array],
     audio: tuple[mx.array, mx.array],
-    weights: list[mx.array],
+    weights: dict[str, mx.array],
     n_head: int,
     eps: float,
     *,
     over_features: bool = False,
 ) -> tuple[mx.array, tuple[mx.array, mx.array]] | None:
-    """One token's step through a decoder layer as one kernel call (see `ResidualAttentionBlock`
-    for the weights' order): its output and the caches with the token's key and value written
-    at `offset`, in place.  `audio` is the audio's keys and values, or with `over_features` the
-    audio features packed by `pack_features`, the weights then followed by the cross key
-    weight, value weight and value bias.  None where the kernel cannot run it (no kernels
+    """One token's step through a decoder layer as one kernel call: its output and the caches
+    with the token's key and value written at `offset`, in place.  `weights` are the block's
+    parameters by name, `dict(tree_flatten(block.parameters()))` ("attn_ln.weight",
+    "attn.query.bias", "mlp1.weight", ...).  `audio` is the audio's keys and values, or with
+    `over_features` the audio features packed by `pack_features` (the cross-attention's key and
+    value weights then come from `weights` too).  None where the kernel cannot run it (no kernels
     here, other dtypes, quantized weights, more rows than a matvec takes): the layer's own ops
     then run."""
     module = _on_cpu()
-    head_dim = x.shape[-1] // n_head
-    plain = all(w.dtype == mx.float32 or (w.ndim == 2 and w.dtype == mx.float16) for w in weights)
+    if module is None:
+        return None
+    plain = all(w.dtype == mx.float32 or (w.ndim == 2 and w.dtype == mx.float16) for w in weights.values())
     floats = all(a.dtype == mx.float32 for a in (x, *cache, *audio))
-    if module is None or not plain or not floats or x.shape[0] > MATVEC_ROWS or head_dim % 16:
+    if not plain or not floats or x.shape[0] > MATVEC_ROWS or (x.shape[-1] // n_head) % 16:
         return None
     if over_features and not module.uses_avx512():
         return None

@@ -2,7 +2,9 @@
 #include <sys/mman.h>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include "primitives.h"
@@ -60,14 +62,14 @@ NB_MODULE(_fast_ops, m) {
         nb::arg("eps"), nb::arg("over_features") = false,
         "One token's step through a decoder layer: x (batch, 1, state) at position offset (an int32 array "
         "of one element), the self-attention caches (batch, n_ctx, state), the audio's keys and values "
-        "(batch, n_audio, state), all float32, and the weights in order: attn_ln weight, bias; query "
-        "weight, bias; key weight; value weight, bias; out weight, bias; cross_attn_ln weight, bias; cross "
-        "query weight, bias; cross out weight, bias; mlp_ln weight, bias; mlp1 weight, bias; mlp2 weight, "
-        "bias (matrices float32 or float16).  With over_features (AVX-512): the audio features f (batch, "
-        "n_audio, state) as frame panels (batch, n_audio / 32 rounded up, state, 32): [b, p, c, j] = f[b, 32 p "
-        "+ j, c], 0 past n_audio; and channel panels (batch, state / 32, n_audio, 32): [b, p, i, j] = f[b, i, "
-        "32 p + j], in place of the keys and values, and three more weights: cross key weight, cross value "
-        "weight, bias.  Returns the output and the caches, written in place.");
+        "(batch, n_audio, state), all float32, and the weights by the block's parameter paths "
+        "(dict(tree_flatten(block.parameters())): attn_ln.weight, attn.query.bias, mlp1.weight, ...; "
+        "matrices float32 or float16, the others float32).  With over_features (AVX-512): the audio "
+        "features f (batch, n_audio, state) as frame panels (batch, n_audio / 32 rounded up, state, 32): "
+        "[b, p, c, j] = f[b, 32 p + j, c], 0 past n_audio; and channel panels (batch, state / 32, n_audio, "
+        "32): [b, p, i, j] = f[b, i, 32 p + j], in place of the keys and values (the weights then include "
+        "cross_attn.key.weight, cross_attn.value.weight and .bias).  Returns the output and the caches, "
+        "written in place.");
   m.def("greedy_choice", &menny::greedy_choice, nb::arg("logits"), nb::arg("forbidden"), nb::arg("ranges"),
         nb::arg("timestamp_begin"),
         "Each row's likeliest allowed token (int32) and its log-probability among the allowed ones "

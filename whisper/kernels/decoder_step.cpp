@@ -4,7 +4,10 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <iterator>
+#include <map>
 #include <memory>
+#include <string>
 
 #include "primitives.h"
 #include "simd.h"
@@ -12,11 +15,11 @@
 
 namespace menny {
 
-#if defined(__x86_64__)
 // Rows of a decoding step's matvecs handed out at a time (a multiple of 8).
 constexpr std::size_t kStepRowsPerBlock = 64;
 
-// The inputs of a decoder layer's step, in the order the Python side passes them.
+// The inputs of a decoder layer's step, in the order of the primitive's inputs: the arrays, then
+// the weights in the order of kWeightNames.
 enum StepInput : std::size_t {
   kX, kOffset, kKeyCache, kValueCache, kCrossKeys, kCrossValues,
   kAttnLnWeight, kAttnLnBias, kQuery, kQueryBias, kKey, kValue, kValueBias, kOut, kOutBias,
@@ -27,6 +30,17 @@ enum StepInput : std::size_t {
   kCrossKey = kStepInputs, kCrossValue, kCrossValueBias, kFeatureStepInputs
 };
 
+// The weights' names, from kAttnLnWeight on: the block's parameter paths as MLX names them (the
+// keys of tree_flatten(block.parameters())).
+constexpr const char* kWeightNames[] = {
+    "attn_ln.weight", "attn_ln.bias", "attn.query.weight", "attn.query.bias", "attn.key.weight",
+    "attn.value.weight", "attn.value.bias", "attn.out.weight", "attn.out.bias", "cross_attn_ln.weight",
+    "cross_attn_ln.bias", "cross_attn.query.weight", "cross_attn.query.bias", "cross_attn.out.weight",
+    "cross_attn.out.bias", "mlp_ln.weight", "mlp_ln.bias", "mlp1.weight", "mlp1.bias", "mlp2.weight", "mlp2.bias",
+    "cross_attn.key.weight", "cross_attn.value.weight", "cross_attn.value.bias"};
+static_assert(std::size(kWeightNames) == kFeatureStepInputs - kAttnLnWeight);
+
+#if defined(__x86_64__)
 // One token's pass through a decoder layer (self-attention over the key cache, cross-attention
 // over the audio, MLP; each behind a layer norm, each added to the residual) as one pipeline:
 // the same kernels in the same order as the layer's ops (same bits), without a call per op.
@@ -273,8 +287,9 @@ class MennyDecoderStep : public mx::Primitive {
 
 std::vector<mx::array> decoder_layer(const mx::array& x, const mx::array& offset, const mx::array& key_cache,
                                      const mx::array& value_cache, const mx::array& audio, const mx::array& audio_second,
-                                     const std::vector<mx::array>& weights, int n_head, float eps, bool over_features) {
-  auto expect = [](bool ok, const char* what) {
+                                     const std::map<std::string, mx::array>& weights, int n_head, float eps,
+                                     bool over_features) {
+  auto expect = [](bool ok, const std::string& what) {
     if (!ok) {
       throw std::invalid_argument(what);
     }
@@ -301,24 +316,35 @@ std::vector<mx::array> decoder_layer(const mx::array& x, const mx::array& offset
     expect(rows_of_state(audio) && audio.shape() == audio_second.shape(),
            "expected the audio's keys and values (batch, frames, state), float32");
   }
-  const std::size_t n_weights = (over_features ? kFeatureStepInputs : kStepInputs) - kAttnLnWeight;
-  expect(weights.size() == n_weights, over_features ? "expected the layer's 24 weights in order"
-                                                    : "expected the layer's 21 weights in order");
+  const std::size_t end = over_features ? kFeatureStepInputs : kStepInputs;
+  std::string missing;
+  for (std::size_t i = kAttnLnWeight; i < end; ++i) {
+    if (!weights.contains(kWeightNames[i - kAttnLnWeight])) {
+      missing += std::string(missing.empty() ? "" : ", ") + kWeightNames[i - kAttnLnWeight];
+    }
+  }
+  if (!missing.empty()) {
+    throw std::invalid_argument("the step's weights lack " + missing + " (pass the block's parameters by name: "
+                                "dict(tree_flatten(block.parameters())))");
+  }
   const mx::Stream stream = cpu_stream();
   std::vector<mx::array> inputs{x, offset, key_cache, value_cache, audio, audio_second};
-  const int hidden = weights[kMlp1 - kAttnLnWeight].shape(0);
+  const int hidden = weights.at("mlp1.weight").ndim() == 2 ? weights.at("mlp1.weight").shape(0) : 0;
   const std::size_t matrices[] = {kQuery, kKey, kValue, kOut, kCrossQuery, kCrossOut, kMlp1, kMlp2, kCrossKey,
                                   kCrossValue};
-  for (std::size_t i = kAttnLnWeight; i < kAttnLnWeight + n_weights; ++i) {
-    const mx::array& w = weights[i - kAttnLnWeight];
+  for (std::size_t i = kAttnLnWeight; i < end; ++i) {
+    const std::string name = kWeightNames[i - kAttnLnWeight];
+    const mx::array& w = weights.at(name);
     if (std::find(std::begin(matrices), std::end(matrices), i) != std::end(matrices)) {
       const int rows = i == kMlp1 ? hidden : state, depth = i == kMlp2 ? hidden : state;
       expect(w.ndim() == 2 && w.shape(0) == rows && w.shape(1) == depth &&
                  (w.dtype() == mx::float16 || w.dtype() == mx::float32),
-             "a weight matrix has the wrong shape or dtype (float16 or float32)");
+             name + ": expected a matrix (" + std::to_string(rows) + ", " + std::to_string(depth) +
+                 "), float16 or float32");
     } else {
-      expect(w.ndim() == 1 && w.shape(0) == (i == kMlp1Bias ? hidden : state) && w.dtype() == mx::float32,
-             "a bias or layer-norm weight has the wrong shape or dtype (float32)");
+      const int n = i == kMlp1Bias ? hidden : state;
+      expect(w.ndim() == 1 && w.shape(0) == n && w.dtype() == mx::float32,
+             name + ": expected a vector (" + std::to_string(n) + ",), float32");
     }
     inputs.push_back(w);
   }

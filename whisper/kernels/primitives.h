@@ -3,6 +3,7 @@
 // the bindings expose.
 #pragma once
 
+#include <map>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -83,7 +84,8 @@ mx::array panel_product(const mx::array& x, const mx::array& w, const std::optio
 mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, float eps);
 std::vector<mx::array> decoder_layer(const mx::array& x, const mx::array& offset, const mx::array& key_cache,
                                      const mx::array& value_cache, const mx::array& audio, const mx::array& audio_second,
-                                     const std::vector<mx::array>& weights, int n_head, float eps, bool over_features);
+                                     const std::map<std::string, mx::array>& weights, int n_head, float eps,
+                                     bool over_features);
 std::vector<mx::array> greedy_choice(const mx::array& logits, const mx::array& forbidden, const mx::array& ranges,
                                      int timestamp_begin);
 
