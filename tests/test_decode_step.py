@@ -306,6 +306,43 @@ def test_a_layer_step_over_the_audio_features_matches_the_step_over_their_keys_a
     assert np.array_equal(v_features[:, offset], v_kv[:, offset])
 
 
+@pytest.mark.skipif(not kernels.available(), reason="the compiled kernels do not run here")
+@pytest.mark.parametrize("over_features", [False, True])
+@pytest.mark.parametrize(("group", "n_audio"), [(1, 3), (2, 3), (5, 1)])
+def test_rows_sharing_an_audio_step_as_over_repeated_copies_of_it(group, n_audio, over_features):
+    if over_features and not kernels.runs_avx512():
+        pytest.skip("the step over the audio features needs AVX-512 kernels")
+    rng = np.random.default_rng(group)
+    n_ctx, frames, state, offset = 448, 300, 128, 9
+    rows = n_audio * group
+
+    def random(*shape: int) -> mx.array:
+        return mx.array(rng.standard_normal(shape).astype(np.float32))
+
+    decoder = TextDecoder(n_vocab=64, n_ctx=n_ctx, n_state=state, n_head=2, n_layer=1)
+    decoder.update(tree_map(lambda p: 0.3 * random(*p.shape), decoder.parameters()))
+    block = decoder.blocks[0]
+    features, x = random(n_audio, frames, state), random(rows, 1, state)
+    cached = [rng.standard_normal((rows, n_ctx, state)).astype(np.float32) for _ in range(2)]
+
+    def step(audio_features: mx.array, rows_per_audio: int) -> list[np.ndarray]:
+        if over_features:
+            audio = kernels.pack_features(audio_features)
+        else:
+            audio = decoder.cross_kv(audio_features)[0]
+        cache, position = tuple(mx.array(c) for c in cached), mx.array([offset], dtype=mx.int32)
+        out, (k, v) = kernels.decoder_layer_step(
+            x, position, cache, audio, weights_of(block), 2, 1e-5, over_features=over_features, group=rows_per_audio
+        )
+        return [np.array(a) for a in (out, k, v)]
+
+    shared = step(features, group)
+    repeated = step(mx.repeat(features, group, axis=0), 1)
+    # Row r of the repeated audio is audio r // group: the same bits show that each row read its own.
+    for ours, expected in zip(shared, repeated):
+        assert np.array_equal(ours, expected)
+
+
 @pytest.mark.skipif(not kernels.runs_avx512(), reason="the step over the audio features needs AVX-512 kernels")
 def test_audio_features_are_packed_as_the_step_reads_them():
     features = mx.arange(2 * 40 * 64, dtype=mx.float32).reshape(2, 40, 64)

@@ -360,6 +360,24 @@ def test_huge_pages_keep_the_values(fast):
 
 
 @needs_kernels
+def test_the_avx2_paths_pass_the_kernel_and_step_tests_on_this_cpu_too(fast):
+    """MENNY_KERNELS_AVX2_ONLY=1 turns the AVX-512 kernels off when the library loads: the paths
+    of a CPU without them (MLX's products, steps over the audio's keys and values), run here."""
+    if not fast.uses_avx512():
+        pytest.skip("this CPU runs the AVX2 paths anyway")
+    env = {**os.environ, "MENNY_KERNELS_AVX2_ONLY": "1"}
+    check = "from whisper import kernels\nassert kernels.available() and not kernels.runs_avx512()\n"
+    result = subprocess.run([sys.executable, "-c", check], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    steps = "test_rows_sharing_an_audio_step_as_over_repeated_copies_of_it", "test_a_layer_step_in_one_kernel_call"
+    tests = ["tests/test_kernels.py", *(f"tests/test_decode_step.py::{name}" for name in steps)]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not avx2_paths", *tests]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+@needs_kernels
 def test_a_library_built_from_other_sources_is_not_loaded(fast, monkeypatch):
     # It would lack the kernels that these sources' engine calls: MLX's ops run instead.
     monkeypatch.setattr(kernels, "sources_sha256", lambda: "0" * 64)

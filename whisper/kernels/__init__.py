@@ -200,15 +200,18 @@ def decoder_layer_step(
     eps: float,
     *,
     over_features: bool = False,
+    group: int = 1,
 ) -> tuple[mx.array, tuple[mx.array, mx.array]] | None:
     """One token's step through a decoder layer as one kernel call: its output and the caches
-    with the token's key and value written at `offset`, in place.  `weights` are the block's
+    with the token's key and value written at `offset`, in place.  x (rows, 1, state) and the
+    caches (rows, n_ctx, state) have `group` rows per audio (beams or samples of one audio),
+    rows = n_audio * group, and row r attends over audio r // group.  `weights` are the block's
     parameters by name, `dict(tree_flatten(block.parameters()))` ("attn_ln.weight",
-    "attn.query.bias", "mlp1.weight", ...).  `audio` is the audio's keys and values, or with
-    `over_features` the audio features packed by `pack_features` (the cross-attention's key and
-    value weights then come from `weights` too).  None where the kernel cannot run it (no kernels
-    here, other dtypes, quantized weights, more rows than a matvec takes): the layer's own ops
-    then run."""
+    "attn.query.bias", "mlp1.weight", ...).  `audio` is the audios' keys and values (n_audio,
+    frames, state) each, or with `over_features` the audio features packed by `pack_features`
+    (the cross-attention's key and value weights then come from `weights` too).  None where the
+    kernel cannot run it (no kernels here, other dtypes, quantized weights, more rows than a
+    matvec takes): the layer's own ops then run."""
     module = _on_cpu()
     if module is None:
         return None
@@ -218,7 +221,7 @@ def decoder_layer_step(
         return None
     if over_features and not module.uses_avx512():
         return None
-    out, keys, values = module.decoder_layer(x, offset, *cache, *audio, weights, n_head, eps, over_features)
+    out, keys, values = module.decoder_layer(x, offset, *cache, *audio, weights, n_head, eps, over_features, group)
     return out, (keys, values)
 
 

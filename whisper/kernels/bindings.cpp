@@ -59,17 +59,17 @@ NB_MODULE(_fast_ops, m) {
         "Layer norm over the last axis of float32 x, the same bits as mx.fast.layer_norm.");
   m.def("decoder_layer", &menny::decoder_layer, nb::arg("x"), nb::arg("offset"), nb::arg("key_cache"),
         nb::arg("value_cache"), nb::arg("audio"), nb::arg("audio_second"), nb::arg("weights"), nb::arg("n_head"),
-        nb::arg("eps"), nb::arg("over_features") = false,
-        "One token's step through a decoder layer: x (batch, 1, state) at position offset (an int32 array "
-        "of one element), the self-attention caches (batch, n_ctx, state), the audio's keys and values "
-        "(batch, n_audio, state), all float32, and the weights by the block's parameter paths "
-        "(dict(tree_flatten(block.parameters())): attn_ln.weight, attn.query.bias, mlp1.weight, ...; "
-        "matrices float32 or float16, the others float32).  With over_features (AVX-512): the audio "
-        "features f (batch, n_audio, state) as frame panels (batch, n_audio / 32 rounded up, state, 32): "
-        "[b, p, c, j] = f[b, 32 p + j, c], 0 past n_audio; and channel panels (batch, state / 32, n_audio, "
-        "32): [b, p, i, j] = f[b, i, 32 p + j], in place of the keys and values (the weights then include "
-        "cross_attn.key.weight, cross_attn.value.weight and .bias).  Returns the output and the caches, "
-        "written in place.");
+        nb::arg("eps"), nb::arg("over_features") = false, nb::arg("group") = 1,
+        "One token's step through a decoder layer: x (rows, 1, state) at position offset (an int32 array "
+        "of one element), the self-attention caches (rows, n_ctx, state), the keys and values of "
+        "n_audio = rows / group audios (n_audio, frames, state), row r attending over audio r // group, all "
+        "float32, and the weights by the block's parameter paths (dict(tree_flatten(block.parameters())): "
+        "attn_ln.weight, attn.query.bias, mlp1.weight, ...; matrices float32 or float16, the others "
+        "float32).  With over_features (AVX-512): the audio features f (n_audio, frames, state) as frame "
+        "panels (n_audio, frames / 32 rounded up, state, 32): [a, p, c, j] = f[a, 32 p + j, c], 0 past the "
+        "last frame; and channel panels (n_audio, state / 32, frames, 32): [a, p, i, j] = f[a, i, 32 p + j], "
+        "in place of the keys and values (the weights then include cross_attn.key.weight, "
+        "cross_attn.value.weight and .bias).  Returns the output and the caches, written in place.");
   m.def("greedy_choice", &menny::greedy_choice, nb::arg("logits"), nb::arg("forbidden"), nb::arg("ranges"),
         nb::arg("timestamp_begin"),
         "Each row's likeliest allowed token (int32) and its log-probability among the allowed ones "

@@ -46,14 +46,17 @@ static_assert(std::size(kWeightNames) == kFeatureStepInputs - kAttnLnWeight);
 // the same kernels in the same order as the layer's ops (same bits), without a call per op.
 // The token's key and value are written into the caches at the token's position, in place.
 //
-// Over the features (AVX-512 only): the cross-attention reads the audio features X (batch,
+// Over the features (AVX-512 only): the cross-attention reads the audio features X (n_audio,
 // frames, state), packed twice (see decoder_layer), instead of each layer's keys X Wk^T and
 // values X Wv^T + bv.  A head's scores are q_h . (X Wk_h^T) = (q_h Wk_h) . X and its output
 // Wv_h (p_h X) + bv_h (the probabilities sum to 1): the same values, summed in another order.
 // X (3 MB for base) stays in the cache from layer to layer, where the keys and values (6 MB a
 // layer) came from DRAM at every step, a third of base's step.
+//
+// Rows of x come `group` per audio (beams, or samples, of one audio): row r attends over audio
+// r / group, and each audio's keys and values, or panels, are read once for all its rows.
 void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* key_cache, float* value_cache,
-                        std::size_t n_head, float scale, float eps, bool over_features) {
+                        std::size_t n_head, float scale, float eps, bool over_features, std::size_t group) {
   const std::size_t batch = in[kX].shape(0), state = in[kX].shape(2), head_dim = state / n_head;
   const std::size_t ctx = in[kKeyCache].shape(1), hidden = in[kMlp1].shape(0);
   const std::size_t audio = over_features ? in[kChannelPanels].shape(2) : in[kCrossKeys].shape(1);
@@ -102,27 +105,30 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
       }
     };
   };
-  // The query's attention over the first n_keys of `rows` rows of keys and values (batch, rows,
-  // state); visible: as in attention_block_avx2.
-  auto attend = [&](const float* keys, const float* values, std::size_t rows, std::size_t n_keys, std::size_t visible) {
-    pipeline->add(batch * n_head, 1, [=](std::size_t begin, std::size_t end) {
+  // The queries' attention over the first n_keys of `rows` rows of keys and values (batch /
+  // per_source, rows, state), per_source query rows at a time over one source's: the same sums
+  // for each as alone.  visible: as in attention_block_avx2 (for one query row a source).
+  auto attend = [&](const float* keys, const float* values, std::size_t rows, std::size_t n_keys, std::size_t visible,
+                    std::size_t per_source) {
+    pipeline->add(batch / per_source * n_head, 1, [=](std::size_t begin, std::size_t end) {
       thread_local std::vector<float> scratch;
       const std::size_t padded = (n_keys + 15) / 16 * 16;
-      scratch.resize(padded + 1);
+      scratch.resize(per_source * (padded + 1));
       for (std::size_t task = begin; task < end; ++task) {
-        const std::size_t b = task / n_head, column = (task % n_head) * head_dim;
-        const std::size_t kv = b * rows * state + column;
-        attention_block_avx2(query + b * state + column, nullptr, keys + kv, nullptr, values + kv,
-                             attended + b * state + column, scratch.data(), scratch.data() + padded, 1, n_keys,
-                             padded, head_dim, state, scale, visible);
+        const std::size_t source = task / n_head, column = (task % n_head) * head_dim;
+        const std::size_t kv = source * rows * state + column, first = source * per_source * state + column;
+        attention_block_avx2(query + first, nullptr, keys + kv, nullptr, values + kv, attended + first,
+                             scratch.data(), scratch.data() + per_source * padded, per_source, n_keys, padded,
+                             head_dim, state, scale, visible);
       }
     });
   };
 
-  // The query's attention over the features (see above), into `attended`.
+  // The queries' attention over the features (see above), into `attended`: the (row, head)s of
+  // one audio, group * n_head of them, multiplied by each of its panels in one pass.
   auto attend_features = [&]() {
     const std::size_t n_panels = in[kFramePanels].shape(1), ld_scores = n_panels * kPanelWidth;
-    const std::size_t heads = batch * n_head;
+    const std::size_t heads = batch * n_head, n_audio = batch / group, per_audio = group * n_head;
     // Per batch row and head: the folded query, the scores (then their exponentials) and the
     // weighted sum of the features; per head the inverse of its exponentials' sum.
     feature_scratch.resize(heads * (2 * state + ld_scores + 1));
@@ -139,11 +145,11 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
         w.with_weights([&](auto* weights) { fold_rows(q, weights + first * state, head_dim, state, folded + task * state); });
       }
     });
-    pipeline->add(batch * n_panels, 1, [=](std::size_t begin, std::size_t end) {
+    pipeline->add(n_audio * n_panels, 1, [=](std::size_t begin, std::size_t end) {
       for (std::size_t task = begin; task < end; ++task) {
-        const std::size_t b = task / n_panels, p = task % n_panels;
-        panel_rows(folded + b * n_head * state, state, frame_panels + task * state * kPanelWidth, state,
-                   nullptr, false, nullptr, scores + b * n_head * ld_scores + p * kPanelWidth, ld_scores, n_head);
+        const std::size_t a = task / n_panels, p = task % n_panels;
+        panel_rows(folded + a * per_audio * state, state, frame_panels + task * state * kPanelWidth, state, nullptr,
+                   false, nullptr, scores + a * per_audio * ld_scores + p * kPanelWidth, ld_scores, per_audio);
       }
     });
     pipeline->add(heads, 1, [=](std::size_t begin, std::size_t end) {
@@ -153,15 +159,15 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
       }
     });
     const std::size_t column_panels = state / kPanelWidth;
-    pipeline->add(batch * column_panels, 1, [=](std::size_t begin, std::size_t end) {
+    pipeline->add(n_audio * column_panels, 1, [=](std::size_t begin, std::size_t end) {
       for (std::size_t task = begin; task < end; ++task) {
-        const std::size_t b = task / column_panels, column = task % column_panels * kPanelWidth;
-        float* out = mixed + b * n_head * state + column;
-        panel_rows(scores + b * n_head * ld_scores, ld_scores, channel_panels + task * audio * kPanelWidth, audio,
-                   nullptr, false, nullptr, out, state, n_head);
-        for (std::size_t h = 0; h < n_head; ++h) {
+        const std::size_t a = task / column_panels, column = task % column_panels * kPanelWidth;
+        float* out = mixed + a * per_audio * state + column;
+        panel_rows(scores + a * per_audio * ld_scores, ld_scores, channel_panels + task * audio * kPanelWidth, audio,
+                   nullptr, false, nullptr, out, state, per_audio);
+        for (std::size_t i = 0; i < per_audio; ++i) {
           for (std::size_t j = 0; j < kPanelWidth; ++j) {
-            out[h * state + j] *= inverse_sums[b * n_head + h];
+            out[i * state + j] *= inverse_sums[a * per_audio + i];
           }
         }
       }
@@ -199,14 +205,14 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
                     row += last - first;
                   }
                 });
-  attend(key_cache, value_cache, ctx, position + 1, position + 1);
+  attend(key_cache, value_cache, ctx, position + 1, position + 1, 1);
   project(attended, kOut, vector(kOutBias), after_self, state, add_to(x, after_self));
   layer_norm(after_self, kCrossLnWeight);
   project(normed, kCrossQuery, vector(kCrossQueryBias), query, state, nullptr);
   if (over_features) {
     attend_features();
   } else {
-    attend(vector(kCrossKeys), vector(kCrossValues), audio, audio, 0);
+    attend(vector(kCrossKeys), vector(kCrossValues), audio, audio, 0, group);
   }
   project(attended, kCrossOut, vector(kCrossOutBias), after_cross, state, add_to(after_self, after_cross));
   layer_norm(after_cross, kMlpLnWeight);
@@ -225,8 +231,13 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
 // never reads the old one's positions from the token's on.
 class MennyDecoderStep : public mx::Primitive {
  public:
-  MennyDecoderStep(mx::Stream stream, int n_head, float scale, float eps, bool over_features)
-      : mx::Primitive(stream), n_head_(n_head), scale_(scale), eps_(eps), over_features_(over_features) {}
+  MennyDecoderStep(mx::Stream stream, int n_head, float scale, float eps, bool over_features, int group)
+      : mx::Primitive(stream),
+        n_head_(n_head),
+        scale_(scale),
+        eps_(eps),
+        over_features_(over_features),
+        group_(group) {}
 
   const char* name() const override {
     return "MennyDecoderStep";
@@ -235,7 +246,7 @@ class MennyDecoderStep : public mx::Primitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto* same = dynamic_cast<const MennyDecoderStep*>(&other);
     return same && same->n_head_ == n_head_ && same->scale_ == scale_ && same->eps_ == eps_ &&
-           same->over_features_ == over_features_;
+           same->over_features_ == over_features_ && same->group_ == group_;
   }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
@@ -261,7 +272,7 @@ class MennyDecoderStep : public mx::Primitive {
     auto& encoder = encoder_for(stream(), inputs, outputs);
 #if defined(__x86_64__)
     encoder.dispatch([inputs, outputs, n_head = n_head_, scale = scale_, eps = eps_,
-                      over_features = over_features_]() mutable {
+                      over_features = over_features_, group = group_]() mutable {
       std::vector<mx::array> ordered;
       for (const mx::array& input : inputs) {
         ordered.push_back(in_row_order(input) ? input : copy_in_row_order(input));
@@ -273,7 +284,7 @@ class MennyDecoderStep : public mx::Primitive {
         }
       }
       decoder_layer_step(ordered, outputs[0].data<float>(), outputs[1].data<float>(), outputs[2].data<float>(),
-                         n_head, scale, eps, over_features);
+                         n_head, scale, eps, over_features, group);
     });
 #endif
   }
@@ -283,38 +294,40 @@ class MennyDecoderStep : public mx::Primitive {
   float scale_;
   float eps_;
   bool over_features_;
+  int group_;
 };
 
 std::vector<mx::array> decoder_layer(const mx::array& x, const mx::array& offset, const mx::array& key_cache,
                                      const mx::array& value_cache, const mx::array& audio, const mx::array& audio_second,
                                      const std::map<std::string, mx::array>& weights, int n_head, float eps,
-                                     bool over_features) {
+                                     bool over_features, int group) {
   auto expect = [](bool ok, const std::string& what) {
     if (!ok) {
       throw std::invalid_argument(what);
     }
   };
-  expect(x.ndim() == 3 && x.shape(1) == 1 && x.dtype() == mx::float32, "expected x (batch, 1, state), float32");
-  const int batch = x.shape(0), state = x.shape(2);
+  expect(x.ndim() == 3 && x.shape(1) == 1 && x.dtype() == mx::float32, "expected x (rows, 1, state), float32");
+  expect(group > 0 && x.shape(0) % group == 0, "the rows of x must be whole groups (rows = n_audio * group)");
+  const int rows = x.shape(0), n_audio = rows / group, state = x.shape(2);
   expect(n_head > 0 && state % n_head == 0 && (state / n_head) % 16 == 0,
          "the state must split into heads of a multiple of 16");
   expect(offset.size() == 1 && offset.dtype() == mx::int32, "the offset is one int32");
-  auto rows_of_state = [&](const mx::array& a) {
-    return a.ndim() == 3 && a.shape(0) == batch && a.shape(2) == state && a.shape(1) > 0 && a.dtype() == mx::float32;
+  auto rows_of_state = [&](const mx::array& a, int n) {
+    return a.ndim() == 3 && a.shape(0) == n && a.shape(2) == state && a.shape(1) > 0 && a.dtype() == mx::float32;
   };
-  expect(rows_of_state(key_cache) && key_cache.shape() == value_cache.shape(),
-         "expected the caches (batch, n_ctx, state), float32");
+  expect(rows_of_state(key_cache, rows) && key_cache.shape() == value_cache.shape(),
+         "expected the caches (rows, n_ctx, state), float32");
   if (over_features) {
     expect(uses_avx512(), "a step over the audio features needs AVX-512");
     const int width = kPanelWidth, frames = audio_second.ndim() == 4 ? audio_second.shape(2) : 0;
     expect(state % width == 0 && frames > 0 && audio.dtype() == mx::float32 && audio_second.dtype() == mx::float32 &&
-               audio.shape() == mx::Shape({batch, (frames + width - 1) / width, state, width}) &&
-               audio_second.shape() == mx::Shape({batch, state / width, frames, width}),
-           "expected the audio features (batch, frames, state) as frame panels (batch, frames / 32 rounded up, "
-           "state, 32) and channel panels (batch, state / 32, frames, 32), float32");
+               audio.shape() == mx::Shape({n_audio, (frames + width - 1) / width, state, width}) &&
+               audio_second.shape() == mx::Shape({n_audio, state / width, frames, width}),
+           "expected the features of rows / group audios (n_audio, frames, state) as frame panels (n_audio, "
+           "frames / 32 rounded up, state, 32) and channel panels (n_audio, state / 32, frames, 32), float32");
   } else {
-    expect(rows_of_state(audio) && audio.shape() == audio_second.shape(),
-           "expected the audio's keys and values (batch, frames, state), float32");
+    expect(rows_of_state(audio, n_audio) && audio.shape() == audio_second.shape(),
+           "expected the keys and values of rows / group audios (n_audio, frames, state), float32");
   }
   const std::size_t end = over_features ? kFeatureStepInputs : kStepInputs;
   std::string missing;
@@ -351,7 +364,8 @@ std::vector<mx::array> decoder_layer(const mx::array& x, const mx::array& offset
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(state / n_head)));
   return mx::array::make_arrays({x.shape(), key_cache.shape(), value_cache.shape()},
                                 {mx::float32, mx::float32, mx::float32},
-                                std::make_shared<MennyDecoderStep>(stream, n_head, scale, eps, over_features), inputs);
+                                std::make_shared<MennyDecoderStep>(stream, n_head, scale, eps, over_features, group),
+                                inputs);
 }
 
 }  // namespace menny

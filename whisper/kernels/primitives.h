@@ -85,7 +85,7 @@ mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::arra
 std::vector<mx::array> decoder_layer(const mx::array& x, const mx::array& offset, const mx::array& key_cache,
                                      const mx::array& value_cache, const mx::array& audio, const mx::array& audio_second,
                                      const std::map<std::string, mx::array>& weights, int n_head, float eps,
-                                     bool over_features);
+                                     bool over_features, int group);
 std::vector<mx::array> greedy_choice(const mx::array& logits, const mx::array& forbidden, const mx::array& ranges,
                                      int timestamp_begin);
 
