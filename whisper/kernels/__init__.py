@@ -225,6 +225,21 @@ def decoder_layer_step(
     return out, (keys, values)
 
 
+def reorder_rows(cache: mx.array, sources: mx.array, n_positions: int | mx.array) -> mx.array:
+    """A self-attention cache (rows, n_ctx, state) with row i's first `n_positions` positions
+    taken from row sources[i] (sources: (rows,) int32) and the other positions as they were, as
+    numpy's `cache[:, :n] = cache[sources][:, :n]` (beam search: each beam continues another's
+    sequence).  Where the kernels run, in place: the result is the cache's memory (as the decoder
+    step's caches are; the cache passed in changes too), and only the rows whose source differs
+    are copied.  Elsewhere MLX's ops, over the second-to-last axis (padded heads too)."""
+    n = n_positions if isinstance(n_positions, mx.array) else mx.array([n_positions], dtype=mx.int32)
+    module = _on_cpu()
+    if module is not None and cache.ndim == 3:
+        return module.reorder_rows(cache, sources, n)
+    positions = mx.arange(cache.shape[-2]).reshape(-1, 1)
+    return mx.where(positions < n.reshape(()), cache[sources], cache)
+
+
 def steps_over_features(features: mx.array, n_head: int) -> bool:
     """Whether `decoder_layer_step` runs over these audio features (batch, frames, state) here."""
     batch, _, state = features.shape
