@@ -81,16 +81,17 @@ MENNY_AVX2 inline __m256 dot_chains(const float* query, const float* key, std::s
 }
 
 // scores[r][j] = q_r . k_j straight from the key rows: for a few queries, cheaper than
-// transposing the keys first.  Four keys at a time, so that eight chains are in flight; each
-// key's sum is the same as alone.
+// transposing the keys first.  Four keys at a time, so that eight chains are in flight, for every
+// query in turn while those keys are in L1 (the queries of one audio's beams read its keys once);
+// each key's sum is the same as alone.
 MENNY_AVX2 void scores_direct_avx2(const float* q, const float* k, float* scores, std::size_t rows, std::size_t keys,
                                    std::size_t ld_scores, std::size_t head_dim, std::size_t row_stride) {
-  for (std::size_t r = 0; r < rows; ++r) {
-    const float* query = q + r * row_stride;
-    float* row = scores + r * ld_scores;
-    std::size_t j = 0;
-    for (; j + 4 <= keys; j += 4) {
-      const float* key = k + j * row_stride;
+  std::size_t j = 0;
+  for (; j + 4 <= keys; j += 4) {
+    const float* key = k + j * row_stride;
+    for (std::size_t r = 0; r < rows; ++r) {
+      const float* query = q + r * row_stride;
+      float* row = scores + r * ld_scores;
       const __m256 s0 = dot_chains(query, key, head_dim);
       const __m256 s1 = dot_chains(query, key + row_stride, head_dim);
       const __m256 s2 = dot_chains(query, key + 2 * row_stride, head_dim);
@@ -100,8 +101,10 @@ MENNY_AVX2 void scores_direct_avx2(const float* q, const float* k, float* scores
       row[j + 2] = horizontal_sum(s2);
       row[j + 3] = horizontal_sum(s3);
     }
-    for (; j < keys; ++j) {
-      row[j] = horizontal_sum(dot_chains(query, k + j * row_stride, head_dim));
+  }
+  for (; j < keys; ++j) {
+    for (std::size_t r = 0; r < rows; ++r) {
+      scores[r * ld_scores + j] = horizontal_sum(dot_chains(q + r * row_stride, k + j * row_stride, head_dim));
     }
   }
 }
