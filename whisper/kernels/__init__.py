@@ -8,7 +8,8 @@ AVX-512, a matrix product over panels of the weights (the encoder's) and a step'
 the audio features, as MLX primitives (AVX2+FMA, split across cores), compiled by
 `python -m whisper.kernels.build` (scripts/setup.sh runs it).  Where the library is missing, was
 built for another mlx, the CPU lacks AVX2 or the default device is a GPU, these functions use
-MLX's ops.  MENNY_NO_KERNELS=1 forces MLX's ops.
+MLX's ops.  MENNY_NO_KERNELS=1 forces MLX's ops; MENNY_KERNELS_AVX2_ONLY=1 the AVX2 kernels alone
+(what a CPU without AVX-512 runs), read when the library loads.
 """
 
 from __future__ import annotations
