@@ -7,15 +7,17 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_map
 from speech import SPEECH_DIR
 
 import whisper
 from whisper import kernels
 from whisper.audio import N_SAMPLES, load_audio
 from whisper.backends import Backend
-from whisper.backends.cpu import CpuBackend
+from whisper.backends.cpu import CpuBackend, step_weights
 from whisper.backends.gpu import GpuBackend
 from whisper.decoding import ApplyTimestampRules, DecodingOptions, DecodingTask, DeviceRules, Inference
+from whisper.model import ResidualAttentionBlock, TextDecoder
 from whisper.rules import TimestampState, log_softmax, timestamp_ranges
 from whisper.tokenizer import get_tokenizer
 
@@ -236,6 +238,58 @@ def test_the_step_in_one_kernel_call_per_layer_gives_the_bits_of_its_own_ops(tin
         assert np.abs(runs[0] - runs[1]).max() < TOLERANCE
     else:
         assert np.array_equal(runs[0], runs[1])
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the compiled kernels do not run here")
+def test_the_step_names_the_weights_it_lacks():
+    block = ResidualAttentionBlock(64, 2, cross_attention=True)
+    weights = step_weights(block)
+    del weights["mlp1.bias"], weights["attn.key.weight"]
+    x, cache = mx.zeros((1, 1, 64)), (mx.zeros((1, 8, 64)), mx.zeros((1, 8, 64)))
+    audio = (mx.zeros((1, 10, 64)), mx.zeros((1, 10, 64)))
+    with pytest.raises(ValueError, match=r"lack attn\.key\.weight, mlp1\.bias"):
+        kernels.decoder_layer_step(x, mx.array([0], dtype=mx.int32), cache, audio, weights, 2, 1e-5)
+    weights = step_weights(block)
+    weights["mlp2.bias"] = mx.zeros(63)
+    with pytest.raises(ValueError, match=r"mlp2\.bias: expected a vector \(64,\)"):
+        kernels.decoder_layer_step(x, mx.array([0], dtype=mx.int32), cache, audio, weights, 2, 1e-5)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the compiled kernels do not run here")
+@pytest.mark.parametrize("over_features", [False, True])
+@pytest.mark.parametrize(("group", "n_audio"), [(1, 3), (2, 3), (5, 1)])
+def test_rows_sharing_an_audio_step_as_over_repeated_copies_of_it(group, n_audio, over_features):
+    if over_features and not kernels.runs_avx512():
+        pytest.skip("the step over the audio features needs AVX-512 kernels")
+    rng = np.random.default_rng(group)
+    n_ctx, frames, state, offset = 448, 300, 128, 9
+    rows = n_audio * group
+
+    def random(*shape: int) -> mx.array:
+        return mx.array(rng.standard_normal(shape).astype(np.float32))
+
+    decoder = TextDecoder(n_vocab=64, n_ctx=n_ctx, n_state=state, n_head=2, n_layer=1)
+    decoder.update(tree_map(lambda p: 0.3 * random(*p.shape), decoder.parameters()))
+    block = decoder.blocks[0]
+    features, x = random(n_audio, frames, state), random(rows, 1, state)
+    cached = [rng.standard_normal((rows, n_ctx, state)).astype(np.float32) for _ in range(2)]
+
+    def step(audio_features: mx.array, rows_per_audio: int) -> list[np.ndarray]:
+        if over_features:
+            audio = kernels.pack_features(audio_features)
+        else:
+            audio = (block.cross_attn.key(audio_features), block.cross_attn.value(audio_features))
+        cache, position = tuple(mx.array(c) for c in cached), mx.array([offset], dtype=mx.int32)
+        out, (k, v) = kernels.decoder_layer_step(
+            x, position, cache, audio, step_weights(block), 2, 1e-5, over_features=over_features, group=rows_per_audio
+        )
+        return [np.array(a) for a in (out, k, v)]
+
+    shared = step(features, group)
+    repeated = step(mx.repeat(features, group, axis=0), 1)
+    # Row r of the repeated audio is audio r // group: the same bits show that each row read its own.
+    for ours, expected in zip(shared, repeated):
+        assert np.array_equal(ours, expected)
 
 
 @pytest.mark.skipif(not kernels.runs_avx512(), reason="the step over the audio features needs AVX-512 kernels")

@@ -354,6 +354,27 @@ def test_huge_pages_keep_the_values(fast):
 
 
 @needs_kernels
+def test_the_avx2_paths_pass_the_kernel_and_step_tests_on_this_cpu_too(fast):
+    """MENNY_KERNELS_AVX2_ONLY=1 turns the AVX-512 kernels off when the library loads: the paths
+    of a CPU without them (MLX's products, steps over the audio's keys and values), run here."""
+    if not fast.uses_avx512():
+        pytest.skip("this CPU runs the AVX2 paths anyway")
+    env = {**os.environ, "MENNY_KERNELS_AVX2_ONLY": "1"}
+    check = "from whisper import kernels\nassert kernels.available() and not kernels.runs_avx512()\n"
+    result = subprocess.run([sys.executable, "-c", check], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    steps = (
+        "test_rows_sharing_an_audio_step_as_over_repeated_copies_of_it",
+        "test_a_layer_step_in_one_kernel_call_gives_the_bits_of_the_layers_own_ops",
+    )
+    tests = ["tests/test_kernels.py", *(f"tests/test_decode_step.py::{name}" for name in steps)]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not avx2_paths", *tests]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+@needs_kernels
 def test_a_library_built_from_other_sources_is_not_loaded(fast, monkeypatch):
     # It would lack the kernels that these sources' engine calls: MLX's ops run instead.
     monkeypatch.setattr(kernels, "sources_sha256", lambda: "0" * 64)
@@ -392,6 +413,45 @@ def test_cached_attention_sees_only_earlier_positions(batch, n_q, offset, n_head
     mask = mx.triu(mx.full((n_q, used), -np.inf), k=offset + 1)
     expected = reference_attention(q, k[:, :used], v[:, :used], n_head, mask)
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("sources", "n"),
+    [
+        ([0, 1, 2, 3, 4], 12),  # nothing moves
+        ([1, 0, 3, 4, 2], 7),  # a swap and a cycle of three
+        ([2, 2, 2, 0, 1], 20),  # one row to three others, the whole context
+        ([4, 3, 2, 1, 0], 0),  # no position written yet
+    ],
+)
+def test_reordered_cache_rows_take_their_sources_prefix_and_keep_their_tail(sources, n):
+    values = RNG.standard_normal((5, 20, 32)).astype(np.float32)
+    expected = values.copy()
+    expected[:, :n] = values[sources][:, :n]
+    for n_positions in (n, mx.array([n], dtype=mx.int32)):
+        cache = mx.array(values)
+        mx.eval(cache)
+        reordered = kernels.reorder_rows(cache, mx.array(sources, dtype=mx.int32), n_positions)
+        assert np.array_equal(np.array(reordered), expected)
+        if kernels.available():  # in place: the cache passed in is the result
+            assert np.array_equal(np.array(cache), expected)
+    with kernels.fallback():  # MLX's ops, on padded heads too
+        assert np.array_equal(np.array(kernels.reorder_rows(mx.array(values), mx.array(sources), n)), expected)
+        heads = values.reshape(5, 20, 2, 16).transpose(0, 2, 1, 3)
+        reordered = kernels.reorder_rows(mx.array(heads), mx.array(sources), n)
+        assert np.array_equal(np.array(reordered), expected.reshape(5, 20, 2, 16).transpose(0, 2, 1, 3))
+
+
+@needs_kernels
+def test_reordering_a_view_or_out_of_range_rows(fast):
+    values = RNG.standard_normal((3, 10, 32)).astype(np.float32)
+    view = mx.array(values).transpose(1, 0, 2).transpose(1, 0, 2)[:, ::2]  # not in row order: copied
+    reordered = fast.reorder_rows(view, mx.array([2, 0, 0], dtype=mx.int32), mx.array([3], dtype=mx.int32))
+    expected = values[:, ::2].copy()
+    expected[:, :3] = values[:, ::2][[2, 0, 0]][:, :3]
+    assert np.array_equal(np.array(reordered), expected)
+    with pytest.raises(ValueError, match="each source is a row"):
+        fast.reorder_rows(mx.array(values), mx.array([0, 3, 1], dtype=mx.int32), mx.array([1], dtype=mx.int32))
 
 
 def _encoder_features(name: str) -> np.ndarray:

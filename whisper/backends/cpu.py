@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 from mlx import nn
+from mlx.utils import tree_flatten
 
 from .. import kernels
 from ..model import ResidualAttentionBlock, Whisper
@@ -80,19 +81,9 @@ def products(block: ResidualAttentionBlock) -> list[nn.Linear]:
     return [*(getattr(a, n) for a in attentions for n in ("query", "key", "value", "out")), block.mlp1, block.mlp2]
 
 
-def step_weights(block: ResidualAttentionBlock, *, over_features: bool) -> list[mx.array]:
-    """A decoder layer's weights in the order `kernels.decoder_layer_step` takes them."""
-    attn, cross = block.attn, block.cross_attn
-    weights = [
-        *(block.attn_ln.weight, block.attn_ln.bias, attn.query.weight, attn.query.bias, attn.key.weight),
-        *(attn.value.weight, attn.value.bias, attn.out.weight, attn.out.bias),
-        *(block.cross_attn_ln.weight, block.cross_attn_ln.bias, cross.query.weight, cross.query.bias),
-        *(cross.out.weight, cross.out.bias, block.mlp_ln.weight, block.mlp_ln.bias),
-        *(block.mlp1.weight, block.mlp1.bias, block.mlp2.weight, block.mlp2.bias),
-    ]
-    if over_features:
-        weights += [cross.key.weight, cross.value.weight, cross.value.bias]
-    return weights
+def step_weights(block: ResidualAttentionBlock) -> dict[str, mx.array]:
+    """A decoder layer's weights as `kernels.decoder_layer_step` takes them: by parameter path."""
+    return dict(tree_flatten(block.parameters()))
 
 
 class CpuBackend(FusedBackend):
@@ -148,16 +139,11 @@ class CpuBackend(FusedBackend):
 
     def audio_memory(self, features: mx.array, group: int = 1) -> AudioMemory:
         """Over the features where steps run over them: the features and their panels; else each
-        layer's keys and values.  What a step reads comes once per row (`group` rows a window)."""
+        layer's keys and values.  One per window: its rows (beams, samples) share them."""
         if not kernels.steps_over_features(features, self.model.decoder.blocks[0].attn.n_head):
-            keys_values = super().audio_memory(features)
-            steps = [tuple(mx.repeat(a, group, axis=0) for a in layer) for layer in keys_values]
-            memory = {"keys_values": keys_values, "window_step": keys_values, "row_step": steps}
+            memory = {"keys_values": super().audio_memory(features)}
         else:
-            panels = kernels.pack_features(features)
-            rows = kernels.pack_features(mx.repeat(features, group, axis=0)) if group > 1 else panels
-            n_layer = len(self.model.decoder.blocks)
-            memory = {"features": features, "window_step": [panels] * n_layer, "row_step": [rows] * n_layer}
+            memory = {"features": features, "panels": kernels.pack_features(features)}
         mx.eval(memory)
         return memory
 
@@ -202,18 +188,19 @@ class CpuBackend(FusedBackend):
         x = decoder.embed(tokens, offset)
         over_features = "features" in audio
         n_audio = (audio["features"] if over_features else audio["keys_values"][0][0]).shape[0]
-        sources = audio["window_step"] if x.shape[0] == n_audio else audio["row_step"]
         new_cache = []
         for layer, (block, layer_cache) in enumerate(zip(decoder.blocks, cache)):
+            source = audio["panels"] if over_features else audio["keys_values"][layer]
             stepped = kernels.decoder_layer_step(
                 x,
                 offset,
                 layer_cache,
-                sources[layer],
-                step_weights(block, over_features=over_features),
+                source,
+                step_weights(block),
                 block.attn.n_head,
                 block.attn_ln.eps,
                 over_features=over_features,
+                group=x.shape[0] // n_audio,
             )
             if stepped is None:
                 x, layer_cache = self.self_attend(block, x, layer_cache, offset)
@@ -222,6 +209,14 @@ class CpuBackend(FusedBackend):
                 x, layer_cache = stepped
             new_cache.append(layer_cache)
         return self.unembed(x)[:, 0], new_cache
+
+    def reorder(self, cache: Cache, sources: list[int], n_cached: int) -> Cache:
+        """In place where the rows stay as many: only rows whose source differs are copied, and
+        only their written positions."""
+        if len(sources) != cache[0][0].shape[0]:
+            return super().reorder(cache, sources, n_cached)
+        index = mx.array(sources, dtype=mx.int32)
+        return [tuple(kernels.reorder_rows(t, index, n_cached) for t in layer) for layer in cache]
 
     def greedy_choice(self, logits, forbidden, ranges, timestamp_begin):
         return kernels.greedy_choice(logits, forbidden, ranges, timestamp_begin)

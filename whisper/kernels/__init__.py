@@ -1,14 +1,15 @@
 """Fast CPU kernels for the engine's hot spots, with MLX's own ops as the fallback.
 
 On a Linux CPU the mlx[cpu] wheel computes exp and erf one lane at a time on one thread, so
-softmax and GELU, not the matrix products, dominated the encoder.  `fast_ops.cpp` implements
+softmax and GELU, not the matrix products, dominated the encoder.  The C++ sources here implement
 both, a fused attention (also causal over the decoder's key cache), a matrix-vector product
 (a decoding step's projections), a decoder layer's whole one-token step and, on CPUs with
 AVX-512, a matrix product over panels of the weights (the encoder's) and a step's attention over
 the audio features, as MLX primitives (AVX2+FMA, split across cores), compiled by
 `python -m whisper.kernels.build` (scripts/setup.sh runs it).  Where the library is missing, was
 built for another mlx, the CPU lacks AVX2 or the default device is a GPU, these functions use
-MLX's ops.  MENNY_NO_KERNELS=1 forces MLX's ops.
+MLX's ops.  MENNY_NO_KERNELS=1 forces MLX's ops; MENNY_KERNELS_AVX2_ONLY=1 the AVX2 kernels alone
+(what a CPU without AVX-512 runs), read when the library loads.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from mlx import nn
 log = logging.getLogger("whisper")
 
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("fast_ops.cpp", "CMakeLists.txt")
+SOURCE_PATTERNS = ("*.cpp", "*.h", "CMakeLists.txt")
 BUILD_DIR = SOURCE_DIR / "_build"
 STAMP = BUILD_DIR / "stamp.json"
 MODULE_NAME = "_fast_ops"
@@ -42,8 +43,9 @@ NO_AVX2 = "this CPU lacks AVX2, FMA or F16C"
 def sources_sha256() -> str:
     """The hash of the kernels' sources, as the build's stamp records it."""
     digest = hashlib.sha256()
-    for name in SOURCES:
-        digest.update((SOURCE_DIR / name).read_bytes())
+    for path in sorted(p for pattern in SOURCE_PATTERNS for p in SOURCE_DIR.glob(pattern)):
+        # The name too: a file renamed or moved between two others changes what is built.
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -194,29 +196,49 @@ def decoder_layer_step(
     offset: mx.array,
     cache: tuple[mx.array, mx.array],
     audio: tuple[mx.array, mx.array],
-    weights: list[mx.array],
+    weights: dict[str, mx.array],
     n_head: int,
     eps: float,
     *,
     over_features: bool = False,
+    group: int = 1,
 ) -> tuple[mx.array, tuple[mx.array, mx.array]] | None:
-    """One token's step through a decoder layer as one kernel call (see `ResidualAttentionBlock`
-    for the weights' order): its output and the caches with the token's key and value written
-    at `offset`, in place.  `audio` is the audio's keys and values, or with `over_features` the
-    audio features packed by `pack_features`, the weights then followed by the cross key
-    weight, value weight and value bias.  None where the kernel cannot run it (no kernels
-    here, other dtypes, quantized weights, more rows than a matvec takes): the layer's own ops
-    then run."""
+    """One token's step through a decoder layer as one kernel call: its output and the caches
+    with the token's key and value written at `offset`, in place.  x (rows, 1, state) and the
+    caches (rows, n_ctx, state) have `group` rows per audio (beams or samples of one audio),
+    rows = n_audio * group, and row r attends over audio r // group.  `weights` are the block's
+    parameters by name, `dict(tree_flatten(block.parameters()))` ("attn_ln.weight",
+    "attn.query.bias", "mlp1.weight", ...).  `audio` is the audios' keys and values (n_audio,
+    frames, state) each, or with `over_features` the audio features packed by `pack_features`
+    (the cross-attention's key and value weights then come from `weights` too).  None where the
+    kernel cannot run it (no kernels here, other dtypes, quantized weights, more rows than a
+    matvec takes): the layer's own ops then run."""
     module = _on_cpu()
-    head_dim = x.shape[-1] // n_head
-    plain = all(w.dtype == mx.float32 or (w.ndim == 2 and w.dtype == mx.float16) for w in weights)
+    if module is None:
+        return None
+    plain = all(w.dtype == mx.float32 or (w.ndim == 2 and w.dtype == mx.float16) for w in weights.values())
     floats = all(a.dtype == mx.float32 for a in (x, *cache, *audio))
-    if module is None or not plain or not floats or x.shape[0] > MATVEC_ROWS or head_dim % 16:
+    if not plain or not floats or x.shape[0] > MATVEC_ROWS or (x.shape[-1] // n_head) % 16:
         return None
     if over_features and not module.uses_avx512():
         return None
-    out, keys, values = module.decoder_layer(x, offset, *cache, *audio, weights, n_head, eps, over_features)
+    out, keys, values = module.decoder_layer(x, offset, *cache, *audio, weights, n_head, eps, over_features, group)
     return out, (keys, values)
+
+
+def reorder_rows(cache: mx.array, sources: mx.array, n_positions: int | mx.array) -> mx.array:
+    """A self-attention cache (rows, n_ctx, state) with row i's first `n_positions` positions
+    taken from row sources[i] (sources: (rows,) int32) and the other positions as they were, as
+    numpy's `cache[:, :n] = cache[sources][:, :n]` (beam search: each beam continues another's
+    sequence).  Where the kernels run, in place: the result is the cache's memory (as the decoder
+    step's caches are; the cache passed in changes too), and only the rows whose source differs
+    are copied.  Elsewhere MLX's ops, over the second-to-last axis (padded heads too)."""
+    n = n_positions if isinstance(n_positions, mx.array) else mx.array([n_positions], dtype=mx.int32)
+    module = _on_cpu()
+    if module is not None and cache.ndim == 3:
+        return module.reorder_rows(cache, sources, n)
+    positions = mx.arange(cache.shape[-2]).reshape(-1, 1)
+    return mx.where(positions < n.reshape(()), cache[sources], cache)
 
 
 def steps_over_features(features: mx.array, n_head: int) -> bool:

@@ -1,7 +1,7 @@
 """Compile the CPU kernels: `python -m whisper.kernels.build [--force]`.
 
-Builds fast_ops.cpp with CMake against the installed mlx (its headers, library and CMake
-files) and nanobind, into whisper/kernels/_build/ (ignored by git).  Does nothing when the
+Builds the C++ sources here (every .cpp) with CMake against the installed mlx (its headers,
+library and CMake files) and nanobind, into whisper/kernels/_build/ (ignored by git).  Does nothing when the
 library there was built from the same sources for the same mlx, nanobind and Python.
 Needs cmake and a C++20 compiler.  Exits 1 with the compiler's last lines when the build fails;
 the engine then keeps using MLX's own ops.

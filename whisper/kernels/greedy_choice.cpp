@@ -1,0 +1,129 @@
+// The greedy choice of a token where the logits are: each row's likeliest allowed token and its
+// log-probability, in two passes over the vocabulary.
+#include <algorithm>
+#include <cmath>
+
+#include "primitives.h"
+
+namespace menny {
+
+#if defined(__x86_64__)
+// A greedy decoder's choice over one row of logits (decoding._greedy_choice): logits[v] counts as
+// -inf where forbidden[v] or v lies in one of the [start, stop) ranges; with timestamp_begin <
+// vocab, when all timestamps together are likelier than the likeliest text token (logsumexp of
+// the timestamps' logits above the best text logit), text tokens are forbidden too.  The
+// likeliest allowed token (the first of equals) and its log-probability among the allowed ones.
+// `scratch` holds 2 * vocab floats.
+MENNY_AVX2 std::pair<int32_t, float> greedy_choice_row(const float* logits, const bool* forbidden, const int32_t* ranges,
+                                                       std::size_t n_ranges, std::size_t vocab,
+                                                       std::size_t timestamp_begin, float* scratch) {
+  float* row = scratch;
+  float* exponentials = scratch + vocab;
+  for (std::size_t v = 0; v < vocab; ++v) {
+    row[v] = forbidden[v] ? -INFINITY : logits[v];
+  }
+  for (std::size_t r = 0; r < n_ranges; ++r) {
+    const auto stop = std::min(static_cast<std::size_t>(std::max(ranges[2 * r + 1], 0)), vocab);
+    const auto start = std::min(static_cast<std::size_t>(std::max(ranges[2 * r], 0)), stop);
+    std::fill(row + start, row + stop, -INFINITY);
+  }
+  auto first_max = [&](std::size_t begin, std::size_t end) {
+    std::size_t best = begin;
+    for (std::size_t v = begin; v < end; ++v) {
+      best = row[v] > row[best] ? v : best;
+    }
+    return best;
+  };
+  // exp_row_avx2 subtracts the maximum itself: the log of the sum of exp(logit - maximum).
+  auto log_sum = [&](std::size_t begin, std::size_t end) {
+    return std::log(exp_row_avx2(row + begin, exponentials, end - begin, 1.0f));
+  };
+  const std::size_t text = first_max(0, std::min(timestamp_begin, vocab));
+  const float text_max = timestamp_begin > 0 ? row[text] : -INFINITY;
+  if (timestamp_begin < vocab) {
+    const std::size_t stamp = first_max(timestamp_begin, vocab);
+    const float stamp_max = row[stamp];
+    if (stamp_max > -INFINITY) {
+      const float stamps = log_sum(timestamp_begin, vocab);
+      // (stamps >= 0: a timestamp likelier than any text token always wins.)
+      if (stamp_max + stamps > text_max) {
+        return {static_cast<int32_t>(stamp), -stamps};
+      }
+    }
+  }
+  if (text_max == -INFINITY) {  // nothing allowed: as argmax and log_softmax over -inf give
+    return {0, NAN};
+  }
+  return {static_cast<int32_t>(text), -log_sum(0, vocab)};
+}
+#endif
+
+// Each row's greedy choice (greedy_choice_row).  Outputs: the chosen ids (batch,) int32 and
+// their log-probabilities (batch,) float32.
+class MennyGreedyChoice : public mx::Primitive {
+ public:
+  MennyGreedyChoice(mx::Stream stream, int timestamp_begin) : mx::Primitive(stream), timestamp_begin_(timestamp_begin) {}
+
+  const char* name() const override {
+    return "MennyGreedyChoice";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto* same = dynamic_cast<const MennyGreedyChoice*>(&other);
+    return same && same->timestamp_begin_ == timestamp_begin_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {{inputs[0].shape(0)}, {inputs[0].shape(0)}};
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("MennyGreedyChoice runs on the CPU only");
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    for (mx::array& out : outputs) {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    }
+    auto& encoder = encoder_for(stream(), inputs, outputs);
+#if defined(__x86_64__)
+    encoder.dispatch([logits = inputs[0], forbidden = inputs[1], ranges = inputs[2], chosen = outputs[0],
+                      logprobs = outputs[1], timestamp_begin = timestamp_begin_]() mutable {
+      const std::size_t batch = logits.shape(0), vocab = logits.shape(1), n_ranges = ranges.shape(1);
+      thread_local std::vector<float> scratch;
+      scratch.resize(2 * vocab);
+      for (std::size_t b = 0; b < batch; ++b) {
+        const bool* mask = forbidden.data<bool>() + (forbidden.shape(0) == 1 ? 0 : b * vocab);
+        const auto [token, logprob] =
+            greedy_choice_row(logits.data<float>() + b * vocab, mask, ranges.data<int32_t>() + b * n_ranges * 2,
+                              n_ranges, vocab, static_cast<std::size_t>(timestamp_begin), scratch.data());
+        chosen.data<int32_t>()[b] = token;
+        logprobs.data<float>()[b] = logprob;
+      }
+    });
+#endif
+  }
+
+ private:
+  int timestamp_begin_;
+};
+
+std::vector<mx::array> greedy_choice(const mx::array& logits, const mx::array& forbidden, const mx::array& ranges,
+                                     int timestamp_begin) {
+  if (logits.ndim() != 2 || !mx::issubdtype(logits.dtype(), mx::floating) || forbidden.ndim() != 2 ||
+      forbidden.dtype() != mx::bool_ || forbidden.shape(1) != logits.shape(1) ||
+      (forbidden.shape(0) != 1 && forbidden.shape(0) != logits.shape(0)) || ranges.ndim() != 3 ||
+      ranges.shape(0) != logits.shape(0) || ranges.shape(2) != 2 || !mx::issubdtype(ranges.dtype(), mx::integer) ||
+      timestamp_begin < 0) {
+    throw std::invalid_argument(
+        "expected logits (batch, vocab), a forbidden mask (1 or batch, vocab), ranges (batch, n, 2) of integers "
+        "and timestamp_begin >= 0");
+  }
+  const mx::Stream stream = cpu_stream();
+  std::vector<mx::array> inputs{float32_rows(logits, stream), mx::contiguous(forbidden, false, stream),
+                                mx::contiguous(mx::astype(ranges, mx::int32, stream), false, stream)};
+  return mx::array::make_arrays({{logits.shape(0)}, {logits.shape(0)}}, {mx::int32, mx::float32},
+                                std::make_shared<MennyGreedyChoice>(stream, timestamp_begin), inputs);
+}
+
+}  // namespace menny
