@@ -157,8 +157,29 @@ def log_mel_frames(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -> np.
     return (log_spec + 4.0) / 4.0
 
 
-def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> mx.array:
-    """Log-mel of a path or waveform, shaped (n_mels, frames) like openai-whisper's."""
+class Spectrogram(mx.array):
+    """An MLX array with PyTorch's `.to(device)`, so that openai-whisper's code, which moves a
+    spectrogram to the model's device, runs unchanged.  Every MLX device reads the same memory,
+    so there is nothing to move: `to` returns the array itself."""
+
+    def to(self, *args, **kwargs) -> Spectrogram:
+        return self
+
+
+def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0, device: object = None) -> Spectrogram:
+    """Log-mel of a path or waveform, shaped (n_mels, frames) like openai-whisper's.
+
+    `device` is accepted for openai-whisper's code and unused: MLX arrays need no moving.
+    """
     if not isinstance(audio, (np.ndarray, mx.array)):
         audio = load_audio(audio)
-    return mx.array(log_mel_frames(np.asarray(audio), n_mels, padding).T)
+    return Spectrogram(log_mel_frames(np.asarray(audio), n_mels, padding).T)
+
+
+def frames_first(mel: mx.array, n_mels: int) -> mx.array:
+    """A log-mel in the engine's (..., frames, n_mels) layout, given either that or openai-whisper's
+    (..., n_mels, frames), as `log_mel_spectrogram` returns it.  Anything else (encoded audio
+    features) passes unchanged."""
+    if mel.ndim >= 2 and mel.shape[-2] == n_mels and mel.shape[-1] != n_mels:
+        return mx.swapaxes(mel, -1, -2)
+    return mel

@@ -22,12 +22,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import fields, replace
 
 import mlx.core as mx
-import numpy as np
 
 from .audio import AudioError
 from .decoding import DecodingTask
 from .model import Whisper
 from .transcribe import (
+    AudioInput,
     FileTranscription,
     TranscribeOptions,
     audio_features,
@@ -37,12 +37,10 @@ from .transcribe import (
     on_device,
 )
 
-AudioSource = str | os.PathLike | bytes | np.ndarray
-
 
 def transcribe_batch(
     model: Whisper,
-    audios: Sequence[AudioSource],
+    audios: Sequence[AudioInput],
     *,
     batch_size: int = 8,
     condition_on_previous_text: bool = False,
@@ -70,7 +68,7 @@ def transcribe_batch(
         # Reading a file and its log-mel (numpy's FFT, which releases the GIL) run in threads
         # a few files ahead: done in turn, they took a third of a batch-16 run on a GPU.
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            ahead: deque[tuple[int, AudioSource, Future]] = deque()
+            ahead: deque[tuple[int, AudioInput, Future]] = deque()
             for index, audio in enumerate(audios):
                 ahead.append((index, audio, pool.submit(audio_features, audio, model.dims.n_mels)))
                 if len(ahead) > 2 * batch_size:
@@ -78,7 +76,7 @@ def transcribe_batch(
             while ahead:
                 yield from ready(*ahead.popleft())
 
-    def ready(index: int, audio: AudioSource, features: Future) -> Iterator[tuple[int, FileTranscription]]:
+    def ready(index: int, audio: AudioInput, features: Future) -> Iterator[tuple[int, FileTranscription]]:
         try:
             job = FileTranscription(model, audio, transcribe_options, decode_options, features=features.result())
         except AudioError as error:

@@ -21,7 +21,7 @@ class SubtitleOptions:
     highlight_words: bool = False  # one cue per word, the spoken word underlined
 
 
-def format_timestamp(seconds: float, *, always_include_hours: bool = False, decimal_marker: str = ".") -> str:
+def format_timestamp(seconds: float, always_include_hours: bool = False, decimal_marker: str = ".") -> str:
     """`[HH:]MM:SS.mmm`, as subtitles and console output show times."""
     milliseconds = round(seconds * 1000.0)
     hours, milliseconds = divmod(milliseconds, 3_600_000)
