@@ -29,24 +29,24 @@ class AudioError(ValueError):
 AudioSource = str | os.PathLike | bytes | bytearray | io.IOBase
 
 
-def load_audio(source: AudioSource, sr: int = SAMPLE_RATE) -> np.ndarray:
+def load_audio(file: AudioSource, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Decode the first audio stream of a file (or its bytes) to mono float32 at `sr` Hz.
 
     Samples pass through 16-bit integers, as with the reference's ffmpeg pipe, so that
     both see the same numbers.
     """
-    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the upload"
-    if isinstance(source, (bytes, bytearray)):
-        if not source:
+    name = os.fspath(file) if isinstance(file, (str, os.PathLike)) else "the upload"
+    if isinstance(file, (bytes, bytearray)):
+        if not file:
             raise AudioError("the file is empty: record or choose a file that contains sound")
-        source = io.BytesIO(source)
-    elif isinstance(source, (str, os.PathLike)):
-        if not os.path.exists(source):
+        file = io.BytesIO(file)
+    elif isinstance(file, (str, os.PathLike)):
+        if not os.path.exists(file):
             raise AudioError(f"{name}: no such file")
-        if os.path.getsize(source) == 0:
+        if os.path.getsize(file) == 0:
             raise AudioError(f"{name}: the file is empty: record or choose a file that contains sound")
     try:
-        with av.open(source, metadata_errors="ignore") as container:
+        with av.open(file, metadata_errors="ignore") as container:
             if not container.streams.audio:
                 raise AudioError(f"{name}: the file has no sound track")
             stream = container.streams.audio[0]

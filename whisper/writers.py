@@ -107,7 +107,7 @@ def _tsv(result: dict) -> str:
     """Start and end in integer milliseconds, then the text, as openai-whisper writes it."""
     rows = ["start\tend\ttext"]
     for segment in result["segments"]:
-        text = segment["text"].strip().replace("\t", " ")
+        text = " ".join(segment["text"].split())  # one row: tabs and line breaks become spaces
         rows.append(f"{round(1000 * segment['start'])}\t{round(1000 * segment['end'])}\t{text}")
     return "\n".join(rows) + "\n"
 
