@@ -120,10 +120,9 @@ def test_wer_is_no_worse_than_the_reference(name):
 
 @pytest.mark.parametrize("clip", other_language_clips(), ids=lambda c: c.file)
 def test_language_detection(clip):
-    languages, probs = whisper.detect_language(
-        model("base"), whisper.log_mel_spectrogram(whisper.pad_or_trim(load_audio(clip.path))).T
-    )
-    assert languages[0] == clip.language
+    mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(load_audio(clip.path)))
+    _, probs = whisper.detect_language(model("base"), mel)
+    assert max(probs, key=probs.get) == clip.language
     expected = REFERENCE["models"]["base"]["language_detection"][clip.file]["probability"]
-    assert probs[0][clip.language] == pytest.approx(expected, abs=0.01)
+    assert probs[clip.language] == pytest.approx(expected, abs=0.01)
     assert whisper.transcribe(model("base"), str(clip.path))["language"] == clip.language

@@ -1,8 +1,12 @@
 """Menny's Whisper: OpenAI's speech recognition model in MLX.
 
-The public names follow openai-whisper's, so code written for it ports over.  Importing this
-package changes nothing in the process: the engine's modules (and MLX) load when one of these
-names is first used, after `configure()` has set the process up for them (see `whisper.runtime`).
+The public names follow openai-whisper's, and mlx-whisper's where they differ
+(`transcribe(audio, path_or_hf_repo=...)`, `load_models.load_model`), so code written for
+either ports over by changing its import.
+
+Importing this package changes nothing in the process: the engine's modules (and MLX) load when
+one of these names or modules is first used, after `configure()` has set the process up for
+them (see `whisper.runtime`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import sys
 import types
 
 from .runtime import configure
+from .version import __version__
 
 _NAMES = {
     "AudioError": "audio",
@@ -29,22 +34,32 @@ _NAMES = {
     "load_model": "models",
     "transcribe": "transcribe",
 }
+_MODULES = ("audio", "decoding", "load_models", "model", "models", "normalizers", "timing", "tokenizer", "utils")
 
-__all__ = ["configure", *_NAMES]
+__all__ = ["__version__", "configure", *_NAMES, "load_models", "utils"]
+
+
+def _engine_module(name: str) -> types.ModuleType:
+    """One of the engine's modules, the process configured first; the model then has
+    openai-whisper's methods (`whisper.model_methods`)."""
+    configure()
+    importlib.import_module(".model_methods", __name__)
+    return importlib.import_module(f".{name}", __name__)
 
 
 def __getattr__(name: str):
-    module = _NAMES.get(name)
-    if module is None:
+    if name in _NAMES:
+        value = getattr(_engine_module(_NAMES[name]), name)
+    elif name in _MODULES:
+        value = _engine_module(name)
+    else:
         raise AttributeError(f"module 'whisper' has no attribute {name!r}")
-    configure()
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    return sorted({*__all__, *_MODULES})
 
 
 class _Package(types.ModuleType):

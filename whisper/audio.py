@@ -29,24 +29,24 @@ class AudioError(ValueError):
 AudioSource = str | os.PathLike | bytes | bytearray | io.IOBase
 
 
-def load_audio(source: AudioSource, sr: int = SAMPLE_RATE) -> np.ndarray:
+def load_audio(file: AudioSource, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Decode the first audio stream of a file (or its bytes) to mono float32 at `sr` Hz.
 
     Samples pass through 16-bit integers, as with the reference's ffmpeg pipe, so that
     both see the same numbers.
     """
-    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the upload"
-    if isinstance(source, (bytes, bytearray)):
-        if not source:
+    name = os.fspath(file) if isinstance(file, (str, os.PathLike)) else "the upload"
+    if isinstance(file, (bytes, bytearray)):
+        if not file:
             raise AudioError("the file is empty: record or choose a file that contains sound")
-        source = io.BytesIO(source)
-    elif isinstance(source, (str, os.PathLike)):
-        if not os.path.exists(source):
+        file = io.BytesIO(file)
+    elif isinstance(file, (str, os.PathLike)):
+        if not os.path.exists(file):
             raise AudioError(f"{name}: no such file")
-        if os.path.getsize(source) == 0:
+        if os.path.getsize(file) == 0:
             raise AudioError(f"{name}: the file is empty: record or choose a file that contains sound")
     try:
-        with av.open(source, metadata_errors="ignore") as container:
+        with av.open(file, metadata_errors="ignore") as container:
             if not container.streams.audio:
                 raise AudioError(f"{name}: the file has no sound track")
             stream = container.streams.audio[0]
@@ -157,8 +157,29 @@ def log_mel_frames(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -> np.
     return (log_spec + 4.0) / 4.0
 
 
-def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> mx.array:
-    """Log-mel of a path or waveform, shaped (n_mels, frames) like openai-whisper's."""
+class Spectrogram(mx.array):
+    """An MLX array with PyTorch's `.to(device)`, so that openai-whisper's code, which moves a
+    spectrogram to the model's device, runs unchanged.  Every MLX device reads the same memory,
+    so there is nothing to move: `to` returns the array itself."""
+
+    def to(self, *args, **kwargs) -> Spectrogram:
+        return self
+
+
+def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0, device: object = None) -> Spectrogram:
+    """Log-mel of a path or waveform, shaped (n_mels, frames) like openai-whisper's.
+
+    `device` is accepted for openai-whisper's code and unused: MLX arrays need no moving.
+    """
     if not isinstance(audio, (np.ndarray, mx.array)):
         audio = load_audio(audio)
-    return mx.array(log_mel_frames(np.asarray(audio), n_mels, padding).T)
+    return Spectrogram(log_mel_frames(np.asarray(audio), n_mels, padding).T)
+
+
+def frames_first(mel: mx.array, n_mels: int) -> mx.array:
+    """A log-mel in the engine's (..., frames, n_mels) layout, given either that or openai-whisper's
+    (..., n_mels, frames), as `log_mel_spectrogram` returns it.  Anything else (encoded audio
+    features) passes unchanged."""
+    if mel.ndim >= 2 and mel.shape[-2] == n_mels and mel.shape[-1] != n_mels:
+        return mx.swapaxes(mel, -1, -2)
+    return mel

@@ -22,12 +22,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import fields, replace
 
 import mlx.core as mx
-import numpy as np
 
 from .audio import AudioError
 from .decoding import DecodingTask
 from .model import Whisper
 from .transcribe import (
+    AudioInput,
     Features,
     FileTranscription,
     TranscribeOptions,
@@ -38,7 +38,7 @@ from .transcribe import (
     on_device,
 )
 
-AudioSource = str | os.PathLike | bytes | np.ndarray | Features
+AudioSource = AudioInput | Features
 
 
 def transcribe_stream(
@@ -70,7 +70,7 @@ def transcribe_stream(
 
 def transcribe_batch(
     model: Whisper,
-    audios: Sequence[AudioSource],
+    audios: Sequence[AudioInput],
     *,
     batch_size: int = 8,
     on_result: Callable[[int, dict], None] | None = None,
@@ -108,7 +108,7 @@ def _stream(
         # Reading a file and its log-mel (numpy's FFT, which releases the GIL) run in threads
         # a few files ahead: done in turn, they took a third of a batch-16 run on a GPU.
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            ahead: deque[tuple[int, AudioSource, Future]] = deque()
+            ahead: deque[tuple[int, AudioInput, Future]] = deque()
             for index, audio in enumerate(audios):
                 ahead.append((index, audio, pool.submit(audio_features, audio, model.dims.n_mels)))
                 if len(ahead) > 2 * batch_size:

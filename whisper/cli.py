@@ -3,34 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
+import os
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 from .audio import AudioError
 from .batch import transcribe_batch
 from .convert import ModelFormatError
 from .models import DEFAULT_MODEL, ModelNotFoundError, load_model
+from .runtime import configure
 from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from .transcribe import transcribe
+from .utils import optional_float, optional_int, str2bool
 from .writers import FORMATS, SubtitleOptions, write_result
 
 
-def _optional_float(text: str) -> float | None:
-    return None if text == "None" else float(text)
+def _limit_threads(threads: int) -> None:
+    """openai-whisper's --threads (PyTorch's CPU threads there): here the compiled kernels'
+    threads (counted when they first run, after this) and OpenBLAS's."""
+    os.environ["MENNY_KERNEL_THREADS"] = str(threads)
+    openblas = configure().openblas
+    if openblas:
+        ctypes.CDLL(openblas).openblas_set_num_threads(threads)
 
 
-def _optional_int(text: str) -> int | None:
-    return None if text == "None" else int(text)
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in {"true", "1", "yes"}:
-        return True
-    if text.lower() in {"false", "0", "no"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+def add_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, *short: str, **kwargs) -> None:
+    """An option under our spelling (--output-format) and openai-whisper's (--output_format)."""
+    spellings = dict.fromkeys([name, "--" + name[2:].replace("-", "_"), *short])
+    parser.add_argument(*spellings, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("audio", nargs="+", help="audio or video files to transcribe")
     add_model_arguments(parser, batch_size=1)
-    parser.add_argument("--output-dir", "-o", default=".", help="where the outputs are written")
-    parser.add_argument("--output-format", "-f", default="all", choices=[*FORMATS, "all"], help="output format")
-    parser.add_argument("--verbose", type=_bool, default=True, help="print each segment as it is decoded")
+    add_option(parser, "--output-dir", "-o", default=".", help="where the outputs are written")
+    add_option(parser, "--output-format", "-f", default="all", choices=[*FORMATS, "all"], help="output format")
+    add_option(parser, "--verbose", type=str2bool, default=True, help="print each segment as it is decoded")
     add_decoding_arguments(parser)
     add_subtitle_arguments(parser)
     return parser
@@ -51,63 +56,55 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
     """The model, where it computes, and how many files it decodes together."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="tiny.en, base, a model folder or a Hugging Face id")
-    parser.add_argument(
-        "--quantize", type=int, choices=[8, 4], default=None, help="quantize weights at load (GPU, Apple)"
-    )
-    parser.add_argument("--device", default=None, choices=["cpu", "gpu"], help="where to compute; default: GPU if any")
-    parser.add_argument(
-        "--batch-size", type=int, default=batch_size, help="files decoded together, a 30-s window of each (for GPUs)"
-    )
+    add = functools.partial(add_option, parser)
+    add("--model", default=DEFAULT_MODEL, help="tiny.en, base, a model folder or a Hugging Face id")
+    add("--model-dir", default=None, help="where converted and downloaded models are kept (default: ~/.cache/menny)")
+    add("--quantize", type=int, choices=[8, 4], default=None, help="quantize weights at load (GPU, Apple)")
+    add("--device", default=None, help="cpu or gpu (cuda and mps mean the GPU); default: the GPU if MLX has one")
+    add("--fp16", type=str2bool, default=True, help="float16 on a GPU (CPUs compute in float32); False: float32")
+    add("--threads", type=optional_int, default=0, help="CPU threads (compiled kernels, OpenBLAS); 0: every core")
+    add("--batch-size", type=int, default=batch_size, help="files decoded together, a 30-s window of each (for GPUs)")
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     """transcribe()'s options, with openai-whisper's names and defaults."""
-    parser.add_argument("--vad-filter", type=_bool, default=False, help="decode only where speech is detected")
-    parser.add_argument(
-        "--task", default="transcribe", choices=["transcribe", "translate"], help="translate: into English"
-    )
+    add = functools.partial(add_option, parser)
+    add("--vad-filter", type=str2bool, default=False, help="decode only where speech is detected")
+    add("--task", default="transcribe", choices=["transcribe", "translate"], help="translate: into English")
     languages = sorted(LANGUAGES) + sorted(name.title() for name in TO_LANGUAGE_CODE)
-    parser.add_argument("--language", default=None, choices=languages, help="spoken language; detected when absent")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
-    parser.add_argument("--best-of", type=_optional_int, default=5, help="candidates when sampling at temperature > 0")
-    parser.add_argument("--beam-size", type=_optional_int, default=5, help="beams at temperature 0; None is greedy")
-    parser.add_argument("--patience", type=float, default=None, help="beam search patience (1.0 is conventional)")
-    parser.add_argument("--length-penalty", type=float, default=None, help="alpha of Google NMT's length penalty")
-    parser.add_argument("--suppress-tokens", default="-1", help="comma-separated token ids; -1: non-speech symbols")
-    parser.add_argument("--initial-prompt", default=None, help="text that primes the first window (names, spelling)")
-    parser.add_argument("--carry-initial-prompt", type=_bool, default=False, help="prefix the prompt to every window")
-    parser.add_argument(
+    add("--language", default=None, choices=languages, help="spoken language; detected when absent")
+    add("--temperature", type=float, default=0.0, help="sampling temperature")
+    add("--best-of", type=optional_int, default=5, help="candidates when sampling at temperature > 0")
+    add("--beam-size", type=optional_int, default=5, help="beams at temperature 0; None is greedy")
+    add("--patience", type=float, default=None, help="beam search patience (1.0 is conventional)")
+    add("--length-penalty", type=float, default=None, help="alpha of Google NMT's length penalty")
+    add("--suppress-tokens", default="-1", help="comma-separated token ids; -1: non-speech symbols")
+    add("--initial-prompt", default=None, help="text that primes the first window (names, spelling)")
+    add("--carry-initial-prompt", type=str2bool, default=False, help="prefix the prompt to every window")
+    add(
         "--condition-on-previous-text",
-        type=_bool,
+        type=str2bool,
         default=None,
         help="prompt each window with the text before it (default: True; False with --batch-size above 1)",
     )
-    parser.add_argument(
-        "--temperature-increment-on-fallback", type=_optional_float, default=0.2, help="fallback temperature step"
-    )
-    parser.add_argument("--compression-ratio-threshold", type=_optional_float, default=2.4, help="above: fall back")
-    parser.add_argument("--logprob-threshold", type=_optional_float, default=-1.0, help="below: fall back")
-    parser.add_argument(
-        "--no-speech-threshold", type=_optional_float, default=0.6, help="above (and unlikely): silence"
-    )
-    parser.add_argument("--word-timestamps", type=_bool, default=False, help="time every word")
-    parser.add_argument("--prepend-punctuations", default="\"'“¿([{-", help="marks merged into the next word")
-    parser.add_argument(
-        "--append-punctuations", default="\"'.。,，!！?？:：”)]}、", help="marks merged into the word before"
-    )
-    parser.add_argument("--clip-timestamps", default="0", help="start,end,start,end,... seconds to transcribe")
-    parser.add_argument(
-        "--hallucination-silence-threshold", type=_optional_float, default=None, help="skip silences this long"
-    )
+    add("--temperature-increment-on-fallback", type=optional_float, default=0.2, help="fallback temperature step")
+    add("--compression-ratio-threshold", type=optional_float, default=2.4, help="above: fall back")
+    add("--logprob-threshold", type=optional_float, default=-1.0, help="below: fall back")
+    add("--no-speech-threshold", type=optional_float, default=0.6, help="above (and unlikely): silence")
+    add("--word-timestamps", type=str2bool, default=False, help="time every word")
+    add("--prepend-punctuations", default="\"'“¿([{-", help="marks merged into the next word")
+    add("--append-punctuations", default="\"'.。,，!！?？:：”)]}、", help="marks merged into the word before")
+    add("--clip-timestamps", default="0", help="start,end,start,end,... seconds to transcribe")
+    add("--hallucination-silence-threshold", type=optional_float, default=None, help="skip silences this long")
 
 
 def add_subtitle_arguments(parser: argparse.ArgumentParser) -> None:
     """How word-timed subtitles are cut (they need --word-timestamps True)."""
-    parser.add_argument("--highlight-words", type=_bool, default=False, help="underline each word as it is spoken")
-    parser.add_argument("--max-line-width", type=_optional_int, default=None, help="subtitle characters per line")
-    parser.add_argument("--max-line-count", type=_optional_int, default=None, help="subtitle lines per cue")
-    parser.add_argument("--max-words-per-line", type=_optional_int, default=None, help="subtitle words per line")
+    add = functools.partial(add_option, parser)
+    add("--highlight-words", type=str2bool, default=False, help="underline each word as it is spoken")
+    add("--max-line-width", type=optional_int, default=None, help="subtitle characters per line")
+    add("--max-line-count", type=optional_int, default=None, help="subtitle lines per cue")
+    add("--max-words-per-line", type=optional_int, default=None, help="subtitle words per line")
 
 
 # Options handed to transcribe() exactly as given on the command line.
@@ -175,8 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     if (error := argument_error(args)) is not None:
         print(error, file=sys.stderr)
         return 2
+    if args.threads:
+        _limit_threads(args.threads)
     try:
-        model = load_model(args.model, quantize=args.quantize, device=args.device)
+        model = load_model(
+            args.model,
+            args.device,
+            args.model_dir,
+            dtype=None if args.fp16 else mx.float32,
+            quantize=args.quantize,
+        )
     except (ModelNotFoundError, ModelFormatError, ValueError) as error:
         print(f"cannot load the model: {error}", file=sys.stderr)
         return 1

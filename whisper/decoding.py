@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import mlx.core as mx
 import numpy as np
 
-from .audio import CHUNK_LENGTH, N_FRAMES
+from .audio import CHUNK_LENGTH, N_FRAMES, frames_first
 from .backends import Backend
 from .model import Whisper
 from .rules import TimestampState, log_softmax, log_sum_exp, shifted_logits, timestamp_ranges, timestamps_win
@@ -40,6 +40,7 @@ class DecodingOptions:
     without_timestamps: bool = False
     max_initial_timestamp: float | None = 1.0
     seed: int = 0  # sampling is reproducible
+    fp16: bool = True  # openai-whisper's; unused: the model's dtype (load_model's `dtype`) is the precision
 
 
 @dataclass(frozen=True)
@@ -431,25 +432,31 @@ def _as_tokens(tokenizer: Tokenizer, text_or_tokens: str | list[int]) -> list[in
 
 def detect_language(
     model: Whisper, mel: mx.array, tokenizer: Tokenizer | None = None
-) -> tuple[list[str], list[dict[str, float]]]:
-    """The likeliest language of each window, and every language's probability.
+) -> tuple[mx.array, dict[str, float] | list[dict[str, float]]]:
+    """The likeliest language token of each window and every language's probability, as
+    openai-whisper returns them: for one window a token (a 0-d array) and a dict, for a batch
+    a (batch,) array and a list of dicts.
 
-    `mel` is (frames, n_mels) or (batch, frames, n_mels), or already encoded audio.
+    `mel` is a log-mel window, (n_mels, frames) as `log_mel_spectrogram` makes it or
+    (frames, n_mels), with or without a batch axis in front; or already encoded audio.
     """
     if not model.is_multilingual:
         raise ValueError("this model is English-only: it cannot detect languages")
     tokenizer = tokenizer or get_tokenizer(True, num_languages=model.num_languages)
-    if mel.ndim == 2:
+    mel = frames_first(mel, model.dims.n_mels)
+    single = mel.ndim == 2
+    if single:
         mel = mel[None]
     encoded = mel.shape[-2:] == (model.dims.n_audio_ctx, model.dims.n_audio_state)
     audio_features = mel if encoded else model.embed_audio(mel)
     logits = np.array(model.logits(mx.array([[tokenizer.sot]] * mel.shape[0]), audio_features)[:, 0].astype(mx.float32))
-    language_tokens = list(tokenizer.all_language_tokens)
+    language_tokens = np.array(tokenizer.all_language_tokens)
     language_logits = logits[:, language_tokens]
     probs = np.exp(log_softmax(language_logits))
+    tokens = mx.array(language_tokens[language_logits.argmax(axis=-1)])
     codes = tokenizer.all_language_codes
-    languages = [codes[i] for i in language_logits.argmax(axis=-1)]
-    return languages, [dict(zip(codes, map(float, row))) for row in probs]
+    language_probs = [dict(zip(codes, map(float, row))) for row in probs]
+    return (tokens[0], language_probs[0]) if single else (tokens, language_probs)
 
 
 class DecodingTask:
@@ -535,8 +542,8 @@ class DecodingTask:
         n_audio = audio_features.shape[0]
         if self.options.language is not None or not self.model.is_multilingual:
             return [self.tokenizer.language or "en"] * n_audio, None
-        languages, probs = detect_language(self.model, audio_features, self.tokenizer)
-        return languages, probs
+        _, probs = detect_language(self.model, audio_features, self.tokenizer)
+        return [max(p, key=p.get) for p in probs], probs
 
     def _choose(
         self, decoder: TokenDecoder, tokens: np.ndarray, logits: np.ndarray, sum_logprobs: np.ndarray
@@ -665,9 +672,11 @@ class DecodingTask:
 def decode(
     model: Whisper, mel: mx.array, options: DecodingOptions = DecodingOptions(), **kwargs
 ) -> DecodingResult | list[DecodingResult]:
-    """Decode 30-second log-mel window(s): (frames, n_mels) or (batch, frames, n_mels)."""
+    """Decode 30-second log-mel window(s): (n_mels, frames) as `log_mel_spectrogram` makes
+    them, or (frames, n_mels); with or without a batch axis in front."""
     if kwargs:
         options = replace(options, **kwargs)
+    mel = frames_first(mel, model.dims.n_mels)
     single = mel.ndim == 2
     results = DecodingTask(model, options).run(mel)
     return results[0] if single else results

@@ -96,11 +96,11 @@ def write_atomically(target: Path, write) -> None:
         raise
 
 
-def bundled_model_dir(name: str) -> Path:
+def bundled_model_dir(name: str, root: Path | None = None) -> Path:
     """The CTranslate2 folder (model.bin, config.json, tokenizer.json) of a bundled model.
 
-    A model split over several packages is joined once into the cache; the joined
-    file's sha256 is checked before it is used.
+    A model split over several packages is joined once into the cache (`root`, by default
+    `cache_dir()`); the joined file's sha256 is checked before it is used.
     """
     model = BUNDLED[name]
     folders = [_package_folder(name, model.folder, model) for name, _ in model.packages]
@@ -108,7 +108,7 @@ def bundled_model_dir(name: str) -> Path:
         target = folders[0]
         parts = [target / "model.bin"]
     else:
-        target = cache_dir() / "ct2" / name
+        target = (root or cache_dir()) / "ct2" / name
         parts = [folder / f"model.bin.part{i}" for i, folder in enumerate(folders, start=1)]
     missing = [str(p) for p in parts if not p.exists()]
     if missing:
@@ -168,12 +168,10 @@ def _dims_from_config(config: dict) -> ModelDimensions:
 
 
 def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> Whisper:
+    """A model from an MLX folder: ours, or mlx-community's (mlx-examples' layout, the same
+    names; quantized ones name their layers' group size and bits in config.json)."""
     config = json.loads((folder / "config.json").read_text())
     dims = _dims_from_config(config)
-    model = Whisper(dims, config.get("alignment_heads"))
-    quantization = config.get("quantization")
-    if quantization:
-        nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"])
     weights_path = _weights_file(folder)
     try:
         weights = mx.load(str(weights_path))
@@ -181,7 +179,18 @@ def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> Whisper:
         raise ModelFormatError(f"{weights_path}: cannot be read ({error}); delete the folder to rebuild it") from None
     # The encoder's sinusoidal positions are recomputed, never loaded.
     weights.pop("encoder.positional_embedding", None)
-    weights.pop("alignment_heads", None)
+    # mlx-examples keeps the alignment heads, (n, 2) [layer, head] pairs, among the weights.
+    stored_heads = weights.pop("alignment_heads", None)
+    heads = config.get("alignment_heads") or (None if stored_heads is None else stored_heads.tolist())
+    model = Whisper(dims, heads)
+    quantization = config.get("quantization")
+    if quantization:
+        nn.quantize(
+            model,
+            group_size=quantization["group_size"],
+            bits=quantization["bits"],
+            class_predicate=lambda path, _: f"{path}.scales" in weights,
+        )
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as error:
@@ -219,10 +228,11 @@ def _cache_entry_complete(folder: Path) -> bool:
         return False
 
 
-def converted_model_dir(ct2_folder: Path, sha256: str | None = None) -> Path:
-    """The cached MLX conversion of a CTranslate2 folder, made now if missing or damaged."""
+def converted_model_dir(ct2_folder: Path, sha256: str | None = None, root: Path | None = None) -> Path:
+    """The cached MLX conversion of a CTranslate2 folder (in `root`, by default `cache_dir()`),
+    made now if missing or damaged."""
     sha256 = sha256 or file_sha256(ct2_folder / "model.bin")
-    folder = cache_dir() / "mlx" / f"{sha256[:32]}-v{CONVERTER_VERSION}"
+    folder = (root or cache_dir()) / "mlx" / f"{sha256[:32]}-v{CONVERTER_VERSION}"
     if not _cache_entry_complete(folder):
         dims, weights = load_ct2(ct2_folder)
         extra = {"alignment_heads": alignment_heads_from_config(ct2_folder / "config.json"), "source_sha256": sha256}
@@ -230,19 +240,23 @@ def converted_model_dir(ct2_folder: Path, sha256: str | None = None) -> Path:
     return folder
 
 
-def prepare(name: str) -> Path:
-    """The MLX folder of any model name, downloading or converting as needed."""
+def prepare(name: str, root: Path | None = None) -> Path:
+    """The MLX folder of any model name, downloading or converting as needed.
+
+    What is converted or downloaded goes to `root`, by default `cache_dir()` for conversions
+    and the Hugging Face cache for downloads.
+    """
     if name in BUNDLED:
-        return converted_model_dir(bundled_model_dir(name), BUNDLED[name].sha256)
+        return converted_model_dir(bundled_model_dir(name, root), BUNDLED[name].sha256, root)
     path = Path(name).expanduser()
     if path.is_dir():
         if is_mlx_folder(path):
             return path
         if is_ct2_folder(path):
-            return converted_model_dir(path)
+            return converted_model_dir(path, root=root)
         raise ModelNotFoundError(f"{path} holds no model (no config.json with weights, no model.bin)")
     if name.count("/") == 1 and not path.exists():
-        return prepare(str(_snapshot(name)))
+        return prepare(str(_snapshot(name, root)), root)
     raise ModelNotFoundError(
         f"unknown model {name!r}: use one of {sorted(BUNDLED)}, a model folder, or a Hugging Face repo id"
     )
@@ -253,7 +267,7 @@ def model_dims(name: str) -> ModelDimensions:
     return _dims_from_config(json.loads((prepare(name) / "config.json").read_text()))
 
 
-def _snapshot(repo_id: str) -> Path:
+def _snapshot(repo_id: str, root: Path | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -261,6 +275,7 @@ def _snapshot(repo_id: str) -> Path:
         return Path(
             snapshot_download(
                 repo_id,
+                cache_dir=None if root is None else root / "huggingface",
                 allow_patterns=["config.json", "*.safetensors", "*.npz", "model.bin", "tokenizer.json", "vocabulary*"],
             )
         )
@@ -279,23 +294,44 @@ def default_dtype() -> mx.Dtype:
 QUANTIZE_BITS = (4, 8)
 
 
+def mlx_device(device: object) -> str | None:
+    """The MLX device name ("gpu" or "cpu") of a device named as MLX names it or as PyTorch
+    code does ("cuda", "cuda:0", "mps", a torch.device); None stays None (the GPU where MLX
+    has one)."""
+    if device is None:
+        return None
+    if isinstance(device, mx.Device):
+        device = device.type
+    if isinstance(device, mx.DeviceType):
+        return device.name
+    kind = str(device).split(":")[0].lower()
+    return "gpu" if kind in {"cuda", "mps"} else kind
+
+
 def load_model(
-    name_or_path: str = DEFAULT_MODEL,
+    name: str = DEFAULT_MODEL,
+    device: object = None,
+    download_root: str | os.PathLike | None = None,
+    in_memory: bool = False,
+    *,
     dtype: mx.Dtype | None = None,
     quantize: int | None = None,
-    device: str | None = None,
 ) -> Whisper:
     """Load a Whisper model by bundled name, folder path or Hugging Face repo id.
 
-    `device` ("gpu" or "cpu") is where MLX computes from now on, by default the GPU where
-    MLX has one; `dtype` defaults to float16 on a GPU and float32 on a CPU.
+    `device` ("gpu" or "cpu"; PyTorch's "cuda" and "mps" mean the GPU) is where MLX computes
+    from now on, by default the GPU where MLX has one; `dtype` defaults to float16 on a GPU and
+    float32 on a CPU.  `download_root` is where converted and downloaded models are kept
+    (default: `cache_dir()` and the Hugging Face cache).  `in_memory` is openai-whisper's and
+    changes nothing: the weights are always read into memory whole.
     `quantize` (8 or 4 bits) shrinks the linear layers and embeddings at load: less memory
     and faster on GPUs and Apple silicon, but slower on Linux CPUs, where MLX has no fast
     quantized matrix product yet.
     """
     # MLX computes on its default device; every later call on this model runs there too.
-    mx.set_default_device(choose_device(device))
-    model = load_mlx_folder(prepare(str(name_or_path)), dtype or default_dtype())
+    mx.set_default_device(choose_device(mlx_device(device)))
+    root = None if download_root is None else Path(download_root).expanduser()
+    model = load_mlx_folder(prepare(str(name), root), dtype or default_dtype())
     if quantize is not None:
         if quantize not in QUANTIZE_BITS:
             raise ValueError(f"quantize takes {' or '.join(map(str, QUANTIZE_BITS))} bits, not {quantize}")

@@ -292,7 +292,10 @@ class StreamingTranscriber:
         head = self.model.embed_audio(mx.array(mel[:n_encoded])[None], partial=True)
         features = mx.concatenate([head, self._silence[:, head.shape[1] :]], axis=1)
 
-        language = self._language or detect_language(self.model, features)[0][0]
+        language = self._language
+        if language is None:
+            _, (probs,) = detect_language(self.model, features)
+            language = max(probs, key=probs.get)
         tokenizer = get_tokenizer(
             self.model.is_multilingual, num_languages=self.model.num_languages, language=language, task=self.task
         )

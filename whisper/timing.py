@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .audio import HOP_LENGTH, SAMPLE_RATE, TOKENS_PER_SECOND
+from .audio import HOP_LENGTH, SAMPLE_RATE, TOKENS_PER_SECOND, frames_first
 from .model import Whisper
 from .tokenizer import Tokenizer
 
@@ -73,6 +73,9 @@ def dtw(cost_matrix: np.ndarray) -> np.ndarray:
     return _compiled(_backtrace)(_compiled(_dtw_trace)(cost_matrix))
 
 
+dtw_cpu = dtw  # openai-whisper's name (it has a CUDA version too)
+
+
 def _dtw_trace(cost_matrix: np.ndarray) -> np.ndarray:
     n, m = cost_matrix.shape
     cost = np.full((n + 1, m + 1), np.inf, dtype=np.float32)
@@ -104,10 +107,12 @@ def find_alignment(
 ) -> list[WordTiming]:
     """Each word of `text_tokens` with its start and end in seconds within the window.
 
-    `mel` is the window's (frames, n_mels) log-mel, or its features if already encoded.
+    `mel` is the window's log-mel, (frames, n_mels) or (n_mels, frames) as `log_mel_spectrogram`
+    makes it, or its features if already encoded.
     """
     if not text_tokens:
         return []
+    mel = frames_first(mel, model.dims.n_mels)
     tokens = [*tokenizer.sot_sequence, tokenizer.no_timestamps, *text_tokens, tokenizer.eot]
     encoded = mel.shape == (model.dims.n_audio_ctx, model.dims.n_audio_state)
     audio_features = mel[None] if encoded else model.embed_audio(mel[None])

@@ -159,7 +159,13 @@ class Tokenizer:
     def language_token(self) -> int:
         if self.language is None:
             raise ValueError("this tokenizer has no language")
-        return self.special_tokens[f"<|{self.language}|>"]
+        return self.to_language_token(self.language)
+
+    def to_language_token(self, language: str) -> int:
+        """The token of a language code ("de")."""
+        if (token := self.special_tokens.get(f"<|{language}|>")) is None:
+            raise KeyError(f"language {language!r} is not in this tokenizer; use a code such as 'en'")
+        return token
 
     @cached_property
     def all_language_codes(self) -> tuple[str, ...]:
@@ -213,10 +219,11 @@ class Tokenizer:
     def split_to_word_tokens(self, tokens: list[int]) -> tuple[list[str], list[list[int]]]:
         """Words and their tokens; languages written without spaces split per character."""
         if self.language in {"zh", "ja", "th", "lo", "my", "yue"}:
-            return self._split_on_unicode(tokens)
-        return self._split_on_spaces(tokens)
+            return self.split_tokens_on_unicode(tokens)
+        return self.split_tokens_on_spaces(tokens)
 
-    def _split_on_unicode(self, tokens: list[int]) -> tuple[list[str], list[list[int]]]:
+    def split_tokens_on_unicode(self, tokens: list[int]) -> tuple[list[str], list[list[int]]]:
+        """Pieces of text and their tokens, each piece whole characters (a token may end inside one)."""
         full = self.decode_with_timestamps(tokens)
         words: list[str] = []
         word_tokens: list[list[int]] = []
@@ -233,10 +240,11 @@ class Tokenizer:
                 offset += len(decoded)
         return words, word_tokens
 
-    def _split_on_spaces(self, tokens: list[int]) -> tuple[list[str], list[list[int]]]:
+    def split_tokens_on_spaces(self, tokens: list[int]) -> tuple[list[str], list[list[int]]]:
+        """Words (each starting with its space) and punctuation marks, and their tokens."""
         words: list[str] = []
         word_tokens: list[list[int]] = []
-        for subword, pieces in zip(*self._split_on_unicode(tokens)):
+        for subword, pieces in zip(*self.split_tokens_on_unicode(tokens)):
             special = pieces[0] >= self.eot
             starts_word = subword.startswith(" ")
             punctuation = subword.strip() in string.punctuation

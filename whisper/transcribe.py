@@ -8,6 +8,7 @@ Where the decoder ends a window with a timestamp, the next window starts there.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from .audio import (
 from .backends import backend_for
 from .decoding import DecodingOptions, DecodingResult, DecodingTask, detect_language
 from .model import Whisper
+from .models import DEFAULT_MODEL, load_model
 from .runtime import choose_device
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
 from .tokenizer import LANGUAGES, Tokenizer, get_tokenizer, language_code
@@ -36,6 +38,7 @@ from .vad import speech_regions
 from .writers import format_timestamp
 
 ProgressCallback = Callable[[float, float], None]  # (seconds done, seconds in all)
+AudioInput = str | os.PathLike | bytes | np.ndarray | mx.array  # a file, its bytes, or a 16 kHz waveform
 
 _PUNCTUATION = "\"'“¿([{-\"'.。,，!！?？:：”)]}、"
 
@@ -217,10 +220,11 @@ def _choose_language(model: Whisper, mel: np.ndarray, language: str | None, verb
     if not model.is_multilingual:
         return "en"
     window = mx.array(pad_or_trim(mel[:N_FRAMES], N_FRAMES, axis=0))
-    languages, _ = detect_language(model, window)
+    _, probs = detect_language(model, window)
+    language = max(probs, key=probs.get)
     if verbose:
-        print(f"Detected language: {LANGUAGES[languages[0]].title()}")
-    return languages[0]
+        print(f"Detected language: {LANGUAGES[language].title()}")
+    return language
 
 
 def _is_silent(samples: np.ndarray, floor_db: float | None) -> bool:
@@ -288,10 +292,18 @@ def _print_segments(segments: list[dict]) -> None:
         print(f"[{format_timestamp(segment['start'])} --> {format_timestamp(segment['end'])}] {segment['text']}")
 
 
+@functools.lru_cache(maxsize=1)
+def kept_model(path_or_hf_repo: str, dtype: mx.Dtype | None = None) -> Whisper:
+    """The model that calls naming it (mlx-whisper's `transcribe(audio, path_or_hf_repo=...)`) use:
+    loaded at the first and kept for the next ones, until a call names another."""
+    return load_model(path_or_hf_repo, dtype=dtype)
+
+
 def transcribe(
-    model: Whisper,
-    audio: str | os.PathLike | bytes | np.ndarray,
+    model: Whisper | AudioInput | None = None,
+    audio: AudioInput | None = None,
     *,
+    path_or_hf_repo: str | None = None,
     verbose: bool | None = None,
     progress_callback: ProgressCallback | None = None,
     device: str | None = None,
@@ -313,12 +325,27 @@ def transcribe(
 ) -> dict:
     """Transcribe (or translate) audio of any length.
 
+    Called as openai-whisper's `transcribe(model, audio, ...)`, or as mlx-whisper's
+    `transcribe(audio, path_or_hf_repo=..., ...)`: the audio first and the model by name
+    (default: base), kept for the next call (`kept_model`); there `fp16=False` loads it in
+    float32, and by default it loads as `load_model` does (float16 on a GPU, float32 on a CPU).
+
     `audio` is a path, file bytes or a 16 kHz waveform.  Returns openai-whisper's result:
     `{"text", "segments", "language"}`.  `verbose` True prints each segment, False shows
     a progress bar, None neither; `progress_callback(done, total)` gets seconds.
     `device` ("cpu" or "gpu") overrides the device the model was loaded for.
     Other keyword arguments are `DecodingOptions` fields (language, task, beam_size, ...).
     """
+    if not isinstance(model, Whisper):
+        if model is not None and audio is not None:
+            raise TypeError("give transcribe(model, audio) or transcribe(audio, path_or_hf_repo=name)")
+        audio = audio if model is None else model
+        dtype = None if decode_options.get("fp16", True) else mx.float32
+        model = kept_model(path_or_hf_repo or DEFAULT_MODEL, dtype)
+    elif path_or_hf_repo is not None:
+        raise TypeError("path_or_hf_repo names the model of transcribe(audio, ...); here a model is given")
+    if audio is None:
+        raise TypeError("transcribe needs the audio: a path, file bytes or a 16 kHz waveform")
     options = TranscribeOptions(
         temperature=temperature,
         compression_ratio_threshold=compression_ratio_threshold,
@@ -375,11 +402,13 @@ class Features(NamedTuple):
     mel: np.ndarray
 
 
-def audio_features(audio: str | os.PathLike | bytes | np.ndarray | Features, n_mels: int) -> Features:
+def audio_features(audio: AudioInput | Features, n_mels: int) -> Features:
     """The waveform and its log-mel frames: numpy only, so they can be made in worker
     threads or processes while the model decodes.  Features pass through unchanged."""
     if isinstance(audio, Features):
         return audio
+    if isinstance(audio, mx.array):
+        audio = np.array(audio, dtype=np.float32)
     waveform = audio if isinstance(audio, np.ndarray) else load_audio(audio)
     return Features(waveform, log_mel_frames(waveform, n_mels, padding=N_FRAMES * HOP_LENGTH))
 
@@ -396,7 +425,7 @@ class FileTranscription:
     def __init__(
         self,
         model: Whisper,
-        audio: str | os.PathLike | bytes | np.ndarray | Features,
+        audio: AudioInput | Features,
         options: TranscribeOptions,
         decode_options: dict,
         verbose: bool | None = None,
@@ -408,7 +437,6 @@ class FileTranscription:
         self.options = options
         self.verbose = verbose
         self.decode_options = dict(decode_options)
-        self.decode_options.pop("fp16", None)  # the precision is the model's dtype
         self.on_progress: Callable[[int, int], None] | None = None  # (seek before, frames done)
         self.waveform, self.mel = features or audio_features(audio, model.dims.n_mels)
         self.content_frames = self.mel.shape[0] - N_FRAMES

@@ -21,7 +21,7 @@ class SubtitleOptions:
     highlight_words: bool = False  # one cue per word, the spoken word underlined
 
 
-def format_timestamp(seconds: float, *, always_include_hours: bool = False, decimal_marker: str = ".") -> str:
+def format_timestamp(seconds: float, always_include_hours: bool = False, decimal_marker: str = ".") -> str:
     """`[HH:]MM:SS.mmm`, as subtitles and console output show times."""
     milliseconds = round(seconds * 1000.0)
     hours, milliseconds = divmod(milliseconds, 3_600_000)
@@ -107,7 +107,7 @@ def _tsv(result: dict) -> str:
     """Start and end in integer milliseconds, then the text, as openai-whisper writes it."""
     rows = ["start\tend\ttext"]
     for segment in result["segments"]:
-        text = segment["text"].strip().replace("\t", " ")
+        text = " ".join(segment["text"].split())  # one row: tabs and line breaks become spaces
         rows.append(f"{round(1000 * segment['start'])}\t{round(1000 * segment['end'])}\t{text}")
     return "\n".join(rows) + "\n"
 
