@@ -6,8 +6,8 @@ Three ways to give Menny speech, one result view; the pieces live in menny/ui.py
 
 import streamlit as st
 
-from menny import ui
-from menny.server_client import ServerClient
+from menny.page import ui
+from menny.page.server_client import ServerClient
 
 st.set_page_config(page_title="Menny, the Sonic Whisperer", page_icon=str(ui.AVATAR), layout="wide")
 

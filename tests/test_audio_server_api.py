@@ -25,7 +25,7 @@ from schemathesis.checks import (
 from speech import clip
 from virtual_mic import VirtualMic, locate, read_wav, wait_for
 
-from audio_server import Settings, create_app
+from audio_server import ServerConfig, create_app
 
 BASE_URL = "http://127.0.0.1"  # the Host header a loopback server accepts
 TOKEN = "a-token-of-twenty-characters"
@@ -33,7 +33,7 @@ SPEECH = clip("ps_cards_005.wav")
 
 
 def make_client(data_dir: Path, **overrides) -> TestClient:
-    return TestClient(create_app(Settings(data_dir=data_dir, **overrides)), base_url=BASE_URL)
+    return TestClient(create_app(ServerConfig(data_dir=data_dir, **overrides)), base_url=BASE_URL)
 
 
 @pytest.fixture
@@ -234,7 +234,7 @@ def test_fuzzing_the_schema_finds_no_server_errors(
     ones (negative); Hypothesis strings them into random sequences of calls to one app that
     keeps its state (recording or not, clips) throughout. No response may be a 5xx or disagree
     with the schema."""
-    app = create_app(Settings(data_dir=tmp_path, max_clips=3, max_clip_s=2.0))
+    app = create_app(ServerConfig(data_dir=tmp_path, max_clips=3, max_clip_s=2.0))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers={"Host": "127.0.0.1"})
     operations = [result.ok() for result in schema.get_all_operations()]
     if mode is GenerationMode.NEGATIVE:  # those without parameters have no invalid requests

@@ -13,7 +13,7 @@ import pytest
 from speech import REPO, clip, wer
 from streamlit.testing.v1 import AppTest
 
-from menny.session import wav_bytes
+from menny.page.session import wav_bytes
 
 PAGE = str(REPO / "menny_the_sonic_whisperer.py")
 # Generous: a guard against a hung run on a loaded 2-core machine, not a speed requirement.

@@ -12,11 +12,11 @@ import pytest
 from speech import clip, model
 from virtual_mic import ServerProcess
 
-from menny import visuals
-from menny.server_client import ServerClient, ServerError, ServerUnavailable, start_command
-from menny.session import ClipResult, History, wav_bytes, wav_samples
-from menny.transcript_view import clock, transcript_html
-from menny.transcription import ClipError, Settings, decode, transcribe_clip
+from menny.page import visuals
+from menny.page.server_client import ServerClient, ServerError, ServerUnavailable, start_command
+from menny.page.session import ClipResult, History, wav_bytes, wav_samples
+from menny.page.transcript_view import clock, transcript_html
+from menny.page.transcription import ClipError, TranscriptionSettings, decode, transcribe_clip
 from whisper.audio import SAMPLE_RATE, load_audio
 
 
@@ -126,7 +126,7 @@ def test_transcribed_record_exports_and_history() -> None:
     reference = clip("ps_goforward.flac")
     audio = decode(reference.path.read_bytes(), reference.file)
     record = transcribe_clip(
-        model("tiny.en"), audio, name=reference.file, source="upload", settings=Settings(model="tiny.en")
+        model("tiny.en"), audio, name=reference.file, source="upload", settings=TranscriptionSettings(model="tiny.en")
     )
     assert isinstance(record, ClipResult)
     assert record.duration_s == pytest.approx(audio.size / SAMPLE_RATE)
@@ -143,9 +143,10 @@ def test_transcribed_record_exports_and_history() -> None:
 
 
 def test_settings_map_to_transcribe_options() -> None:
-    assert Settings().transcribe_options() == {
+    assert TranscriptionSettings().transcribe_options() == {
         "language": None, "task": "transcribe", "word_timestamps": False, "beam_size": None,
     }
-    assert Settings(language="de", task="translate", word_timestamps=True, beam_size=5).transcribe_options() == {
+    chosen = TranscriptionSettings(language="de", task="translate", word_timestamps=True, beam_size=5)
+    assert chosen.transcribe_options() == {
         "language": "de", "task": "translate", "word_timestamps": True, "beam_size": 5,
     }

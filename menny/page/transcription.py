@@ -28,7 +28,7 @@ class ClipError(ValueError):
 
 
 @dataclass(frozen=True)
-class Settings:
+class TranscriptionSettings:
     """The sidebar's choices."""
 
     model: str = "base"
@@ -67,7 +67,7 @@ def transcribe_clip(
     *,
     name: str,
     source: str,
-    settings: Settings,
+    settings: TranscriptionSettings,
     progress: ProgressCallback | None = None,
 ) -> ClipResult:
     """Transcribe samples into a record for the history."""

@@ -59,7 +59,7 @@ class ServerStatus:
 
 
 @dataclass(frozen=True)
-class Clip:
+class SavedClip:
     clip_id: str
     duration_s: float
     peak_dbfs: float
@@ -109,9 +109,9 @@ class ServerClient:
     def start(self) -> None:
         self._request("POST", "/start", QUICK_TIMEOUT_S)
 
-    def stop(self) -> Clip:
+    def stop(self) -> SavedClip:
         data = self._request("POST", "/stop", TRANSFER_TIMEOUT_S).json()
-        return Clip(
+        return SavedClip(
             clip_id=str(data["id"]),
             duration_s=float(data["duration_s"]),
             peak_dbfs=float(data["peak_dbfs"]),

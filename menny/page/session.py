@@ -10,11 +10,11 @@ from pathlib import PurePath
 
 import numpy as np
 
+from menny.wav import HEADER_BYTES, float_to_pcm16, parse_header, wav_header
 from whisper.audio import SAMPLE_RATE
 from whisper.writers import render
 
 from . import visuals
-from .wav import HEADER_BYTES, float_to_pcm16, parse_header, wav_header
 
 EXPORT_FORMATS = {
     "txt": "text/plain",

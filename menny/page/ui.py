@@ -22,14 +22,22 @@ from whisper.tokenizer import LANGUAGES
 
 from . import visuals
 from .live import LiveTranscript, live_html
-from .server_client import Clip, ServerClient, ServerError, ServerStatus, ServerUnavailable, default_url, start_command
+from .server_client import (
+    SavedClip,
+    ServerClient,
+    ServerError,
+    ServerStatus,
+    ServerUnavailable,
+    default_url,
+    start_command,
+)
 from .session import EXPORT_FORMATS, ClipResult, History, wav_samples
 from .transcript_view import STYLE, clock, transcript_html
-from .transcription import ClipError, Settings, decode, transcribe_clip
+from .transcription import ClipError, TranscriptionSettings, decode, transcribe_clip
 
 log = logging.getLogger("menny.page")
 
-AVATAR = Path(__file__).resolve().parent.parent / "images" / "menny.svg"
+AVATAR = Path(__file__).resolve().parents[2] / "images" / "menny.svg"
 BUNDLED_MODELS = ("tiny.en", "base")
 # While recording the page polls the server often enough for a smooth counter and meter;
 # otherwise rarely, just to notice the server starting or stopping.
@@ -89,7 +97,7 @@ def _model_label(name: str) -> str:
     return name if name in BUNDLED_MODELS else f"{Path(name).name} (local)"
 
 
-def sidebar_settings() -> tuple[Settings, Whisper | None, str]:
+def sidebar_settings() -> tuple[TranscriptionSettings, Whisper | None, str]:
     """The sidebar: model, language, task, word timings, beam size, server URL."""
     with st.sidebar:
         st.header("Settings")
@@ -129,7 +137,7 @@ def sidebar_settings() -> tuple[Settings, Whisper | None, str]:
         )
         st.divider()
         server_url = st.text_input("Microphone server URL", value=default_url())
-    settings = Settings(
+    settings = TranscriptionSettings(
         model=model_name,
         language=language if multilingual and language != AUTO_LANGUAGE else None,
         task=task if multilingual else "transcribe",
@@ -142,7 +150,9 @@ def sidebar_settings() -> tuple[Settings, Whisper | None, str]:
 # --- transcribing ---------------------------------------------------------------------------
 
 
-def transcribe_and_keep(data: bytes, name: str, source: str, model: Whisper | None, settings: Settings) -> str | None:
+def transcribe_and_keep(
+    data: bytes, name: str, source: str, model: Whisper | None, settings: TranscriptionSettings
+) -> str | None:
     """Decode and transcribe one clip into the history, showing progress. An error message, or None."""
     if model is None:
         return f"“{name}” was not transcribed: no model is loaded (see the message above)."
@@ -170,7 +180,7 @@ def transcribe_and_keep(data: bytes, name: str, source: str, model: Whisper | No
     return None
 
 
-def _transcribe_new(files: list, source: str, model: Whisper | None, settings: Settings) -> None:
+def _transcribe_new(files: list, source: str, model: Whisper | None, settings: TranscriptionSettings) -> None:
     """Transcribe each file not seen before, in turn; keep each one's error beside it until it is removed."""
     seen: dict[str, str | None] = st.session_state.setdefault(f"seen-{source}", {})
     for file in files:
@@ -180,7 +190,7 @@ def _transcribe_new(files: list, source: str, model: Whisper | None, settings: S
             st.error(seen[file.file_id])
 
 
-def upload_tab(model: Whisper | None, settings: Settings) -> None:
+def upload_tab(model: Whisper | None, settings: TranscriptionSettings) -> None:
     files = st.file_uploader(
         "Audio or video files (WAV, FLAC, MP3, M4A, OGG, WebM, MP4, …): each is transcribed in turn",
         accept_multiple_files=True,
@@ -189,7 +199,7 @@ def upload_tab(model: Whisper | None, settings: Settings) -> None:
     _transcribe_new(files or [], "upload", model, settings)
 
 
-def browser_tab(model: Whisper | None, settings: Settings) -> None:
+def browser_tab(model: Whisper | None, settings: TranscriptionSettings) -> None:
     st.caption("Uses this browser's microphone: the right choice when the page is open on another computer.")
     clip = st.audio_input("Record in the browser", key="browser_mic")
     _transcribe_new([clip] if clip else [], "browser microphone", model, settings)
@@ -213,13 +223,15 @@ def source_tabs(server_up: bool) -> Sequence[DeltaGenerator]:
     return st.tabs(SOURCE_TABS, default=first)
 
 
-def server_tab(client: ServerClient, status: ServerStatus | None, model: Whisper | None, settings: Settings) -> None:
+def server_tab(
+    client: ServerClient, status: ServerStatus | None, model: Whisper | None, settings: TranscriptionSettings
+) -> None:
     """Record / Stop through audio_server.py, with live feedback polled by a fragment."""
     live = status is not None and status.recording
     st.fragment(_recorder, run_every=LIVE_POLL_S if live else IDLE_POLL_S)(client, live, model, settings)
 
 
-def _recorder(client: ServerClient, live: bool, model: Whisper | None, settings: Settings) -> None:
+def _recorder(client: ServerClient, live: bool, model: Whisper | None, settings: TranscriptionSettings) -> None:
     if st.session_state.get("server_stop"):
         # Stop was pressed: straight to the transcript; redrawing the live view would delay it.
         try:
@@ -269,7 +281,9 @@ def _recorder(client: ServerClient, live: bool, model: Whisper | None, settings:
         st.error(notice)
 
 
-def _live_view(client: ServerClient, status: ServerStatus, model: Whisper | None, settings: Settings) -> None:
+def _live_view(
+    client: ServerClient, status: ServerStatus, model: Whisper | None, settings: TranscriptionSettings
+) -> None:
     """Elapsed time, a level meter, Stop, the waveform and the words recorded so far."""
     elapsed, meter = st.columns([1, 3], vertical_alignment="center")
     elapsed.metric("Recording", clock(status.elapsed_s))
@@ -287,7 +301,7 @@ def _live_view(client: ServerClient, status: ServerStatus, model: Whisper | None
 
 
 def _live_transcript(
-    client: ServerClient, status: ServerStatus, model: Whisper | None, settings: Settings
+    client: ServerClient, status: ServerStatus, model: Whisper | None, settings: TranscriptionSettings
 ) -> LiveTranscript | None:
     """The live transcript of the recording under way, started on its first poll."""
     live_transcript = st.session_state.get("live_transcript")
@@ -322,7 +336,9 @@ def _live_waveform(client: ServerClient, status: ServerStatus) -> bytes | None:
     return png
 
 
-def _transcribe_server_clip(client: ServerClient, clip: Clip, model: Whisper | None, settings: Settings) -> str | None:
+def _transcribe_server_clip(
+    client: ServerClient, clip: SavedClip, model: Whisper | None, settings: TranscriptionSettings
+) -> str | None:
     try:
         data = client.clip_wav(clip.clip_id)
     except ServerError as error:
