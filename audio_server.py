@@ -7,8 +7,9 @@
 It hears the room, so it listens on 127.0.0.1 unless told otherwise; on any other address it
 refuses to start without a token (``--token`` or the environment variable ``MENNY_TOKEN``, which
 ``ps`` cannot show), and then every endpoint except ``/health`` needs the header
-``Authorization: Bearer <token>``. ``MENNY_SERVER_HOST`` and ``MENNY_SERVER_PORT`` change the
-defaults of ``--host`` and ``--port``. Interactive API docs: ``/docs``.
+``Authorization: Bearer <token>``, checked before the body is read (401). A body over 4096 bytes
+gets 413, also unread. ``MENNY_SERVER_HOST`` and ``MENNY_SERVER_PORT`` change the defaults of
+``--host`` and ``--port``. API reference: ``/docs``, a page that needs no network.
 
 Clips are 16 kHz mono 16-bit WAV files, written while recording, so a crash loses at most the
 last second. Endpoints and their JSON (errors are ``{"detail": "what went wrong and what to
@@ -55,7 +56,6 @@ import datetime as dt
 import ipaddress
 import logging
 import os
-import secrets
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -69,11 +69,12 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from menny.server.api_docs import docs_html
 from menny.server.clips import CLIP_ID_PATTERN, ClipBusy, ClipInfo, ClipNotFound, ClipStore
+from menny.server.guard import RequestGuard
 from menny.server.recorder import (
     AlreadyRecording,
     AudioUnavailable,
@@ -89,6 +90,9 @@ log = logging.getLogger("menny.audio_server")
 DEFAULT_PORT = 8765
 MIN_TOKEN_LENGTH = 16
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # as Host headers name them
+PUBLIC_PATHS = ("/health", "/docs", "/openapi.json")  # no token needed: nothing there hears the room
+# The largest body any endpoint takes is POST /start's {"device": "<name of 200 characters>"}.
+MAX_BODY_BYTES = 4096
 
 
 def default_data_dir() -> Path:
@@ -285,34 +289,26 @@ RecorderDep = Annotated[Recorder, Depends(get_recorder)]
 StoreDep = Annotated[ClipStore, Depends(get_store)]
 ClipId = Annotated[str, PathParam(pattern=CLIP_ID_PATTERN, examples=["20250102-130405-123456"])]
 
-bearer = HTTPBearer(auto_error=False, description="The server's --token / MENNY_TOKEN.")
-
-
-def require_token(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> None:
-    expected: str = request.app.state.config.token
-    given = credentials.credentials if credentials else ""
-    if not secrets.compare_digest(given.encode(), expected.encode()):
-        raise HTTPException(
-            401,
-            "Missing or wrong token: send 'Authorization: Bearer <token>' with the token the "
-            "server was started with (--token or MENNY_TOKEN).",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
-
 # --- endpoints --------------------------------------------------------------------------
 
 public = APIRouter()
-router = APIRouter(responses={401: _error("Missing or wrong token (only when a token is set).")})
+router = APIRouter(
+    responses={
+        401: _error("Missing or wrong token (only when a token is set)."),
+        413: _error(f"The body is larger than {MAX_BODY_BYTES} bytes."),
+    }
+)
 
 
 @public.get("/health")
 def health() -> Health:
     """Liveness: answers whether or not a microphone is available."""
     return Health()
+
+
+@public.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+def docs(request: Request) -> HTMLResponse:
+    return HTMLResponse(docs_html(request.app.openapi()))
 
 
 @router.post(
@@ -461,11 +457,15 @@ def create_app(config: ServerConfig) -> FastAPI:
         summary="Records this machine's microphone as 16 kHz mono clips for transcription.",
         version="1.0",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's own docs load from a CDN; /docs is ours, made without network
+        redoc_url=None,
     )
     app.state.config = config
     app.state.recorder = recorder
     app.include_router(public)
-    app.include_router(router, dependencies=[Depends(require_token)] if config.token else [])
+    app.include_router(router)
+    # Before the body is read: FastAPI reads it before any dependency could check the token.
+    app.add_middleware(RequestGuard, token=config.token, public_paths=PUBLIC_PATHS, max_body_bytes=MAX_BODY_BYTES)
 
     origins = {*config.allowed_origins}
     if is_loopback(config.host):

@@ -18,7 +18,6 @@ from .session import ClipResult, wav_bytes
 
 # Shorter than this holds no word: a click on Stop right after Record, or a muted microphone.
 MIN_DURATION_S = 0.2
-READABLE_FORMATS = "WAV, FLAC, MP3, M4A, OGG, Opus, WebM, MP4 or any other file FFmpeg reads"
 
 ProgressCallback = Callable[[float, float], None]
 
@@ -51,12 +50,16 @@ def decode(data: bytes, name: str) -> np.ndarray:
     try:
         audio = load_audio(data)
     except AudioError as error:
-        raise ClipError(f"Could not read “{name}”: {error}. Try another file: {READABLE_FORMATS}.") from None
+        # The engine's message names the formats it reads, and calls bytes "the upload".
+        raise ClipError(f"Could not read “{name}”: {str(error).removeprefix('the upload: ')}") from None
+    if not audio.size:
+        raise ClipError(
+            f"“{name}” holds no sound. If you recorded it, check that the microphone is allowed and not muted."
+        )
     if audio.size < MIN_DURATION_S * SAMPLE_RATE:
         raise ClipError(
-            f"“{name}” is empty (no sound, or shorter than {MIN_DURATION_S:g} s). "
-            "Record again and speak for a moment before stopping; "
-            "check that the microphone is allowed and not muted."
+            f"“{name}” is only {audio.size / SAMPLE_RATE:.1f} s long, too short for a word: "
+            f"record or choose at least {MIN_DURATION_S:g} s of speech."
         )
     return audio
 
