@@ -43,3 +43,16 @@ def parse_header(header: bytes) -> tuple[int, int] | None:
 def float_to_pcm16(samples: np.ndarray) -> np.ndarray:
     """Float samples in [-1, 1] to little-endian int16, clipped; exact for int16-sourced floats."""
     return np.clip(np.rint(samples * 32768.0), -32768, 32767).astype("<i2")
+
+
+def wav_samples(wav: bytes) -> np.ndarray:
+    """Float samples of a WAV in this layout; read directly, because decoding a long recording
+    on every poll of the page would cost seconds."""
+    if parse_header(wav) is None:
+        raise ValueError("not a 16-bit mono WAV with a 44-byte header")
+    return np.frombuffer(wav, "<i2", offset=HEADER_BYTES).astype(np.float32) / 32768.0
+
+
+def wav_bytes(audio: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
+    """A WAV of float samples in [-1, 1]."""
+    return wav_header(audio.size, rate) + float_to_pcm16(audio).tobytes()

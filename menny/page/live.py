@@ -17,11 +17,11 @@ import logging
 import threading
 import time
 
+from menny.wav import wav_samples
 from whisper.model import Whisper
 from whisper.streaming import LiveState, StreamingTranscriber
 
 from .server_client import ServerClient, ServerError
-from .session import wav_samples
 from .transcription import TranscriptionSettings
 
 log = logging.getLogger("menny.live")
