@@ -184,6 +184,7 @@ def work_view() -> None:
 
 def _work_view() -> None:
     work = work_queue()
+    work.poll()
     job = work.current
     if job is None:
         if st.session_state.pop("work_shown", False):
