@@ -138,3 +138,41 @@ def test_missing_model_is_explained_and_nothing_breaks(monkeypatch: pytest.Monke
     app.file_uploader(key="uploads").upload(reference.file, reference.path.read_bytes(), "audio/flac").run()
     assert not app.exception
     assert "no model is loaded" in messages(finish(app).error)
+
+
+def test_device_choice_is_remembered_and_server_clips_are_listed_transcribed_and_deleted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, audio_server, virtual_mic
+) -> None:
+    server = audio_server()
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("MENNY_MODEL", "tiny.en")
+    monkeypatch.setenv("MENNY_SERVER_URL", server.url)
+    monkeypatch.delenv("MENNY_TOKEN", raising=False)
+    visit = AppTest.from_file(PAGE, default_timeout=RUN_TIMEOUT_S).run()
+    picker = visit.selectbox(key="input_device")
+    assert {"pulse", "default (system default)"} <= set(picker.options)
+    picker.set_value("pulse").run()
+    # Recorded from the chosen input, through the page's Record button.
+    visit.button(key="server_record").click().run()
+    assert server.client.get("/status").json()["device"] == "pulse"
+    virtual_mic.play(clip("ps_goforward.flac").path)
+    visit.run()  # the live view, with its Stop button
+    visit.button(key="server_stop").click().run()
+    [record] = history(visit)
+    assert record.source == "server microphone" and "forward" in record.text.lower()
+    clip_id = record.clip_id
+    assert [c["id"] for c in server.client.get("/clips").json()] == [clip_id]
+    assert "live_transcript" not in visit.session_state  # stopped on Stop, to free the model
+
+    # A later visit: the same input is chosen, and the clip is listed with its buttons.
+    again = AppTest.from_file(PAGE, default_timeout=RUN_TIMEOUT_S).run()
+    assert again.selectbox(key="input_device").value == "pulse"
+    assert any(e.label == "Clips on the server (1)" for e in again.expander)
+    assert [b.key for b in again.button if b.key.startswith("transcribe-")] == []
+    # Transcribed: the clip links to its transcript, which the library then shows alone.
+    again.button(key=f"show-{clip_id}").click().run()
+    assert again.session_state["library_focus"] == record.uid
+    assert [b.label for b in again.button if b.key == "library_show_all"] == ["Show all transcripts"]
+    again.button(key=f"delete-{clip_id}").click().run()
+    assert server.client.get("/clips").json() == []
+    assert not again.exception

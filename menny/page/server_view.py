@@ -168,7 +168,7 @@ def _clip_list(client: ServerClient, model: Whisper | None, settings: Transcript
                         client.delete_clip(clip.clip_id)
                     except ServerError as error:
                         st.session_state["recorder_notice"] = str(error)
-                    st.rerun(scope="fragment")
+                    st.rerun()
             if st.session_state.get("playing_clip") == clip.clip_id:
                 try:
                     st.audio(client.clip_wav(clip.clip_id), format="audio/wav", autoplay=True)

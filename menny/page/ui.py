@@ -207,7 +207,7 @@ def _work_view() -> None:
             st.caption("Cancelling after the current 30-second window; what is done is kept.")
         elif st.button("Cancel", icon=":material/cancel:", key="cancel_work"):
             work.cancel()
-            st.rerun(scope="fragment")
+            st.rerun()
 
 
 def upload_tab(model: Whisper | None, settings: TranscriptionSettings) -> None:
