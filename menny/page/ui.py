@@ -29,7 +29,7 @@ log = logging.getLogger("menny.page")
 
 AVATAR = Path(__file__).resolve().parents[2] / "images" / "menny.svg"
 BUNDLED_MODELS = ("tiny.en", "base")
-WORK_POLL_S = 1.0  # how often the transcription under way is redrawn
+WORK_POLL_S = 0.5  # how often the transcription under way is redrawn (and its end noticed)
 AUTO_LANGUAGE = "auto"
 HEADER_STYLE = "<style>@media (max-width: 640px) { .st-key-menny-header h1 { font-size: 1.75rem; } }</style>"
 
