@@ -6,6 +6,7 @@ What a person sees in a real browser is covered by test_page_browser.py.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 
@@ -13,9 +14,11 @@ import numpy as np
 import pytest
 from speech import REPO, clip, wer
 from streamlit.testing.v1 import AppTest
+from virtual_mic import wait_for
 
 from menny.page.library import Library
 from menny.wav import wav_bytes
+from whisper.audio import load_audio
 
 PAGE = str(REPO / "menny_the_sonic_whisperer.py")
 # Generous: a guard against a hung run on a loaded 2-core machine, not a speed requirement.
@@ -176,3 +179,18 @@ def test_device_choice_is_remembered_and_server_clips_are_listed_transcribed_and
     again.button(key=f"delete-{clip_id}").click().run()
     assert server.client.get("/clips").json() == []
     assert not again.exception
+
+
+def test_a_long_upload_shows_its_progress_and_cancel_keeps_what_is_done(page: AppTest) -> None:
+    speech = load_audio(clip("librivox_sns01_0870.wav").path)
+    long = np.concatenate([speech] * (150 * 16000 // speech.size + 1))  # about 2.5 minutes: 5+ windows
+    page.file_uploader(key="uploads").upload("long.wav", wav_bytes(long), "audio/wav").run()
+    assert not page.exception
+    assert any("Transcribing “long.wav”" in m.value for m in page.markdown)
+    # The audio done so far and the seconds spent, once the file is read.
+    wait_for(lambda: any(" of 2:" in bar.proto.text for bar in page.run().get("progress")), "progress", 60, 0.2)
+    assert any(re.search(r"transcribed · \d+ s$", bar.proto.text) for bar in page.get("progress"))
+    page.button(key="cancel_work").click().run()
+    [record] = history(page)
+    assert 0 < record.cancelled_at_s < record.duration_s and record.text
+    assert any("cancelled at" in caption.value for caption in page.caption)

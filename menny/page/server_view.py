@@ -125,14 +125,14 @@ def _device_picker(client: ServerClient, status: ServerStatus) -> str | None:
     if not devices:
         return None
     names = [d.name for d in devices]
+    system_default = next((d.name for d in devices if d.is_default), None)
     remembered = library().preference(DEVICE_PREFERENCE)
     default = remembered if remembered in names else (status.device if status.device in names else names[0])
     chosen = st.selectbox(
         "Input device",
         names,
         index=names.index(default),
-        format_func=lambda name: name + (" (system default)" if any(d.is_default and d.name == name for d in devices)
-                                         else ""),
+        format_func=lambda name: f"{name} (system default)" if name == system_default else name,
         key="input_device",
         help="The inputs the microphone server sees; your choice is remembered.",
     )

@@ -216,8 +216,19 @@ class WorkQueue:
         self._current_key: str | None = None
         self.outcomes: dict[str, Outcome] = {}
 
-    def submit(self, key: str, **job: object) -> None:
-        """Queue a job (TranscriptionJob's arguments); `key` names it in `outcomes`."""
+    def submit(
+        self,
+        key: str,
+        *,
+        model: whisper.Whisper,
+        settings: TranscriptionSettings,
+        data: bytes,
+        name: str,
+        source: str,
+        clip_id: str | None = None,
+    ) -> None:
+        """Queue a clip's transcription; `key` names it in `outcomes`."""
+        job = {"model": model, "settings": settings, "data": data, "name": name, "source": source, "clip_id": clip_id}
         with self._lock:
             self._pending.append((key, job))
         self.poll()
