@@ -7,8 +7,9 @@
 It hears the room, so it listens on 127.0.0.1 unless told otherwise; on any other address it
 refuses to start without a token (``--token`` or the environment variable ``MENNY_TOKEN``, which
 ``ps`` cannot show), and then every endpoint except ``/health`` needs the header
-``Authorization: Bearer <token>``. ``MENNY_SERVER_HOST`` and ``MENNY_SERVER_PORT`` change the
-defaults of ``--host`` and ``--port``. Interactive API docs: ``/docs``.
+``Authorization: Bearer <token>``, checked before the body is read (401). A body over 4096 bytes
+gets 413, also unread. ``MENNY_SERVER_HOST`` and ``MENNY_SERVER_PORT`` change the defaults of
+``--host`` and ``--port``. API reference: ``/docs``, a page that needs no network.
 
 Clips are 16 kHz mono 16-bit WAV files, written while recording, so a crash loses at most the
 last second. Endpoints and their JSON (errors are ``{"detail": "what went wrong and what to
@@ -55,7 +56,6 @@ import datetime as dt
 import ipaddress
 import logging
 import os
-import secrets
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -69,12 +69,13 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from menny.clips import CLIP_ID_PATTERN, ClipBusy, ClipInfo, ClipNotFound, ClipStore
-from menny.recorder import (
+from menny.server.api_docs import docs_html
+from menny.server.clips import CLIP_ID_PATTERN, ClipBusy, ClipInfo, ClipNotFound, ClipStore
+from menny.server.guard import RequestGuard
+from menny.server.recorder import (
     AlreadyRecording,
     AudioUnavailable,
     DeviceNotFound,
@@ -89,6 +90,9 @@ log = logging.getLogger("menny.audio_server")
 DEFAULT_PORT = 8765
 MIN_TOKEN_LENGTH = 16
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # as Host headers name them
+PUBLIC_PATHS = ("/health", "/docs", "/openapi.json")  # no token needed: nothing there hears the room
+# The largest body any endpoint takes is POST /start's {"device": "<name of 200 characters>"}.
+MAX_BODY_BYTES = 4096
 
 
 def default_data_dir() -> Path:
@@ -97,7 +101,7 @@ def default_data_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class Settings:
+class ServerConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     device: int | str | None = None
@@ -110,7 +114,7 @@ class Settings:
     allowed_origins: tuple[str, ...] = ("http://localhost:8501", "http://127.0.0.1:8501")
 
 
-class InsecureSettings(ValueError):
+class InsecureConfig(ValueError):
     pass
 
 
@@ -123,18 +127,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_security(settings: Settings) -> None:
-    """Refuses settings that would let other machines, or other web sites, hear the room."""
-    if "*" in settings.allowed_origins:
-        raise InsecureSettings("--allow-origin '*' would let any web site use the microphone")
-    if settings.token is not None and len(settings.token) < MIN_TOKEN_LENGTH:
-        raise InsecureSettings(
+def check_security(config: ServerConfig) -> None:
+    """Refuses a configuration that would let other machines, or other web sites, hear the room."""
+    if "*" in config.allowed_origins:
+        raise InsecureConfig("--allow-origin '*' would let any web site use the microphone")
+    if config.token is not None and len(config.token) < MIN_TOKEN_LENGTH:
+        raise InsecureConfig(
             f"the token must have at least {MIN_TOKEN_LENGTH} characters; make one with: "
             "python -c 'import secrets; print(secrets.token_urlsafe(24))'"
         )
-    if not is_loopback(settings.host) and settings.token is None:
-        raise InsecureSettings(
-            f"--host {settings.host} lets other machines reach the microphone: set a token "
+    if not is_loopback(config.host) and config.token is None:
+        raise InsecureConfig(
+            f"--host {config.host} lets other machines reach the microphone: set a token "
             "(MENNY_TOKEN=... or --token ...), or listen on 127.0.0.1"
         )
 
@@ -187,7 +191,7 @@ class Status(BaseModel):
     error: str | None = Field(description="Why recording is impossible now, or a write failure.")
 
 
-class Device(BaseModel):
+class DeviceItem(BaseModel):
     index: int
     name: str
     hostapi: str
@@ -196,7 +200,7 @@ class Device(BaseModel):
     is_default: bool
 
 
-class Clip(BaseModel):
+class ClipItem(BaseModel):
     id: str
     created: dt.datetime
     duration_s: float
@@ -233,8 +237,8 @@ def _clip_url(clip_id: str) -> str:
     return f"/wav/{clip_id}"
 
 
-def _clip(info: ClipInfo) -> Clip:
-    return Clip(
+def _clip(info: ClipInfo) -> ClipItem:
+    return ClipItem(
         id=info.id, created=info.created, duration_s=info.duration_s,
         size_bytes=info.size_bytes, url=_clip_url(info.id),
     )
@@ -285,34 +289,26 @@ RecorderDep = Annotated[Recorder, Depends(get_recorder)]
 StoreDep = Annotated[ClipStore, Depends(get_store)]
 ClipId = Annotated[str, PathParam(pattern=CLIP_ID_PATTERN, examples=["20250102-130405-123456"])]
 
-bearer = HTTPBearer(auto_error=False, description="The server's --token / MENNY_TOKEN.")
-
-
-def require_token(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> None:
-    expected: str = request.app.state.settings.token
-    given = credentials.credentials if credentials else ""
-    if not secrets.compare_digest(given.encode(), expected.encode()):
-        raise HTTPException(
-            401,
-            "Missing or wrong token: send 'Authorization: Bearer <token>' with the token the "
-            "server was started with (--token or MENNY_TOKEN).",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
-
 # --- endpoints --------------------------------------------------------------------------
 
 public = APIRouter()
-router = APIRouter(responses={401: _error("Missing or wrong token (only when a token is set).")})
+router = APIRouter(
+    responses={
+        401: _error("Missing or wrong token (only when a token is set)."),
+        413: _error(f"The body is larger than {MAX_BODY_BYTES} bytes."),
+    }
+)
 
 
 @public.get("/health")
 def health() -> Health:
     """Liveness: answers whether or not a microphone is available."""
     return Health()
+
+
+@public.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+def docs(request: Request) -> HTMLResponse:
+    return HTMLResponse(docs_html(request.app.openapi()))
 
 
 @router.post(
@@ -362,13 +358,13 @@ def status(recorder: RecorderDep) -> Status:
 
 
 @router.get("/devices", responses={503: UNAVAILABLE})
-def devices(recorder: RecorderDep) -> list[Device]:
+def devices(recorder: RecorderDep) -> list[DeviceItem]:
     """The input devices PortAudio sees (re-scanned when not recording)."""
     try:
         found = recorder.devices()
     except AudioUnavailable as exc:
         raise HTTPException(503, str(exc)) from None
-    return [Device(**vars(d)) for d in found]
+    return [DeviceItem(**vars(d)) for d in found]
 
 
 @router.get(
@@ -412,7 +408,7 @@ def clip_wav(clip_id: ClipId, store: StoreDep) -> Response:
 
 
 @router.get("/clips")
-def clips(store: StoreDep) -> list[Clip]:
+def clips(store: StoreDep) -> list[ClipItem]:
     """The kept clips, newest first."""
     return [_clip(info) for info in reversed(store.list())]
 
@@ -446,34 +442,38 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("shutdown: saved the running recording as %s", finished.clip.id)
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The server as an ASGI app (tests run it in-process); raises InsecureSettings."""
-    check_security(settings)
+def create_app(config: ServerConfig) -> FastAPI:
+    """The server as an ASGI app (tests run it in-process); raises InsecureConfig."""
+    check_security(config)
     store = ClipStore(
-        settings.data_dir or default_data_dir(),
-        max_clips=settings.max_clips,
-        max_bytes=max(1, round(settings.max_storage_mb * 1024 * 1024)),
+        config.data_dir or default_data_dir(),
+        max_clips=config.max_clips,
+        max_bytes=max(1, round(config.max_storage_mb * 1024 * 1024)),
     )
-    recorder = Recorder(store, device=settings.device, max_clip_s=settings.max_clip_s)
+    recorder = Recorder(store, device=config.device, max_clip_s=config.max_clip_s)
 
     app = FastAPI(
         title="Menny microphone server",
         summary="Records this machine's microphone as 16 kHz mono clips for transcription.",
         version="1.0",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's own docs load from a CDN; /docs is ours, made without network
+        redoc_url=None,
     )
-    app.state.settings = settings
+    app.state.config = config
     app.state.recorder = recorder
     app.include_router(public)
-    app.include_router(router, dependencies=[Depends(require_token)] if settings.token else [])
+    app.include_router(router)
+    # Before the body is read: FastAPI reads it before any dependency could check the token.
+    app.add_middleware(RequestGuard, token=config.token, public_paths=PUBLIC_PATHS, max_body_bytes=MAX_BODY_BYTES)
 
-    origins = {*settings.allowed_origins}
-    if is_loopback(settings.host):
+    origins = {*config.allowed_origins}
+    if is_loopback(config.host):
         # Other web sites can reach 127.0.0.1 through DNS rebinding; the Host header exposes it.
-        own = f"[{settings.host}]" if ":" in settings.host else settings.host
+        own = f"[{config.host}]" if ":" in config.host else config.host
         hosts = sorted({*LOOPBACK_HOSTS, own})
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
-        origins |= {f"http://{host}:{settings.port}" for host in hosts}  # the page at /docs
+        origins |= {f"http://{host}:{config.port}" for host in hosts}  # the page at /docs
 
     @app.middleware("http")
     async def refuse_foreign_origins(
@@ -495,7 +495,7 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def parse_args(argv: list[str] | None = None) -> Settings:
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser = argparse.ArgumentParser(
         description="Menny's microphone server (API docs at /docs once running)."
     )
@@ -533,20 +533,20 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     if args.max_clips < 1 or args.max_storage_mb <= 0:
         parser.error("--max-clips and --max-storage-mb must be positive")
     device = int(args.device) if args.device and args.device.isdigit() else args.device
-    return Settings(
+    return ServerConfig(
         host=args.host, port=args.port, device=device, data_dir=args.data_dir,
         token=args.token or None, max_clip_s=args.max_clip_seconds, max_clips=args.max_clips,
         max_storage_mb=args.max_storage_mb,
-        allowed_origins=tuple(args.allow_origin or Settings.allowed_origins),
+        allowed_origins=tuple(args.allow_origin or ServerConfig.allowed_origins),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(argv)
+    config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        app = create_app(settings)
-    except InsecureSettings as exc:
+        app = create_app(config)
+    except InsecureConfig as exc:
         print(f"audio_server.py: refusing to start: {exc}", file=sys.stderr)
         return 2
     state = app.state.recorder.status()
@@ -555,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log.info("microphone: %s", state.device)
     log.info("clips in %s", app.state.recorder.store.root)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
     return 0
 
 

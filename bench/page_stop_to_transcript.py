@@ -88,7 +88,8 @@ def main() -> None:
 
 
 def save_screenshot(page, path: Path) -> None:
-    page.get_by_role("button", name="Clear all").click()
+    page.get_by_role("button", name="Delete all").click()
+    page.get_by_role("button", name="Delete them all").click()
     page.get_by_role("tab", name="Upload").click()
     page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(clip("jfk.flac").path)
     transcripts(page)

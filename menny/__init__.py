@@ -1,1 +1,2 @@
-"""Menny's shared application code: the page and the microphone server stay thin on top of it."""
+"""Menny's application code: `menny.server` runs in the microphone server's process, `menny.page`
+in the page's; `menny.wav` (the clip format) is all they share."""

@@ -25,7 +25,7 @@ from schemathesis.checks import (
 from speech import clip
 from virtual_mic import VirtualMic, locate, read_wav, wait_for
 
-from audio_server import Settings, create_app
+from audio_server import ServerConfig, create_app
 
 BASE_URL = "http://127.0.0.1"  # the Host header a loopback server accepts
 TOKEN = "a-token-of-twenty-characters"
@@ -33,7 +33,7 @@ SPEECH = clip("ps_cards_005.wav")
 
 
 def make_client(data_dir: Path, **overrides) -> TestClient:
-    return TestClient(create_app(Settings(data_dir=data_dir, **overrides)), base_url=BASE_URL)
+    return TestClient(create_app(ServerConfig(data_dir=data_dir, **overrides)), base_url=BASE_URL)
 
 
 @pytest.fixture
@@ -204,6 +204,30 @@ def test_token_is_required_everywhere_but_health(mic_env: VirtualMic, tmp_path: 
         assert client.post("/stop").status_code == 200
 
 
+def test_token_and_size_are_checked_before_the_body(mic_env: VirtualMic, tmp_path: Path) -> None:
+    with make_client(tmp_path, token=TOKEN) as client:
+        # Malformed JSON from a stranger: refused for the token, not parsed.
+        response = client.post("/start", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert response.status_code == 401
+        client.headers["Authorization"] = f"Bearer {TOKEN}"
+        big = b'{"device": "' + b"x" * 5000 + b'"}'
+        response = client.post("/start", content=big, headers={"Content-Type": "application/json"})
+        assert response.status_code == 413 and "4096 bytes" in response.json()["detail"]
+        # Without a length (chunked), counted as it arrives.
+        response = client.post("/start", content=iter([big[:3000], big[3000:]]),
+                               headers={"Content-Type": "application/json"})
+        assert response.status_code == 413
+        assert client.get("/status").json()["recording"] is False
+
+
+def test_docs_need_no_network(client: TestClient) -> None:
+    response = client.get("/docs")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert "/start" in response.text and "DeviceItem" in response.text
+    assert "<script" not in response.text and "https://" not in response.text and "cdn" not in response.text.lower()
+    assert client.get("/redoc").status_code == 404
+
+
 def test_other_web_sites_are_refused(client: TestClient) -> None:
     page = "http://localhost:8501"
     allowed = client.get("/status", headers={"Origin": page})
@@ -234,7 +258,7 @@ def test_fuzzing_the_schema_finds_no_server_errors(
     ones (negative); Hypothesis strings them into random sequences of calls to one app that
     keeps its state (recording or not, clips) throughout. No response may be a 5xx or disagree
     with the schema."""
-    app = create_app(Settings(data_dir=tmp_path, max_clips=3, max_clip_s=2.0))
+    app = create_app(ServerConfig(data_dir=tmp_path, max_clips=3, max_clip_s=2.0))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers={"Host": "127.0.0.1"})
     operations = [result.ok() for result in schema.get_all_operations()]
     if mode is GenerationMode.NEGATIVE:  # those without parameters have no invalid requests

@@ -4,9 +4,11 @@ cycles and concurrent clients leak nothing; no device, no PortAudio, other hosts
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -314,3 +316,34 @@ def test_other_hosts_with_a_token_require_it(
     assert server.client.get("/status").json()["recording"] is False
     assert server.client.post("/start").status_code == 200
     assert server.client.post("/stop").status_code == 200
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+@pytest.mark.parametrize("token", [None, TOKEN], ids=["no token: 401", "token: 413"])
+def test_a_1_gb_body_is_refused_unread(
+    audio_server: Callable[..., ServerProcess], virtual_mic: VirtualMic, token: str | None
+) -> None:
+    server = audio_server(host="0.0.0.0", token=TOKEN)
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    size = 1 << 30
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            f"POST /start HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\n"
+            f"Content-Length: {size}\r\n\r\n".encode()
+        )
+        status_line = sock.recv(4096).split(b"\r\n", 1)[0]
+        sent, block = 0, b"\0" * (1 << 20)
+        with contextlib.suppress(OSError):  # the server closes the connection without reading
+            while sent < size:
+                sock.sendall(block)
+                sent += len(block)
+    assert status_line == (b"HTTP/1.1 413 Request Entity Too Large" if token else b"HTTP/1.1 401 Unauthorized")
+    assert sent < size
+    assert _peak_rss_mib(server.pid) < 150
+    assert server.client.get("/status").json()["recording"] is False

@@ -9,9 +9,9 @@ import numpy as np
 from speech import clip
 from virtual_mic import VirtualMic, locate, read_wav, wait_for
 
-from menny.clips import ClipStore
-from menny.recorder import Recorder, Take, portaudio
-from menny.wav import WavAppender
+from menny.server.clips import ClipStore
+from menny.server.recorder import Recorder, Take, portaudio
+from menny.server.wav_file import WavAppender
 
 SPEECH = clip("ls_1272-128104-0000.wav")
 

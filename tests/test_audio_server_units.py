@@ -14,11 +14,12 @@ import pytest
 from speech import SPEECH_DIR
 from virtual_mic import locate, read_wav
 
-from audio_server import InsecureSettings, Settings, check_security
-from menny.clips import ClipBusy, ClipNotFound, ClipStore
-from menny.levels import LEVEL_FLOOR_DBFS, peak_dbfs, rms_dbfs
-from menny.recorder import StreamResampler
-from menny.wav import HEADER_BYTES, WavAppender, read_wav_prefix, repair_wav
+from audio_server import InsecureConfig, ServerConfig, check_security
+from menny.server.clips import ClipBusy, ClipNotFound, ClipStore
+from menny.server.levels import LEVEL_FLOOR_DBFS, peak_dbfs, rms_dbfs
+from menny.server.recorder import StreamResampler
+from menny.server.wav_file import WavAppender, read_wav_prefix, repair_wav
+from menny.wav import HEADER_BYTES
 
 SPEECH = "ls_1272-128104-0000.wav"
 
@@ -186,19 +187,19 @@ def test_resampler_converts_real_speech_back_to_16k(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("settings", "problem"),
     [
-        (Settings(host="0.0.0.0"), "set a token"),
-        (Settings(host="192.168.1.5"), "set a token"),
-        (Settings(host="myhost.example"), "set a token"),
-        (Settings(token="short"), "at least 16"),
-        (Settings(allowed_origins=("*",)), "any web site"),
+        (ServerConfig(host="0.0.0.0"), "set a token"),
+        (ServerConfig(host="192.168.1.5"), "set a token"),
+        (ServerConfig(host="myhost.example"), "set a token"),
+        (ServerConfig(token="short"), "at least 16"),
+        (ServerConfig(allowed_origins=("*",)), "any web site"),
     ],
 )
-def test_insecure_settings_are_refused(settings: Settings, problem: str) -> None:
-    with pytest.raises(InsecureSettings, match=problem):
+def test_insecure_settings_are_refused(settings: ServerConfig, problem: str) -> None:
+    with pytest.raises(InsecureConfig, match=problem):
         check_security(settings)
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
 def test_loopback_needs_no_token(host: str) -> None:
-    check_security(Settings(host=host))
-    check_security(Settings(host="0.0.0.0", token=os.urandom(12).hex()))
+    check_security(ServerConfig(host=host))
+    check_security(ServerConfig(host="0.0.0.0", token=os.urandom(12).hex()))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -56,7 +58,9 @@ class PageProcess:
         self.port = free_port(PAGE_PORTS)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        # Its library in a folder of its own, beside its log.
         env = {**os.environ, "MENNY_MODEL": model, "MENNY_SERVER_URL": server_url}
+        env["XDG_DATA_HOME"] = str(log_path.parent)
         env.pop("MENNY_TOKEN", None)
         command = [
             sys.executable, "-m", "streamlit", "run", PAGE, "--server.headless", "true",
@@ -152,12 +156,15 @@ def save_screenshots(page: Page, name: str) -> None:
     page.set_viewport_size(DESKTOP)
 
 
+LIBRARY_TRANSCRIPT = '[class*="st-key-menny-clip-"] .menny-transcript'  # not the one being made
+
+
 def transcripts(page: Page, count: int = 1) -> list[str]:
-    """The transcripts on the page once there are `count` of them, newest first."""
+    """The transcripts in the page's library once there are `count` of them, newest first."""
     page.wait_for_function(
-        f"document.querySelectorAll('.menny-transcript').length >= {count}", timeout=TRANSCRIPT_TIMEOUT_MS
+        f"document.querySelectorAll('{LIBRARY_TRANSCRIPT}').length >= {count}", timeout=TRANSCRIPT_TIMEOUT_MS
     )
-    return page.locator(".menny-transcript").all_inner_texts()
+    return page.locator(LIBRARY_TRANSCRIPT).all_inner_texts()
 
 
 def spoken_text(transcript: str) -> str:
@@ -271,3 +278,146 @@ def test_stopped_server_is_reported_with_the_command_to_start_it(
     expect(warning).to_contain_text("record in the browser")
     expect(page.locator('[data-testid="stCode"]')).to_contain_text(f"audio_server.py --port {server.port}")
     save_screenshots(page, "4-server-stopped")
+
+
+class StartScript:
+    """`scripts/start` as a person runs it, on free ports, hearing the virtual microphone, with
+    its data (clips and library) in `data_dir`."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, page_port: int, server_port: int) -> None:
+        self.page_port, self.server_port = page_port, server_port
+        self.url = f"http://127.0.0.1:{page_port}"
+        self.server_url = f"http://127.0.0.1:{server_port}"
+        self.log_path = log_path
+        env = {**env, "MENNY_PAGE_PORT": str(page_port), "MENNY_SERVER_PORT": str(server_port)}
+        self.runs = self.log().count("Menny is running") if log_path.exists() else 0
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                ["bash", "scripts/start"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_until_running(self) -> StartScript:
+        def running() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"scripts/start exited with {self.proc.returncode}:\n{self.log()}")
+            return self.log().count("Menny is running") > self.runs
+
+        wait_for(running, "scripts/start", START_TIMEOUT_S, 0.2)
+        return self
+
+    def server_pid(self) -> int:
+        """The microphone server it started (it tells the server where its page lives)."""
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):
+                words = cmdline.read_bytes().split(b"\0")
+                if b"audio_server.py" in words and f"http://127.0.0.1:{self.page_port}".encode() in words:
+                    return int(cmdline.parent.name)
+        raise RuntimeError("no microphone server of this scripts/start is running")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # as Ctrl-C: it stops the server and the page
+            self.proc.wait(60)
+
+
+def start_script(env: dict[str, str], log_path: Path, ports: tuple[int, int] | None = None) -> StartScript:
+    """scripts/start on `ports` (page, server), or on free ones: another test session may take a
+    port between the choice and the start, so a start that finds one taken tries others."""
+    for _attempt in range(5):
+        chosen = ports or (random.choice(_free(PAGE_PORTS)), random.choice(_free(range(18700, 18765))))
+        try:
+            return StartScript(env, log_path, *chosen).wait_until_running()
+        except RuntimeError as error:
+            if ports or "already in use" not in str(error):
+                raise
+    raise RuntimeError("no free ports for scripts/start")
+
+
+def _free(ports: range) -> list[int]:
+    free = []
+    for port in ports:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                free.append(port)
+    return free
+
+
+def search(page: Page, words: str) -> None:
+    box = page.get_by_placeholder("Words that were said…")
+    box.fill(words)
+    box.press("Enter")
+
+
+def test_library_and_clips_survive_reloads_restarts_and_a_killed_server(
+    browser: Browser, virtual_mic: VirtualMic, tmp_path: Path
+) -> None:
+    env = {**virtual_mic.env(), "XDG_DATA_HOME": str(tmp_path / "data"), "MENNY_MODEL": "tiny.en"}
+    env.pop("MENNY_TOKEN", None)
+    env.pop("MENNY_SERVER_URL", None)
+    app = start_script(env, tmp_path / "start.log")
+    context = browser.new_context(viewport=DESKTOP)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(UI_TIMEOUT_MS)
+        page.goto(app.url)
+        page.get_by_role("tab", name="Upload").click()
+        page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(UPLOAD_CLIP.path)
+        [transcript] = transcripts(page)
+        assert "fellow" in transcript.lower()
+
+        # A reload: the transcript is still there, and search finds it.
+        page.reload()
+        assert transcripts(page) == [transcript]
+        search(page, "fellow")
+        expect(page.locator(LIBRARY_TRANSCRIPT)).to_have_count(1)
+        search(page, "zebra")
+        expect(page.get_by_text("No transcript holds “zebra”")).to_be_visible()
+        expect(page.locator(LIBRARY_TRANSCRIPT)).to_have_count(0)
+        search(page, "")
+
+        # kill -9 of the server mid-recording: the page stays up and says so; scripts/start
+        # restarts the server, and the recording appears in the page's list of its clips.
+        page.get_by_role("tab", name="Server mic").click()
+        page.get_by_role("button", name="Record").click()
+        expect(page.get_by_text("Recording", exact=True)).to_be_visible()
+        virtual_mic.play(SERVER_CLIP.path)
+        server = httpx.Client(base_url=app.server_url, timeout=30)
+        clip_id = server.get("/status").json()["clip_id"]
+        os.kill(app.server_pid(), signal.SIGKILL)
+        page.wait_for_selector('[data-testid="stAlert"]:has-text("not running")', timeout=UI_TIMEOUT_MS)
+        wait_for(lambda: "restarting it" in app.log(), "scripts/start to restart the server", START_TIMEOUT_S)
+        wait_for(lambda: _answers(server), "the restarted server", START_TIMEOUT_S, 0.2)
+        [kept] = server.get("/clips").json()
+        assert kept["id"] == clip_id and kept["duration_s"] > SERVER_CLIP.duration
+        clips = page.get_by_text("Clips on the server (1)")
+        clips.click()
+        expect(page.locator(f'[class*="st-key-menny-server-clip-{clip_id}"]')).to_be_visible()
+        expect(page.locator('[data-testid="stAlert"]', has_text="not running")).to_have_count(0)
+        assert page.get_by_role("heading", name="Menny, the Sonic Whisperer").is_visible()
+        save_screenshots(page, "5-server-back-with-its-clip")
+
+        # Transcribe it from the list: it links to its transcript.
+        page.locator(f'[class*="st-key-menny-server-clip-{clip_id}"]').get_by_role("button", name="Transcribe").click()
+        assert len(transcripts(page, 2)) == 2
+        server.close()
+
+        # scripts/start stopped and started again: the library is still there.
+        app.stop()
+        app = start_script(env, tmp_path / "start.log", (app.page_port, app.server_port))
+        page.goto(app.url)
+        assert transcript in transcripts(page, 2)
+        search(page, "fellow")
+        expect(page.locator(LIBRARY_TRANSCRIPT)).to_have_count(1)
+        save_screenshots(page, "6-library-after-restart")
+    finally:
+        context.close()
+        app.stop()
+
+
+def _answers(client: httpx.Client) -> bool:
+    with contextlib.suppress(httpx.TransportError):
+        return client.get("/health").status_code == 200
+    return False

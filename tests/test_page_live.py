@@ -9,9 +9,9 @@ from collections.abc import Callable
 from speech import clip, model, wer
 from virtual_mic import ServerProcess, VirtualMic, wait_for
 
-from menny.live import LiveTranscript, live_html
-from menny.server_client import ServerClient
-from menny.transcription import Settings
+from menny.page.live import LiveTranscript, live_html
+from menny.page.server_client import ServerClient
+from menny.page.transcription import TranscriptionSettings
 from whisper.streaming import LiveState, LiveWord
 
 SPEECH = clip("librivox_sns01_0870.wav")
@@ -25,7 +25,7 @@ def test_live_transcript_follows_a_recording_on_the_server(
     client = ServerClient(audio_server().url)
     client.start()
     clip_id = client.status().clip_id
-    settings = Settings(model="tiny.en")
+    settings = TranscriptionSettings(model="tiny.en")
     live = LiveTranscript(client, clip_id, model("tiny.en"), settings)
     wait_for(lambda: client.status().elapsed_s > 0.5, "the recording to start")
     virtual_mic.play(SPEECH.path)

@@ -1,22 +1,20 @@
 """The page's building blocks without a browser: pictures, transcript HTML, the server client,
-history records and exports."""
+decoding. The library and transcription jobs: test_page_library.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import html
-import json
 
 import numpy as np
 import pytest
-from speech import clip, model
+from speech import clip
 from virtual_mic import ServerProcess
 
-from menny import visuals
-from menny.server_client import ServerClient, ServerError, ServerUnavailable, start_command
-from menny.session import ClipResult, History, wav_bytes, wav_samples
-from menny.transcript_view import clock, transcript_html
-from menny.transcription import ClipError, Settings, decode, transcribe_clip
+from menny.page import visuals
+from menny.page.server_client import ServerClient, ServerError, ServerUnavailable, start_command
+from menny.page.transcript_view import clock, transcript_html
+from menny.page.transcription import ClipError, TranscriptionSettings, decode
+from menny.wav import wav_bytes, wav_samples
 from whisper.audio import SAMPLE_RATE, load_audio
 
 
@@ -111,41 +109,38 @@ def test_client_against_the_real_server(audio_server, virtual_mic) -> None:
     assert saved.clip_id == recording.clip_id and saved.duration_s >= recording.elapsed_s
     assert load_audio(client.clip_wav(saved.clip_id)).size == pytest.approx(saved.duration_s * SAMPLE_RATE, abs=1)
     assert client.partial_wav("some-other-clip") is None
+    # The clip list, the inputs, recording from a chosen one, deleting.
+    [kept] = client.clips()
+    assert kept.clip_id == saved.clip_id and kept.duration_s == pytest.approx(saved.duration_s, abs=0.01)
+    inputs = client.devices()
+    assert "pulse" in [d.name for d in inputs] and sum(d.is_default for d in inputs) <= 1
+    client.start("pulse")
+    assert client.status().device == "pulse"
+    client.stop()
+    client.delete_clip(saved.clip_id)
+    assert saved.clip_id not in [c.clip_id for c in client.clips()] and len(client.clips()) == 1
+    with pytest.raises(ServerError, match="No clip"):
+        client.delete_clip(saved.clip_id)
 
 
 def test_decode_turns_bad_input_into_advice() -> None:
-    with pytest.raises(ClipError, match=r"Could not read “notes\.txt”.*FFmpeg"):
+    with pytest.raises(ClipError, match=r"Could not read “notes\.txt”: not a readable audio") as unreadable:
         decode(b"plain text", "notes.txt")
-    with pytest.raises(ClipError, match="empty"):
-        decode(wav_bytes(np.zeros(800, dtype=np.float32)), "blip.wav")  # 50 ms
+    assert str(unreadable.value).count("WAV") == 1  # the formats are listed once
+    with pytest.raises(ClipError, match=r"only 0\.1 s long, too short") as short:
+        decode(wav_bytes(np.full(1600, 0.1, dtype=np.float32)), "blip.wav")
+    assert "microphone" not in str(short.value)
+    with pytest.raises(ClipError, match=r"holds no sound.*microphone is allowed"):
+        decode(wav_bytes(np.zeros(0, dtype=np.float32)), "nothing.wav")
     with pytest.raises(ValueError):
         wav_samples(clip("ps_goforward.flac").path.read_bytes())
 
 
-def test_transcribed_record_exports_and_history() -> None:
-    reference = clip("ps_goforward.flac")
-    audio = decode(reference.path.read_bytes(), reference.file)
-    record = transcribe_clip(
-        model("tiny.en"), audio, name=reference.file, source="upload", settings=Settings(model="tiny.en")
-    )
-    assert isinstance(record, ClipResult)
-    assert record.duration_s == pytest.approx(audio.size / SAMPLE_RATE)
-    assert np.allclose(record.samples(), audio, atol=1 / 32768)
-    assert record.export_name("srt") == "ps_goforward.srt"
-    assert "-->" in record.export("srt") and json.loads(record.export("json"))["segments"]
-    assert record.waveform_png.startswith(b"\x89PNG") and record.spectrogram_png.startswith(b"\x89PNG")
-    history = History()
-    history.add(record)
-    history.add(dataclasses.replace(record, name="second", uid="x"))
-    assert [r.name for r in history] == ["second", reference.file]
-    history.clear()
-    assert len(history) == 0
-
-
 def test_settings_map_to_transcribe_options() -> None:
-    assert Settings().transcribe_options() == {
+    assert TranscriptionSettings().transcribe_options() == {
         "language": None, "task": "transcribe", "word_timestamps": False, "beam_size": None,
     }
-    assert Settings(language="de", task="translate", word_timestamps=True, beam_size=5).transcribe_options() == {
+    chosen = TranscriptionSettings(language="de", task="translate", word_timestamps=True, beam_size=5)
+    assert chosen.transcribe_options() == {
         "language": "de", "task": "translate", "word_timestamps": True, "beam_size": 5,
     }

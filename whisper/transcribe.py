@@ -38,6 +38,7 @@ from .vad import speech_regions
 from .writers import format_timestamp
 
 ProgressCallback = Callable[[float, float], None]  # (seconds done, seconds in all)
+SegmentCallback = Callable[[list[dict]], None]  # the segments a window added
 AudioInput = str | os.PathLike | bytes | np.ndarray | mx.array  # a file, its bytes, or a 16 kHz waveform
 
 _PUNCTUATION = "\"'“¿([{-\"'.。,，!！?？:：”)]}、"
@@ -306,6 +307,7 @@ def transcribe(
     path_or_hf_repo: str | None = None,
     verbose: bool | None = None,
     progress_callback: ProgressCallback | None = None,
+    segment_callback: SegmentCallback | None = None,
     device: str | None = None,
     temperature: float | tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
     compression_ratio_threshold: float | None = 2.4,
@@ -332,7 +334,8 @@ def transcribe(
 
     `audio` is a path, file bytes or a 16 kHz waveform.  Returns openai-whisper's result:
     `{"text", "segments", "language"}`.  `verbose` True prints each segment, False shows
-    a progress bar, None neither; `progress_callback(done, total)` gets seconds.
+    a progress bar, None neither; `progress_callback(done, total)` gets seconds after each
+    window, `segment_callback(segments)` that window's new segments just before.
     `device` ("cpu" or "gpu") overrides the device the model was loaded for.
     Other keyword arguments are `DecodingOptions` fields (language, task, beam_size, ...).
     """
@@ -365,9 +368,14 @@ def transcribe(
     with on_device(model, device):
         job = FileTranscription(model, audio, options, decode_options, verbose)
         with tqdm.tqdm(total=job.content_frames, unit="frames", disable=verbose is not False) as bar:
+            reported = 0
 
             def report(previous_seek: int, done: int) -> None:
+                nonlocal reported
                 bar.update(done - previous_seek)
+                if segment_callback is not None:
+                    segment_callback(job.state.all_segments[reported:])
+                    reported = len(job.state.all_segments)
                 if progress_callback is not None:
                     progress_callback(done / FRAMES_PER_SECOND, job.content_frames / FRAMES_PER_SECOND)
 

@@ -17,12 +17,12 @@ import logging
 import threading
 import time
 
+from menny.wav import wav_samples
 from whisper.model import Whisper
 from whisper.streaming import LiveState, StreamingTranscriber
 
 from .server_client import ServerClient, ServerError
-from .session import wav_samples
-from .transcription import Settings
+from .transcription import TranscriptionSettings
 
 log = logging.getLogger("menny.live")
 
@@ -43,7 +43,7 @@ class LiveTranscript:
         client: ServerClient,
         clip_id: str,
         model: Whisper,
-        settings: Settings,
+        settings: TranscriptionSettings,
         *,
         poll_s: float = 1.0,
         abandoned_s: float = 20.0,

@@ -6,11 +6,14 @@ session in its own thread and pyplot's global state is not thread-safe.
 
 from __future__ import annotations
 
+import functools
 import io
+from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from menny.wav import wav_samples
 from whisper.audio import FRAMES_PER_SECOND, SAMPLE_RATE, log_mel_spectrogram, mel_filters
 
 # Enough columns for a sharp picture at full page width; more only costs time.
@@ -125,3 +128,11 @@ def figure_png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, facecolor="white")
     return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=32)
+def clip_pictures(audio: Path, n_mels: int) -> tuple[bytes, bytes]:
+    """The waveform and the spectrogram of a library transcript's audio file, drawn once: the
+    page shows them again on every rerun."""
+    samples = wav_samples(audio.read_bytes())
+    return figure_png(waveform_figure(samples)), figure_png(spectrogram_figure(samples, n_mels))

@@ -14,7 +14,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from menny.wav import BYTES_PER_FRAME, HEADER_BYTES, SAMPLE_RATE, repair_wav
+from menny.server.wav_file import repair_wav
+from menny.wav import BYTES_PER_FRAME, HEADER_BYTES, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import datetime
 from urllib.parse import urlsplit
 
 import requests
@@ -59,12 +60,30 @@ class ServerStatus:
 
 
 @dataclass(frozen=True)
-class Clip:
+class SavedClip:
     clip_id: str
     duration_s: float
     peak_dbfs: float
     error: str | None  # a write failure during the recording
     limit_reached: bool  # the server closed the microphone at its maximum clip length
+
+
+@dataclass(frozen=True)
+class ServerClip:
+    """A clip kept on the server (GET /clips)."""
+
+    clip_id: str
+    created: datetime
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class InputChoice:
+    """An input device the server can record from (GET /devices)."""
+
+    index: int
+    name: str
+    is_default: bool
 
 
 class ServerClient:
@@ -79,10 +98,12 @@ class ServerClient:
         token = token if token is not None else os.environ.get("MENNY_TOKEN")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
 
-    def _request(self, method: str, path: str, timeout: float, **params: object) -> requests.Response:
+    def _request(
+        self, method: str, path: str, timeout: float, json: dict | None = None, **params: object
+    ) -> requests.Response:
         try:
             response = requests.request(
-                method, f"{self.url}{path}", params=params or None, headers=self._headers, timeout=timeout
+                method, f"{self.url}{path}", params=params or None, json=json, headers=self._headers, timeout=timeout
             )
         except requests.ConnectionError:
             raise ServerUnavailable(self.url, "nothing answers there") from None
@@ -106,12 +127,13 @@ class ServerClient:
             error=data.get("error"),
         )
 
-    def start(self) -> None:
-        self._request("POST", "/start", QUICK_TIMEOUT_S)
+    def start(self, device: str | None = None) -> None:
+        """Record from `device` (a name), or the server's default input."""
+        self._request("POST", "/start", QUICK_TIMEOUT_S, json={"device": device} if device else None)
 
-    def stop(self) -> Clip:
+    def stop(self) -> SavedClip:
         data = self._request("POST", "/stop", TRANSFER_TIMEOUT_S).json()
-        return Clip(
+        return SavedClip(
             clip_id=str(data["id"]),
             duration_s=float(data["duration_s"]),
             peak_dbfs=float(data["peak_dbfs"]),
@@ -128,6 +150,27 @@ class ServerClient:
 
     def clip_wav(self, clip_id: str) -> bytes:
         return self._request("GET", f"/wav/{clip_id}", TRANSFER_TIMEOUT_S).content
+
+    def clips(self) -> list[ServerClip]:
+        """The clips kept on the server, newest first."""
+        return [
+            ServerClip(
+                clip_id=str(item["id"]),
+                created=datetime.fromisoformat(item["created"]).astimezone(),
+                duration_s=float(item["duration_s"]),
+            )
+            for item in self._request("GET", "/clips", QUICK_TIMEOUT_S).json()
+        ]
+
+    def delete_clip(self, clip_id: str) -> None:
+        self._request("DELETE", f"/clips/{clip_id}", QUICK_TIMEOUT_S)
+
+    def devices(self) -> list[InputChoice]:
+        """The input devices the server sees (it re-scans them, which takes a moment)."""
+        return [
+            InputChoice(index=int(item["index"]), name=str(item["name"]), is_default=bool(item["is_default"]))
+            for item in self._request("GET", "/devices", TRANSFER_TIMEOUT_S).json()
+        ]
 
 
 def _error_detail(response: requests.Response) -> str:

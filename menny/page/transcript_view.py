@@ -76,8 +76,9 @@ def _words_html(words: list[dict]) -> str:
     return "".join(spans)
 
 
-def transcript_html(result: dict) -> str:
-    """Segments with clickable times; words as hoverable, clickable spans when timed."""
+def transcript_html(result: dict, script: bool = True) -> str:
+    """Segments with clickable times; words as hoverable, clickable spans when timed. Without
+    `script` (a transcript still being made, with no player yet) the clicks do nothing."""
     lines = []
     for segment in result["segments"]:
         words = segment.get("words")
@@ -89,4 +90,4 @@ def transcript_html(result: dict) -> str:
         )
     if not lines:
         lines.append('<div class="menny-empty">No speech heard in this clip.</div>')
-    return f'<div class="menny-transcript">{"".join(lines)}</div>{SCRIPT}'
+    return f'<div class="menny-transcript">{"".join(lines)}</div>{SCRIPT if script else ""}'

@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from menny.clips import ClipInfo, ClipStore
-from menny.levels import LEVEL_FLOOR_DBFS, amplitude_to_dbfs, rms_dbfs
-from menny.wav import SAMPLE_RATE, WavAppender, float_to_pcm16, read_wav_prefix
+from menny.server.clips import ClipInfo, ClipStore
+from menny.server.levels import LEVEL_FLOOR_DBFS, amplitude_to_dbfs, rms_dbfs
+from menny.server.wav_file import WavAppender, read_wav_prefix
+from menny.wav import SAMPLE_RATE, float_to_pcm16
 
 log = logging.getLogger(__name__)
 
