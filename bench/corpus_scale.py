@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from speech import english_clips  # noqa: E402
 
 from whisper.audio import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, load_audio, log_mel_frames  # noqa: E402
+from whisper.batch import batch_options  # noqa: E402
 from whisper.corpus import Archive, Job, Tally, list_audio, run_in_process  # noqa: E402
 
 ARCHIVE_HOURS = 10_000
@@ -153,7 +154,7 @@ def main() -> None:
     parser.add_argument("--mean-file-minutes", type=float, default=30.0, help="for the projection's file count")
     args = parser.parse_args()
 
-    job = Job(args.model, {"beam_size": None, "language": "en"}, args.batch_size, device=args.device)
+    job = Job(args.model, batch_options(language="en"), args.batch_size, device=args.device)
     decode, mel, long_mel, clip_seconds = read_cost([clip.path for clip in english_clips()])
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs visible; load average {os.getloadavg()[0]:.2f}")
     print(f"model {args.model}, device {args.device}, batch size {args.batch_size}, greedy; indicative only\n")

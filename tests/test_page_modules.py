@@ -16,6 +16,7 @@ from menny.page.transcript_view import clock, transcript_html
 from menny.page.transcription import ClipError, TranscriptionSettings, decode
 from menny.wav import wav_bytes, wav_samples
 from whisper.audio import SAMPLE_RATE, load_audio
+from whisper.transcribe import TranscribeOptions
 
 
 def test_waveform_envelope_keeps_every_peak_in_a_bounded_number_of_columns() -> None:
@@ -137,10 +138,9 @@ def test_decode_turns_bad_input_into_advice() -> None:
 
 
 def test_settings_map_to_transcribe_options() -> None:
-    assert TranscriptionSettings().transcribe_options() == {
-        "language": None, "task": "transcribe", "word_timestamps": False, "beam_size": None,
-    }
-    chosen = TranscriptionSettings(language="de", task="translate", word_timestamps=True, beam_size=5)
-    assert chosen.transcribe_options() == {
-        "language": "de", "task": "translate", "word_timestamps": True, "beam_size": 5,
-    }
+    default = TranscriptionSettings().transcribe_options()
+    assert default == TranscribeOptions.from_keywords(language=None, task="transcribe", beam_size=None)
+    settings = TranscriptionSettings(language="de", task="translate", word_timestamps=True, beam_size=5)
+    chosen = settings.transcribe_options()
+    assert chosen.word_timestamps
+    assert (chosen.decoding.language, chosen.decoding.task, chosen.decoding.beam_size) == ("de", "translate", 5)

@@ -19,7 +19,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import mlx.core as mx
 
@@ -45,27 +45,27 @@ def transcribe_stream(
     model: Whisper,
     audios: Iterable[AudioSource],
     *,
+    options: TranscribeOptions | None = None,
     batch_size: int = 8,
-    condition_on_previous_text: bool = False,
     device: str | None = None,
-    **options,
 ) -> Iterator[tuple[int, FileTranscription | AudioError]]:
     """Transcribe audios (paths, file bytes, 16 kHz waveforms or `Features`) as they come,
     and yield `(index, finished FileTranscription)` as each file ends (its `result()`,
     its `duration`), or `(index, AudioError)` for a file that cannot be read.
 
-    Takes `transcribe`'s options.  Nothing is kept once yielded, so `audios` may be a
+    `options` default to `batch_options()`'s.  Nothing is kept once yielded, so `audios` may be a
     generator over an archive of any size.  With `device` given, MLX computes on it
     until the generator is exhausted or closed.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    names = {f.name for f in fields(TranscribeOptions)}
-    transcribe_options = TranscribeOptions(
-        condition_on_previous_text=condition_on_previous_text, **{k: v for k, v in options.items() if k in names}
-    )
-    decode_options = {k: v for k, v in options.items() if k not in names}
-    return _stream(model, audios, batch_size, transcribe_options, decode_options, device)
+    return _stream(model, audios, batch_size, options or batch_options(), device)
+
+
+def batch_options(**keywords: object) -> TranscribeOptions:
+    """`transcribe`'s options from its keywords, except that by default a window is not
+    prompted with the text before it (as in faster-whisper's batched pipeline)."""
+    return TranscribeOptions.from_keywords(**{"condition_on_previous_text": False, **keywords})
 
 
 def transcribe_batch(
@@ -73,18 +73,24 @@ def transcribe_batch(
     audios: Sequence[AudioInput],
     *,
     batch_size: int = 8,
+    device: str | None = None,
     on_result: Callable[[int, dict], None] | None = None,
     on_error: Callable[[int, AudioError], None] | None = None,
-    **options,
+    options: TranscribeOptions | None = None,
+    **keywords,
 ) -> list[dict | None]:
     """Transcribe every audio (path, file bytes or 16 kHz waveform); results in input order.
 
-    Takes `transcribe`'s options.  `on_result(index, result)` is called as each file
+    Takes `transcribe`'s option keywords, or `options` whole.  `on_result(index, result)` is called as each file
     finishes.  An unreadable file raises its AudioError, unless `on_error(index, error)`
     is given: then that file's result is None and the others go on.
     """
     results: list[dict | None] = [None] * len(audios)
-    for index, finished in transcribe_stream(model, audios, batch_size=batch_size, **options):
+    if options is not None and keywords:
+        raise TypeError(f"give the options whole or as keywords, not both ({', '.join(keywords)})")
+    options = options or batch_options(**keywords)
+    stream = transcribe_stream(model, audios, options, batch_size=batch_size, device=device)
+    for index, finished in stream:
         if isinstance(finished, AudioError):
             if on_error is None:
                 raise finished
@@ -101,7 +107,6 @@ def _stream(
     audios: Iterable[AudioSource],
     batch_size: int,
     transcribe_options: TranscribeOptions,
-    decode_options: dict,
     device: str | None,
 ) -> Iterator[tuple[int, FileTranscription | AudioError]]:
     def opened() -> Iterator[tuple[int, FileTranscription | AudioError]]:
@@ -121,7 +126,7 @@ def _stream(
             features = features.result()
         except AudioError as error:
             return index, error
-        return index, FileTranscription(model, audio, transcribe_options, decode_options, features=features)
+        return index, FileTranscription(model, audio, transcribe_options, features=features)
 
     with on_device(model, device):
         files = opened()
@@ -153,13 +158,13 @@ def decode_batch(model: Whisper, batch: list[tuple[FileTranscription, mx.array]]
     each job its result; a window that needs the temperature fallback retries alone."""
     groups: dict[str, list[tuple[FileTranscription, mx.array]]] = {}
     for job, window in batch:
-        groups.setdefault(repr(sorted(job.decode_options.items())), []).append((job, window))
+        groups.setdefault(repr(job.decoding), []).append((job, window))
     fallback = replace(options, temperature=options.temperature[1:])
     for members in groups.values():
-        first = members[0][0].decode_options
+        first = members[0][0].decoding
         task = DecodingTask(model, decoding_options(first, options.temperature[0]))
         decoded = task.run(mx.stack([window for _, window in members]))
         for (job, window), result in zip(members, decoded):
             if fallback.temperature and needs_fallback(result, options):
-                result = decode_with_fallback(model, window, fallback, job.decode_options)
+                result = decode_with_fallback(model, window, fallback, job.decoding)
             job.add_result(result)

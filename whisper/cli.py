@@ -18,7 +18,7 @@ from .convert import ModelFormatError
 from .models import DEFAULT_MODEL, ModelNotFoundError, load_model
 from .runtime import configure
 from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE
-from .transcribe import transcribe
+from .transcribe import TranscribeOptions, transcribe_with
 from .utils import optional_float, optional_int, str2bool
 from .writers import FORMATS, SubtitleOptions, write_result
 
@@ -107,28 +107,6 @@ def add_subtitle_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-words-per-line", type=optional_int, default=None, help="subtitle words per line")
 
 
-# Options handed to transcribe() exactly as given on the command line.
-_PASSED_THROUGH = (
-    "compression_ratio_threshold",
-    "logprob_threshold",
-    "no_speech_threshold",
-    "initial_prompt",
-    "carry_initial_prompt",
-    "word_timestamps",
-    "prepend_punctuations",
-    "append_punctuations",
-    "clip_timestamps",
-    "hallucination_silence_threshold",
-    "vad_filter",
-    "task",
-    "best_of",
-    "beam_size",
-    "patience",
-    "length_penalty",
-    "suppress_tokens",
-)
-
-
 def _temperatures(args: argparse.Namespace) -> tuple[float, ...]:
     if args.temperature_increment_on_fallback is None:
         return (args.temperature,)
@@ -151,20 +129,21 @@ def subtitle_options(args: argparse.Namespace) -> SubtitleOptions:
     return SubtitleOptions(args.max_line_width, args.max_line_count, args.max_words_per_line, args.highlight_words)
 
 
-def transcribe_options(args: argparse.Namespace, *, multilingual: bool) -> dict:
-    """The keyword arguments of transcribe() (and transcribe_batch()) the options ask for."""
+def transcribe_options(args: argparse.Namespace, *, multilingual: bool) -> TranscribeOptions:
+    """The transcription options the command line asks for (those named as transcribe's keywords)."""
     language = args.language
     if language and not multilingual and language.lower() not in {"en", "english"}:
         print(f"{args.model} is English-only; use --model base for {language}", file=sys.stderr)
         language = "en"
+    own, decoding = TranscribeOptions.names()
+    keywords = {name: value for name, value in vars(args).items() if name in own | decoding}
     condition = args.condition_on_previous_text
-    options = {name: getattr(args, name) for name in _PASSED_THROUGH}
-    options.update(
+    keywords.update(
         temperature=_temperatures(args),
         condition_on_previous_text=args.batch_size == 1 if condition is None else condition,
         language=language,
     )
-    return options
+    return TranscribeOptions.from_keywords(**keywords)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 on_result=lambda i, result: write(args.audio[i], result, printed=False),
                 on_error=lambda i, error: skip(args.audio[i], error),
-                **options,
+                options=options,
             )
         except ValueError as error:  # options that cannot go together: nothing was transcribed
             print(f"cannot transcribe: {error}", file=sys.stderr)
@@ -218,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if failures else 0
     for audio_path in args.audio:
         try:
-            result = transcribe(model, audio_path, verbose=args.verbose, **options)
+            result = transcribe_with(model, audio_path, options, verbose=args.verbose)
         except (AudioError, ValueError) as error:
             skip(audio_path, error)
             continue

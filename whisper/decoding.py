@@ -459,8 +459,85 @@ def detect_language(
     return (tokens[0], language_probs[0]) if single else (tokens, language_probs)
 
 
+class Steps:
+    """How the decoding loop gets each row's next token: `choose` from given logits, `next` from a
+    step of the model; `finish` once the loop ends."""
+
+    def __init__(self, task: DecodingTask, inference: Inference, decoder: TokenDecoder):
+        self.task = task
+        self.inference = inference
+        self.decoder = decoder
+
+    def choose(self, tokens: np.ndarray, logits: mx.array, sum_logprobs: np.ndarray) -> tuple[np.ndarray, bool]:
+        raise NotImplementedError
+
+    def next(self, tokens: np.ndarray, sum_logprobs: np.ndarray) -> tuple[np.ndarray, bool]:
+        return self.choose(tokens, self.inference.device_logits(tokens)[:, -1], sum_logprobs)
+
+    def finish(self, tokens: np.ndarray) -> None:
+        pass
+
+
+class HostSteps(Steps):
+    """The logits come to the host, where the filters forbid tokens and the token decoder chooses
+    (greedy, sampling, beam search)."""
+
+    def choose(self, tokens, logits, sum_logprobs):
+        logits = np.array(logits.astype(mx.float32))
+        for logit_filter in self.task.logit_filters:
+            logit_filter.apply(logits, tokens)
+        return self.decoder.update(tokens, logits, sum_logprobs)
+
+
+class DeviceSteps(Steps):
+    """Greedy choices made where the logits are, under the rules' state kept there too: each step
+    is sent before the previous one's ids are read, so that the host's sending of a step overlaps
+    the device's running of the last one."""
+
+    def __init__(self, task: DecodingTask, inference: Inference, decoder: GreedyDecoder):
+        super().__init__(task, inference, decoder)
+        self.rules = DeviceRules(task.logit_filters, task.model.dims.n_vocab)
+        self.chained = chained_choice(inference.backend, task.timestamp_begin, task.tokenizer.eot)
+        self.pending: tuple[mx.array, ...] | None = None
+        self.started = False
+
+    def choose(self, tokens, logits, sum_logprobs):
+        chosen, logprobs = self.inference.backend.greedy_choice(logits, *self.rules(tokens), self.task.timestamp_begin)
+        return self.decoder.append(tokens, np.array(chosen).astype(np.int64), np.array(logprobs), sum_logprobs)
+
+    def next(self, tokens, sum_logprobs):
+        if not self.started:
+            self.started = True
+            eot = self.task.tokenizer.eot
+            self.forbidden, _ = self.rules(tokens)  # the same for every row from here on
+            timestamps = next((f for f in self.task.logit_filters if isinstance(f, ApplyTimestampRules)), None)
+            state = [mx.array(a) for a in timestamps.state(tokens).arrays()] if timestamps else []
+            self.pending = self._send(mx.array(tokens[:, -1:], dtype=mx.int32), mx.array(tokens[:, -1] == eot), state)
+        if self.pending is None:  # the context is full: no step is left to take
+            return tokens, True
+        chosen, logprobs, done, *state = self.pending
+        # The step after this one, if the loop may take its token.
+        room = tokens.shape[1] + 1 - self.task.sample_begin < self.task.sample_len
+        self.pending = self._send(chosen[:, None], done, state) if room else None
+        return self.decoder.append(tokens, np.array(chosen).astype(np.int64), np.array(logprobs), sum_logprobs)
+
+    def _send(self, last: mx.array, done: mx.array, state: list[mx.array]) -> tuple[mx.array, ...] | None:
+        if self.inference.n_cached >= self.task.n_ctx:
+            return None
+        step = self.inference.chained_step(last, self.chained, self.forbidden, done, *state)
+        mx.async_eval(step)
+        return step
+
+    def finish(self, tokens):
+        if self.pending is not None:  # a step sent past the end: its position holds nothing
+            self.inference.rewind(tokens.shape[1] - 1)
+
+
 class DecodingTask:
-    def __init__(self, model: Whisper, options: DecodingOptions):
+    def __init__(self, model: Whisper, options: DecodingOptions, guess: list[int] | None = None):
+        """`guess`: tokens this window's text likely starts with (say, a live transcript's last
+        text), checked in the first pass over the initial tokens: those the decoding would choose
+        anyway are taken without a step each.  The tokens are the same with or without it."""
         self.model = model
         language = options.language or ("en" if not model.is_multilingual else None)
         self.tokenizer = get_tokenizer(
@@ -470,6 +547,7 @@ class DecodingTask:
         self.n_group = options.beam_size or options.best_of or 1
         self.n_ctx = model.dims.n_text_ctx
         self.sample_len = options.sample_len or self.n_ctx // 2
+        self.guess = list(guess or [])[: self.sample_len - 1]
         self.sot_sequence = list(self.tokenizer.sot_sequence)
         if options.without_timestamps:
             self.sot_sequence = list(self.tokenizer.sot_sequence_including_notimestamps)
@@ -545,83 +623,32 @@ class DecodingTask:
         _, probs = detect_language(self.model, audio_features, self.tokenizer)
         return [max(p, key=p.get) for p in probs], probs
 
-    def _choose(
-        self, decoder: TokenDecoder, tokens: np.ndarray, logits: np.ndarray, sum_logprobs: np.ndarray
-    ) -> tuple[np.ndarray, bool]:
-        """The filters forbid tokens in `logits` (batch, vocab; on the host, changed in place),
-        then the decoder appends its choice: the tokens, and whether every row has ended."""
-        for logit_filter in self.logit_filters:
-            logit_filter.apply(logits, tokens)
-        return decoder.update(tokens, logits, sum_logprobs)
+    def _steps(self, inference: Inference, decoder: TokenDecoder) -> Steps:
+        if inference.backend.chooses_on_device and isinstance(decoder, GreedyDecoder) and decoder.temperature == 0:
+            return DeviceSteps(self, inference, decoder)
+        return HostSteps(self, inference, decoder)
 
     def _sample(self, inference: Inference, decoder: TokenDecoder, tokens: np.ndarray):
+        """The decoding loop: one pass over the initial tokens (and the guess), then a step a token."""
         sum_logprobs = np.zeros(tokens.shape[0], dtype=np.float64)
+        guessed = np.concatenate([tokens, np.tile(np.array(self.guess, dtype=tokens.dtype), (tokens.shape[0], 1))], 1)
         # From start-of-transcript on: the prompt before it needs no logits.
-        all_logits = inference.device_logits(tokens, positions=tokens.shape[1] - self.sot_index)
+        all_logits = inference.device_logits(guessed, positions=guessed.shape[1] - self.sot_index)
         sot_probs = mx.softmax(all_logits[:, 0].astype(mx.float32), axis=-1, precise=True)
         no_speech_probs = np.array(sot_probs[:, self.tokenizer.no_speech]).astype(np.float64)
-        logits = all_logits[:, -1]
-        if inference.backend.chooses_on_device and isinstance(decoder, GreedyDecoder) and decoder.temperature == 0:
-            rules = DeviceRules(self.logit_filters, self.model.dims.n_vocab)
-            chosen, logprobs = inference.backend.greedy_choice(logits, *rules(tokens), self.timestamp_begin)
-            chosen, logprobs = np.array(chosen).astype(np.int64), np.array(logprobs)
-            tokens, completed = decoder.append(tokens, chosen, logprobs, sum_logprobs)
-            steps = functools.partial(self._steps_on_device, rules)
-        else:
-            tokens, completed = self._choose(decoder, tokens, np.array(logits.astype(mx.float32)), sum_logprobs)
-            steps = self._steps_on_host
-        if not (completed or tokens.shape[1] > self.n_ctx):
-            tokens = steps(inference, decoder, tokens, sum_logprobs)
-        return tokens, sum_logprobs, no_speech_probs
-
-    def _steps_on_host(
-        self, inference: Inference, decoder: TokenDecoder, tokens: np.ndarray, sum_logprobs: np.ndarray
-    ) -> np.ndarray:
-        for _ in range(1, self.sample_len):
-            logits = inference.device_logits(tokens)[:, -1]
-            tokens, completed = self._choose(decoder, tokens, np.array(logits.astype(mx.float32)), sum_logprobs)
-            if completed or tokens.shape[1] > self.n_ctx:
+        steps = self._steps(inference, decoder)
+        # The guess's tokens are accepted as long as they are what the decoding would choose.
+        for step in range(len(self.guess) + 1):
+            logits = all_logits[:, self.sample_begin - 1 - self.sot_index + step]
+            tokens, completed = steps.choose(tokens, logits, sum_logprobs)
+            if completed or step == len(self.guess) or tokens[0, -1] != self.guess[step]:
                 break
-        return tokens
-
-    def _steps_on_device(
-        self,
-        rules: DeviceRules,
-        inference: Inference,
-        decoder: GreedyDecoder,
-        tokens: np.ndarray,
-        sum_logprobs: np.ndarray,
-    ) -> np.ndarray:
-        """Greedy steps whose choices and timestamp rules stay on the device: each step is sent
-        before the previous one's ids are read, so that the host's sending of ~100 operations
-        overlaps the GPU's running of the last ones."""
-        eot = self.tokenizer.eot
-        forbidden, _ = rules(tokens)  # the same for every row from here on
-        timestamps = next((f for f in self.logit_filters if isinstance(f, ApplyTimestampRules)), None)
-        state = [mx.array(a) for a in timestamps.state(tokens).arrays()] if timestamps else []
-        choose = chained_choice(inference.backend, self.timestamp_begin, eot)
-
-        def send(last: mx.array, done: mx.array, state: list[mx.array]) -> tuple[mx.array, ...] | None:
-            if inference.n_cached >= self.n_ctx:
-                return None
-            step = inference.chained_step(last, choose, forbidden, done, *state)
-            mx.async_eval(step)
-            return step
-
-        pending = send(mx.array(tokens[:, -1:], dtype=mx.int32), mx.array(tokens[:, -1] == eot), state)
-        for sent in range(1, self.sample_len):
-            if pending is None:
-                break
-            chosen, logprobs, done, *state = pending
-            pending = send(chosen[:, None], done, state) if sent < self.sample_len - 1 else None
-            tokens, completed = decoder.append(
-                tokens, np.array(chosen).astype(np.int64), np.array(logprobs), sum_logprobs
-            )
-            if completed or tokens.shape[1] > self.n_ctx:
-                break
-        if pending is not None:  # a step sent past the end: its position holds nothing
+        if self.guess:  # the cache holds the whole guess: go on after what was accepted
             inference.rewind(tokens.shape[1] - 1)
-        return tokens
+        while not completed and tokens.shape[1] - self.sample_begin < self.sample_len and tokens.shape[1] <= self.n_ctx:
+            tokens, completed = steps.next(tokens, sum_logprobs)
+        steps.finish(tokens)
+        return tokens, sum_logprobs, no_speech_probs
 
     def run(self, mel: mx.array) -> list[DecodingResult]:
         if mel.ndim == 2:

@@ -36,7 +36,7 @@ import mlx.core as mx
 import numpy as np
 
 from .audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_frames
-from .decoding import DecodingOptions, DecodingTask, Inference, TokenDecoder, detect_language, log_softmax
+from .decoding import DecodingOptions, DecodingTask, detect_language
 from .model import Whisper
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, WordTiming, find_alignment, merge_punctuations
 from .tokenizer import get_tokenizer, language_code
@@ -109,34 +109,6 @@ def _silent_window(model: Whisper) -> mx.array:
         _silent_windows[key] = features
         weakref.finalize(model, _silent_windows.pop, key, None)
     return _silent_windows[key]
-
-
-class _GuessingTask(DecodingTask):
-    """Greedy decoding that first checks a guess of its tokens in one decoder pass, then samples
-    step by step from the first token the guess got wrong: the same tokens as plain greedy
-    decoding, in fewer steps when the guess is good."""
-
-    def __init__(self, model: Whisper, options: DecodingOptions, guess: list[int]) -> None:
-        super().__init__(model, options)
-        self.guess = guess[: self.sample_len - 1]
-
-    def _sample(self, inference: Inference, decoder: TokenDecoder, tokens: np.ndarray):
-        sum_logprobs = np.zeros(tokens.shape[0], dtype=np.float64)
-        guessed = np.concatenate([tokens, np.tile(np.array(self.guess, dtype=tokens.dtype), (tokens.shape[0], 1))], 1)
-        # From start-of-transcript on: the prompt before it needs no logits.
-        all_logits = inference.logits(guessed, positions=guessed.shape[1] - self.sot_index)
-        no_speech_probs = np.exp(log_softmax(all_logits[:, 0]))[:, self.tokenizer.no_speech]
-        completed = False
-        for step in range(len(self.guess) + 1):
-            logits = all_logits[:, self.sample_begin - 1 - self.sot_index + step].copy()
-            tokens, completed = self._choose(decoder, tokens, logits, sum_logprobs)
-            if completed or step == len(self.guess) or tokens[0, -1] != self.guess[step]:
-                break
-        # The cache holds the whole guess: keep what was accepted, then go on from there.
-        inference.rewind(tokens.shape[1] - 1)
-        while not completed and tokens.shape[1] - self.sample_begin < self.sample_len and tokens.shape[1] <= self.n_ctx:
-            tokens, completed = self._choose(decoder, tokens, inference.logits(tokens)[:, -1].copy(), sum_logprobs)
-        return tokens, sum_logprobs, no_speech_probs
 
 
 class StreamingTranscriber:
@@ -315,7 +287,7 @@ class StreamingTranscriber:
             sample_len=EXTRA_TOKENS + round(TOKENS_PER_SECOND * max(unconfirmed_s, 0.0)),
         )
         guess = [t for w in self._tentative for t in w.tokens]
-        result = _GuessingTask(self.model, options, guess).run(features)[0]
+        result = DecodingTask(self.model, options, guess).run(features)[0]
         silent = result.no_speech_prob > 0.6 and result.avg_logprob < -1.0
         if not result.tokens or silent or result.compression_ratio > COMPRESSION_RATIO_THRESHOLD:
             return [], language

@@ -11,7 +11,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -62,6 +62,7 @@ class TranscribeOptions:
     # silence, the model invents text ("you", "Thank you.") with little doubt.
     silence_floor_db: float | None = -60.0
     vad_filter: bool = False  # decode only where whisper.vad finds speech
+    decoding: DecodingOptions = field(default_factory=DecodingOptions)  # each window's, its temperature aside
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, (int, float)):  # one temperature: no fallback
@@ -69,19 +70,34 @@ class TranscribeOptions:
         else:
             object.__setattr__(self, "temperature", tuple(self.temperature))
 
+    @classmethod
+    def names(cls) -> tuple[set[str], set[str]]:
+        """The keywords `from_keywords` takes: this class's own, and the decoding's."""
+        return {f.name for f in fields(cls)} - {"decoding"}, {f.name for f in fields(DecodingOptions)} - {"temperature"}
+
+    @classmethod
+    def from_keywords(cls, **keywords: object) -> TranscribeOptions:
+        """Options from keyword arguments named as this class's and `DecodingOptions`' fields
+        (`transcribe`'s keywords); an unknown name fails here, with the names there are."""
+        own, decoding = cls.names()
+        unknown = sorted(set(keywords) - own - decoding)
+        if unknown:
+            valid = ", ".join(sorted(own | decoding))
+            raise TypeError(f"unknown option(s) {', '.join(unknown)}; the options are: {valid}")
+        return cls(
+            **{k: v for k, v in keywords.items() if k in own},
+            decoding=DecodingOptions(**{k: v for k, v in keywords.items() if k in decoding}),
+        )
+
 
 # ------------------------------------------------------------- one window
 
 
-def decoding_options(decode_options: dict, temperature: float) -> DecodingOptions:
+def decoding_options(decoding: DecodingOptions, temperature: float) -> DecodingOptions:
     """The options of one decode: beams only at temperature 0, `best_of` only above it."""
-    kwargs = dict(decode_options)
     if temperature > 0:
-        kwargs.pop("beam_size", None)
-        kwargs.pop("patience", None)
-    else:
-        kwargs.pop("best_of", None)
-    return DecodingOptions(**kwargs, temperature=temperature)
+        return replace(decoding, temperature=temperature, beam_size=None, patience=None)
+    return replace(decoding, temperature=temperature, best_of=None)
 
 
 def needs_fallback(result: DecodingResult, options: TranscribeOptions) -> bool:
@@ -96,12 +112,12 @@ def needs_fallback(result: DecodingResult, options: TranscribeOptions) -> bool:
 
 
 def decode_with_fallback(
-    model: Whisper, mel: mx.array, options: TranscribeOptions, decode_options: dict
+    model: Whisper, mel: mx.array, options: TranscribeOptions, decoding: DecodingOptions
 ) -> DecodingResult:
     """Decode at rising temperatures until the text is neither repetitive nor unlikely."""
     result = None
     for temperature in options.temperature:
-        result = DecodingTask(model, decoding_options(decode_options, temperature)).run(mel[None])[0]
+        result = DecodingTask(model, decoding_options(decoding, temperature)).run(mel[None])[0]
         if not needs_fallback(result, options):
             break
     return result
@@ -339,17 +355,7 @@ def transcribe(
     `device` ("cpu" or "gpu") overrides the device the model was loaded for.
     Other keyword arguments are `DecodingOptions` fields (language, task, beam_size, ...).
     """
-    if not isinstance(model, Whisper):
-        if model is not None and audio is not None:
-            raise TypeError("give transcribe(model, audio) or transcribe(audio, path_or_hf_repo=name)")
-        audio = audio if model is None else model
-        dtype = None if decode_options.get("fp16", True) else mx.float32
-        model = kept_model(path_or_hf_repo or DEFAULT_MODEL, dtype)
-    elif path_or_hf_repo is not None:
-        raise TypeError("path_or_hf_repo names the model of transcribe(audio, ...); here a model is given")
-    if audio is None:
-        raise TypeError("transcribe needs the audio: a path, file bytes or a 16 kHz waveform")
-    options = TranscribeOptions(
+    options = TranscribeOptions.from_keywords(
         temperature=temperature,
         compression_ratio_threshold=compression_ratio_threshold,
         logprob_threshold=logprob_threshold,
@@ -364,9 +370,42 @@ def transcribe(
         hallucination_silence_threshold=hallucination_silence_threshold,
         silence_floor_db=silence_floor_db,
         vad_filter=vad_filter,
+        **decode_options,
     )
+    if not isinstance(model, Whisper):
+        if model is not None and audio is not None:
+            raise TypeError("give transcribe(model, audio) or transcribe(audio, path_or_hf_repo=name)")
+        audio = audio if model is None else model
+        dtype = None if options.decoding.fp16 else mx.float32
+        model = kept_model(path_or_hf_repo or DEFAULT_MODEL, dtype)
+    elif path_or_hf_repo is not None:
+        raise TypeError("path_or_hf_repo names the model of transcribe(audio, ...); here a model is given")
+    if audio is None:
+        raise TypeError("transcribe needs the audio: a path, file bytes or a 16 kHz waveform")
+    return transcribe_with(
+        model,
+        audio,
+        options,
+        verbose=verbose,
+        progress_callback=progress_callback,
+        segment_callback=segment_callback,
+        device=device,
+    )
+
+
+def transcribe_with(
+    model: Whisper,
+    audio: AudioInput,
+    options: TranscribeOptions,
+    *,
+    verbose: bool | None = None,
+    progress_callback: ProgressCallback | None = None,
+    segment_callback: SegmentCallback | None = None,
+    device: str | None = None,
+) -> dict:
+    """`transcribe`, its options given as one object (the page and the command line build it)."""
     with on_device(model, device):
-        job = FileTranscription(model, audio, options, decode_options, verbose)
+        job = FileTranscription(model, audio, options, verbose)
         with tqdm.tqdm(total=job.content_frames, unit="frames", disable=verbose is not False) as bar:
             reported = 0
 
@@ -381,7 +420,7 @@ def transcribe(
 
             job.on_progress = report
             while (window := job.next_window()) is not None:
-                job.add_result(decode_with_fallback(model, window, options, job.decode_options))
+                job.add_result(decode_with_fallback(model, window, options, job.decoding))
         return job.result()
 
 
@@ -425,7 +464,7 @@ class FileTranscription:
     """One file's transcription, window by window.
 
     `next_window()` returns the next 30-second window to decode (silent ones are skipped)
-    with `decode_options` set for it, or None at the end; `add_result()` takes that
+    with `decoding` set for it, or None at the end; `add_result()` takes that
     window's decoding.  `transcribe` decodes each window alone; `whisper.batch` decodes
     windows of several files together.
     """
@@ -435,7 +474,6 @@ class FileTranscription:
         model: Whisper,
         audio: AudioInput | Features,
         options: TranscribeOptions,
-        decode_options: dict,
         verbose: bool | None = None,
         features: Features | None = None,
     ):
@@ -444,19 +482,18 @@ class FileTranscription:
         self.model = model
         self.options = options
         self.verbose = verbose
-        self.decode_options = dict(decode_options)
         self.on_progress: Callable[[int, int], None] | None = None  # (seek before, frames done)
         self.waveform, self.mel = features or audio_features(audio, model.dims.n_mels)
         self.content_frames = self.mel.shape[0] - N_FRAMES
 
-        language = _choose_language(model, self.mel, self.decode_options.pop("language", None), verbose)
-        task = self.decode_options.setdefault("task", "transcribe")
+        language = _choose_language(model, self.mel, options.decoding.language, verbose)
+        task = options.decoding.task
         if task == "translate" and not model.is_multilingual:
             raise ValueError("this model is English-only: it cannot translate; use a multilingual model such as base")
         self.tokenizer = get_tokenizer(
             model.is_multilingual, num_languages=model.num_languages, language=language, task=task
         )
-        self.decode_options["language"] = language
+        self.decoding = replace(options.decoding, language=language)  # this window's, its prompt set for it
 
         clip_timestamps = options.clip_timestamps
         if options.vad_filter:
@@ -491,7 +528,8 @@ class FileTranscription:
                 continue
             segment_size = min(N_FRAMES, self.content_frames - seek, clip_end - seek)
             window = mx.array(pad_or_trim(self.mel[seek : seek + segment_size], N_FRAMES, axis=0))
-            self.decode_options["prompt"] = _prompt(state, self.prompt_tokens, self.options, self.model.dims.n_text_ctx)
+            prompt = _prompt(state, self.prompt_tokens, self.options, self.model.dims.n_text_ctx)
+            self.decoding = replace(self.decoding, prompt=prompt)
             self._window = (seek, clip_end, window)
             return window
         return None
@@ -514,7 +552,7 @@ class FileTranscription:
         return {
             "text": self.tokenizer.decode(self.state.all_tokens[len(self.prompt_tokens) :]),
             "segments": self.state.all_segments,
-            "language": self.decode_options["language"],
+            "language": self.decoding.language,
         }
 
     def _report(self, previous_seek: int) -> None:

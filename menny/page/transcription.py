@@ -17,6 +17,7 @@ import numpy as np
 
 import whisper
 from whisper.audio import SAMPLE_RATE, AudioError, load_audio
+from whisper.transcribe import TranscribeOptions, transcribe_with
 
 from .library import Library, Transcript, new_uid
 
@@ -47,13 +48,14 @@ class TranscriptionSettings:
     word_timestamps: bool = False
     beam_size: int = 1  # 1: greedy decoding
 
-    def transcribe_options(self) -> dict:
-        return {
-            "language": self.language,
-            "task": self.task,
-            "word_timestamps": self.word_timestamps,
-            "beam_size": self.beam_size if self.beam_size > 1 else None,
-        }
+    def transcribe_options(self) -> TranscribeOptions:
+        """The engine's options for these choices, passed whole to the transcription."""
+        return TranscribeOptions.from_keywords(
+            language=self.language,
+            task=self.task,
+            word_timestamps=self.word_timestamps,
+            beam_size=self.beam_size if self.beam_size > 1 else None,
+        )
 
 
 def decode(data: bytes, name: str) -> np.ndarray:
@@ -161,12 +163,12 @@ class TranscriptionJob:
             try:
                 if self._cancel.is_set():
                     raise Cancelled
-                result = whisper.transcribe(
+                result = transcribe_with(
                     self._model,
                     audio,
+                    self._settings.transcribe_options(),
                     progress_callback=self._progress,
                     segment_callback=self._segments.extend,
-                    **self._settings.transcribe_options(),
                 )
             except Cancelled:
                 cancelled_at_s = self.done_s

@@ -13,7 +13,7 @@ def run_in_process(job: Job, archive: Archive, names: list[str], tally: Tally) -
     file's outputs as it finishes; an unreadable file is recorded and the rest go on."""
     model = job.load_model()
     sources = (archive.source(name) for name in names)
-    for index, finished in transcribe_stream(model, sources, batch_size=job.batch_size, **job.options):
+    for index, finished in transcribe_stream(model, sources, job.options, batch_size=job.batch_size):
         if isinstance(finished, AudioError):
             archive.record_failure(names[index], str(finished))
             tally.failed_one()

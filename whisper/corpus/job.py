@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 
 import tqdm
 
+from ..batch import batch_options
 from ..model import Whisper
 from ..models import load_model
+from ..transcribe import TranscribeOptions
 
 
 @dataclass(frozen=True)
@@ -16,7 +18,7 @@ class Job:
     """The model and the options every file is transcribed with (picklable, for Ray)."""
 
     model: str
-    options: dict = field(default_factory=dict)  # transcribe()'s keyword arguments
+    options: TranscribeOptions = field(default_factory=batch_options)
     batch_size: int = 8
     quantize: int | None = None
     device: str | None = None

@@ -122,7 +122,7 @@ class ModelHolder:
         todo = [i for i, name in enumerate(names) if not rows["error"][i] and not self.archive.is_done(name)]
         features = (Features(rows["waveform"][i].astype(np.float32) / 32768, rows["mel"][i]) for i in todo)
         job = self.job
-        for index, finished in transcribe_stream(self.model, features, batch_size=job.batch_size, **job.options):
+        for index, finished in transcribe_stream(self.model, features, job.options, batch_size=job.batch_size):
             self.archive.write(names[todo[index]], finished.result(), finished.duration)
         return {
             "audio": np.array(names),
