@@ -120,8 +120,8 @@ def _hann_window() -> np.ndarray:
     return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
 
 
-# Frames transformed at a time: the STFT's temporary arrays stay a few MB however long the
-# audio (all at once, two minutes of it took 120 MB more memory, and kept it).
+# Frames transformed at a time: the STFT's temporary arrays stay small however long the audio
+# (all at once, they grew with it, and the heap kept them; bench/NOTES.md).
 FRAMES_PER_BLOCK = 1000
 
 

@@ -27,10 +27,10 @@ _OPENBLAS_CANDIDATES = (
 )
 
 
-# OpenBLAS's threads spin for 2^n cycles after each product before they sleep; by default n = 28,
-# ~75 ms here.  A prompt's pass calls it between our kernels, whose threads then shared the two
-# cores with spinning ones: that pass and the steps after it ran 10-20 % slower.  2^4 cycles:
-# they sleep at once, and waking them costs a product tens of microseconds.
+# OpenBLAS's threads spin for 2^n cycles after each product before they sleep (by default n = 28).
+# A prompt's pass calls it between our kernels, whose threads then shared the cores with spinning
+# ones, and that pass and the steps after it ran slower (bench/NOTES.md).  2^4 cycles: they
+# sleep at once, and waking them costs a product little.
 OPENBLAS_THREAD_TIMEOUT = "4"
 
 
@@ -58,9 +58,9 @@ _M_MMAP_THRESHOLD = -3
 def _keep_freed_memory() -> bool:
     """On Linux CPUs MLX takes each array's memory from malloc and frees it when the array goes,
     and glibc gives freed blocks of 128 KB and more back to the kernel: every encoder window
-    then faulted in ~40 MB of fresh zeroed pages (10-20 % of a tiny.en window).  Blocks under
-    32 MB now come from the heap, which is never trimmed, so they are reused; larger ones (the
-    float32 copies made while loading) still go back, and the peak memory grows by ~8 MB."""
+    then faulted in fresh zeroed pages (bench/NOTES.md).  Blocks under 32 MB now come from the
+    heap, which is never trimmed, so they are reused; larger ones (the float32 copies made while
+    loading) still go back."""
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -43,8 +43,8 @@ def median_filter(x: np.ndarray, width: int) -> np.ndarray:
 
 @functools.cache
 def _compiled(function):
-    """`function` compiled by numba, imported only now: it adds ~60 MB to a process that never
-    asks for word timings."""
+    """`function` compiled by numba, imported only now: numba is large, and a process that never
+    asks for word timings need not hold it."""
     import numba
 
     return numba.njit(cache=True)(function)

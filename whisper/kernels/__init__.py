@@ -135,7 +135,7 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
 def prefer_huge_pages(a: mx.array) -> None:
     """Evaluate `a` and have its memory backed by 2 MB pages where whole ones fit, on Linux: a
     decoding step reads each weight once, and with 4 KB pages (a TLB miss each, and the hardware
-    prefetcher stopping at each) the vocabulary's matvec reads 20 % slower."""
+    prefetcher stopping at each) the vocabulary's matvec reads slower (bench/NOTES.md)."""
     module = _on_cpu()
     if module is not None:
         module.huge_pages(a)
