@@ -6,8 +6,8 @@
 Every engine uses the same weights: our bundled CTranslate2 models (faster-whisper reads
 the folder itself, int8 and float32; our engine converts it to MLX; openai-whisper, the
 fp32 reference, gets our converter's fp32 weights as a PyTorch state dict). All decode
-greedily at temperature 0 (no fallback), with timestamps, conditioned on previous text,
-language English.
+at temperature 0 (no fallback), greedily or with --beam-size beams (each engine's own beam
+search), with timestamps, conditioned on previous text, language English.
 
 Each engine+model runs in its own worker process, so its peak RSS is its own. Workers stay
 alive and take turns, run by run and clip by clip, so load drift on the machine spreads
@@ -67,6 +67,7 @@ def _reset_hwm() -> None:
 def _load_engine(engine: str, model: str, prepared: dict):
     """Load one engine+model and return a function: audio path -> text."""
     threads = os.cpu_count() or 1
+    beam_size = prepared["beam_size"]  # None: greedy
     if engine == "ours":
         sys.path.insert(0, str(REPO))
         import whisper
@@ -74,7 +75,7 @@ def _load_engine(engine: str, model: str, prepared: dict):
         loaded = whisper.load_model(model)
 
         def run(path: str) -> str:
-            return whisper.transcribe(loaded, path, language="en", temperature=0.0)["text"]
+            return whisper.transcribe(loaded, path, language="en", temperature=0.0, beam_size=beam_size)["text"]
 
         return run
     if engine == "openai":
@@ -92,6 +93,7 @@ def _load_engine(engine: str, model: str, prepared: dict):
 
         def run(path: str) -> str:
             options = {"temperature": 0.0, "condition_on_previous_text": True, "fp16": False, "language": "en"}
+            options["beam_size"] = beam_size
             return openai_whisper.transcribe(loaded, path, verbose=None, **options)["text"]
 
         return run
@@ -102,7 +104,12 @@ def _load_engine(engine: str, model: str, prepared: dict):
 
     def run(path: str) -> str:
         segments, _ = loaded.transcribe(
-            path, language="en", beam_size=1, temperature=0.0, condition_on_previous_text=True, vad_filter=False
+            path,
+            language="en",
+            beam_size=beam_size or 1,
+            temperature=0.0,
+            condition_on_previous_text=True,
+            vad_filter=False,
         )
         return "".join(segment.text for segment in segments)
 
@@ -134,7 +141,7 @@ def worker(engine: str, model: str, prepared_path: str) -> None:
 # ---------------------------------------------------------------- parent side
 
 
-def prepare(workdir: Path, models: list[str], engines: list[str]) -> Path:
+def prepare(workdir: Path, models: list[str], engines: list[str], beam_size: int | None) -> Path:
     """Resolve model folders, convert ours into its cache, save openai-whisper state dicts.
 
     Workers read the result, so none of them loads more than its own engine.
@@ -145,7 +152,7 @@ def prepare(workdir: Path, models: list[str], engines: list[str]) -> Path:
     import whisper
     from whisper.models import bundled_model_dir
 
-    prepared: dict[str, dict[str, str]] = {"model_dir": {}, "openai_state": {}}
+    prepared: dict = {"model_dir": {}, "openai_state": {}, "beam_size": beam_size}
     for name in models:
         prepared["model_dir"][name] = str(bundled_model_dir(name))
         if "ours" in engines:
@@ -316,6 +323,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--clips", nargs="+", default=list(CLIPS), choices=CLIPS)
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument(
+        "--beam-size", type=int, default=None, help="beams for every engine (default: greedy decoding)"
+    )
     parser.add_argument("--worker", nargs=3, metavar=("ENGINE", "MODEL", "PREPARED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -333,7 +343,7 @@ def main() -> None:
         workdir = Path(tmp)
         paths = {"jfk": SPEECH_DIR / "jfk.flac", "long": workdir / "long.wav"}
         make_long_clip(paths["long"], [clip.path for clip in english_clips()], args.long_seconds)
-        prepared_path = prepare(workdir, args.models, args.engines)
+        prepared_path = prepare(workdir, args.models, args.engines, args.beam_size)
         from whisper.audio import SAMPLE_RATE, load_audio
 
         seconds = {clip: len(load_audio(path)) / SAMPLE_RATE for clip, path in paths.items()}
@@ -353,7 +363,8 @@ def main() -> None:
     table, worst = report(workers, {clip: seconds[clip] for clip in args.clips})
     print(
         f"\n{os.cpu_count()} CPU cores, load average {load_at_start:.1f} at the start, "
-        f"{os.getloadavg()[0]:.1f} at the end; {runs} run(s), medians; greedy, temperature 0, English."
+        f"{os.getloadavg()[0]:.1f} at the end; {runs} run(s), medians; "
+        f"{f'{args.beam_size} beams' if args.beam_size else 'greedy'}, temperature 0, English."
     )
     print(table)
     print(f"\n(benchmark took {time.perf_counter() - started:.0f} s)")
