@@ -133,11 +133,11 @@ class Ours:
         weights = sum(v.nbytes for _, v in self.tree_flatten(self.model.parameters()))
         return (self.mx.get_peak_memory() - self.baseline + weights) / 2**20
 
-    def transcribe(self, audio: np.ndarray) -> str:
-        return whisper.transcribe(self.model, audio, **OPTIONS)["text"]
+    def transcribe(self, audio: np.ndarray, **extra) -> str:
+        return whisper.transcribe(self.model, audio, **OPTIONS, **extra)["text"]
 
-    def batch(self, audios: list[np.ndarray], size: int) -> list[str]:
-        return [r["text"] for r in whisper.transcribe_batch(self.model, audios, batch_size=size, **OPTIONS)]
+    def batch(self, audios: list[np.ndarray], size: int, **extra) -> list[str]:
+        return [r["text"] for r in whisper.transcribe_batch(self.model, audios, batch_size=size, **OPTIONS, **extra)]
 
     def mel(self, audios: list[np.ndarray]):
         from whisper.audio import N_SAMPLES
@@ -271,13 +271,13 @@ class OpenAI(TorchEngine):
         model.load_state_dict(state, strict=True)
         self.model = model.to(TORCH_DEVICE).eval()  # openai-whisper keeps fp32 weights, computes in fp16
 
-    def transcribe(self, audio: np.ndarray) -> str:
+    def transcribe(self, audio: np.ndarray, **extra) -> str:
         with self.torch.inference_mode():
-            return self.ow.transcribe(self.model, audio, fp16=True, **OPTIONS)["text"]
+            return self.ow.transcribe(self.model, audio, fp16=True, **OPTIONS, **extra)["text"]
 
-    def batch(self, audios: list[np.ndarray], size: int) -> list[str]:
+    def batch(self, audios: list[np.ndarray], size: int, **extra) -> list[str]:
         """openai-whisper batches only one window per audio: `decode` on stacked windows."""
-        options = self.ow.DecodingOptions(language="en", temperature=0.0, fp16=True)
+        options = self.ow.DecodingOptions(language="en", temperature=0.0, fp16=True, **extra)
         texts = []
         with self.torch.inference_mode():
             for start in range(0, len(audios), size):
@@ -587,6 +587,39 @@ def speed(data: Data, folder: Path, openai_dir: Path | None, runs: int) -> tuple
     return results, facts
 
 
+def beams(data: Data, folder: Path, openai_dir: Path | None, runs: int, beam_size: int = 5) -> str:
+    """Beam search against greedy decoding, ours and openai-whisper's: the folder at batch 1 and
+    16, audio seconds per second (medians of `runs`), and the WER of each."""
+    engines = [Ours(folder)] + ([OpenAI(folder, openai_dir)] if openai_dir else [])
+    audio = [data.audio[f] for f in data.folder]
+    seconds = sum(a.size for a in audio) / SAMPLE_RATE
+    references = [data.references[f] for f in data.folder]
+    lines = [
+        "| engine | decoding | folder b1 (audio s/s) | folder b16 (audio s/s) | WER b1 | WER b16 |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for engine in engines:
+        for label, extra in (("greedy", {}), (f"{beam_size} beams", {"beam_size": beam_size})):
+            work = {
+                "b1": lambda e=engine, x=extra: [e.transcribe(a, **x) for a in audio],
+                "b16": lambda e=engine, x=extra: e.batch(audio, 16, **x),
+            }
+            times: dict[str, list[float]] = {key: [] for key in work}
+            texts: dict[str, list[str]] = {}
+            for run in range(runs + 1):  # the first run warms up
+                for key, job in work.items():
+                    elapsed, texts[key] = timed(engine.sync, job)
+                    if run:
+                        times[key].append(elapsed)
+            rates = [seconds / statistics.median(times[key]) for key in work]
+            errors = [wer(references, texts[key]) for key in work]
+            lines.append(
+                f"| {engine.label} | {label} | {rates[0]:.0f} | {rates[1]:.0f} | {errors[0]:.2f} | {errors[1]:.2f} |"
+            )
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def speed_table(results: list[Measured], facts: dict, data: Data) -> str:
     rate = max(facts["rates"].values())
     references = [data.references[f] for f in data.folder]
@@ -705,6 +738,7 @@ def main() -> None:
     parser.add_argument("--quantization", action="store_true")
     parser.add_argument("--speed", action="store_true")
     parser.add_argument("--step", action="store_true", help="time our compiled decoder step alone")
+    parser.add_argument("--beams", action="store_true", help="5 beams against greedy, ours and openai-whisper's")
     parser.add_argument("--profile", action="store_true", help="cProfile our batch-16 folder run")
     parser.add_argument("--unfused", action="store_true", help="MLX's own ops instead of whisper.cuda's kernel (A/B)")
     parser.add_argument("--runs", type=int, default=5)
@@ -748,6 +782,8 @@ def main() -> None:
             + ", ".join(f"{k} {v / 1e12:.0f}" for k, v in facts["rates"].items())
         )
         print(report["speed"], flush=True)
+    if args.beams:
+        report["beams"] = beams(data, args.models / args.model, args.openai, args.runs)
     if args.step:
         report["step_ms"] = {m: step_ms(args.models / args.model, data.audio["jfk.flac"], m) for m in STEP_MODES}
         print(f"{args.model} decoder step alone (ms by mode and batch size): {report['step_ms']}", flush=True)

@@ -1,9 +1,10 @@
 """One CUDA kernel for a decoding step's projections on NVIDIA GPUs.
 
 On a CUDA GPU MLX spends host time on every operation it evaluates, and a one-token decoder
-step is ~140 small operations: the host, not the GPU, bounds it (bench/GPU.md).  `fused_linear` does in one kernel (`mx.fast.cuda_kernel`) what MLX runs as up
-to four operations: a layer norm of the input, the product with a weight matrix plus bias,
-exact GELU, a residual add.  It is made for a step's few rows: one warp per output feature
+step is ~140 small operations: the host, not the GPU, bounds it (bench/GPU.md).
+`fused_linear` does in one kernel (`mx.fast.cuda_kernel`) what MLX runs as up to four
+operations: a layer norm of the input, the product with a weight matrix plus bias, exact
+GELU, a residual add.  It is made for a step's few rows: one warp per output feature
 reads that feature's weights once for every row.  Anywhere else (no CUDA, many rows,
 quantized or non-fp16 weights) it returns None and the caller composes MLX's ops.
 """

@@ -140,7 +140,9 @@ class CpuBackend(FusedBackend):
     def audio_memory(self, features: mx.array, group: int = 1) -> AudioMemory:
         """Over the features where steps run over them: the features and their panels; else each
         layer's keys and values.  One per window: its rows (beams, samples) share them."""
-        if not kernels.steps_over_features(features, self.model.decoder.blocks[0].attn.n_head):
+        # More rows than the step kernel takes go through the layers' ops, which read keys and values.
+        n_head = self.model.decoder.blocks[0].attn.n_head
+        if features.shape[0] * group > kernels.MATVEC_ROWS or not kernels.steps_over_features(features, n_head):
             memory = {"keys_values": super().audio_memory(features)}
         else:
             memory = {"features": features, "panels": kernels.pack_features(features)}
