@@ -44,8 +44,8 @@ AudioSource = AudioInput | Features
 def transcribe_stream(
     model: Whisper,
     audios: Iterable[AudioSource],
-    *,
     options: TranscribeOptions | None = None,
+    *,
     batch_size: int = 8,
     device: str | None = None,
 ) -> Iterator[tuple[int, FileTranscription | AudioError]]:
@@ -81,8 +81,8 @@ def transcribe_batch(
 ) -> list[dict | None]:
     """Transcribe every audio (path, file bytes or 16 kHz waveform); results in input order.
 
-    Takes `transcribe`'s option keywords, or `options` whole.  `on_result(index, result)` is called as each file
-    finishes.  An unreadable file raises its AudioError, unless `on_error(index, error)`
+    Takes `transcribe`'s option keywords, or `options` whole.  `on_result(index, result)` is
+    called as each file finishes.  An unreadable file raises its AudioError, unless `on_error(index, error)`
     is given: then that file's result is None and the others go on.
     """
     results: list[dict | None] = [None] * len(audios)
