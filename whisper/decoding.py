@@ -19,7 +19,15 @@ import numpy as np
 from .audio import CHUNK_LENGTH, N_FRAMES, frames_first
 from .backends import Backend
 from .model import Whisper
-from .rules import TimestampState, log_softmax, log_sum_exp, shifted_logits, timestamp_ranges, timestamps_win
+from .rules import (
+    TimestampState,
+    log_softmax,
+    log_sum_exp,
+    shifted_logits,
+    timestamp_ranges,
+    timestamps_win,
+    top_choices,
+)
 from .tokenizer import Tokenizer, get_tokenizer
 
 
@@ -342,10 +350,19 @@ class BeamSearchDecoder(TokenDecoder):
         self.finished = None
 
     def update(self, tokens, logits, sum_logprobs):
+        logprobs = log_softmax(logits)
+        # Each beam offers its beam_size + 1 best continuations.
+        ids = np.stack([top_tokens(row, self.beam_size + 1) for row in logprobs])
+        return self.advance(tokens, ids, np.take_along_axis(logprobs, ids, axis=-1), sum_logprobs)
+
+    def advance(
+        self, tokens: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, sum_logprobs: np.ndarray
+    ) -> tuple[np.ndarray, bool]:
+        """Keep the likeliest of the rows' candidate continuations: `ids` (rows, n) with their
+        log-probabilities, largest first, the lower id first among equals (as `top_tokens`)."""
         n_audio = tokens.shape[0] // self.beam_size
         if self.finished is None:
             self.finished = [{} for _ in range(n_audio)]
-        logprobs = log_softmax(logits)
         next_rows, sources, next_sum = [], [], []
         for audio in range(n_audio):
             scores: dict[tuple[int, ...], float] = {}
@@ -353,11 +370,9 @@ class BeamSearchDecoder(TokenDecoder):
             for beam in range(self.beam_size):
                 row = audio * self.beam_size + beam
                 prefix = tuple(int(t) for t in tokens[row])
-                # Each beam offers its beam_size + 1 best continuations.
-                best = top_tokens(logprobs[row], self.beam_size + 1)
-                for token in best:
+                for token, logprob in zip(ids[row], logprobs[row]):
                     sequence = (*prefix, int(token))
-                    scores[sequence] = float(sum_logprobs[row] + logprobs[row, token])
+                    scores[sequence] = float(sum_logprobs[row] + logprob)
                     origin[sequence] = row
             newly_finished = []
             for sequence in sorted(scores, key=scores.__getitem__, reverse=True):
@@ -487,6 +502,24 @@ class HostSteps(Steps):
         for logit_filter in self.task.logit_filters:
             logit_filter.apply(logits, tokens)
         return self.decoder.update(tokens, logits, sum_logprobs)
+
+
+class BeamSteps(Steps):
+    """Beam search whose candidates are chosen where the logits are: each row's beam_size + 1
+    likeliest allowed tokens come to the host, not the whole vocabulary."""
+
+    def __init__(self, task: DecodingTask, inference: Inference, decoder: BeamSearchDecoder):
+        super().__init__(task, inference, decoder)
+        self.rules = DeviceRules(task.logit_filters, task.model.dims.n_vocab)
+
+    def choose(self, tokens, logits, sum_logprobs):
+        k = self.decoder.beam_size + 1
+        ids, logprobs = top_choices(logits, *self.rules(tokens), self.task.timestamp_begin, k)
+        ids, logprobs = np.array(ids).astype(np.int64), np.array(logprobs).astype(np.float64)
+        # Largest first, the lower id first among equals, as a stable sort of the vocabulary.
+        order = np.lexsort((ids, -logprobs), axis=-1)
+        ids, logprobs = np.take_along_axis(ids, order, -1), np.take_along_axis(logprobs, order, -1)
+        return self.decoder.advance(tokens, ids, logprobs, sum_logprobs)
 
 
 class DeviceSteps(Steps):
@@ -624,6 +657,8 @@ class DecodingTask:
         return [max(p, key=p.get) for p in probs], probs
 
     def _steps(self, inference: Inference, decoder: TokenDecoder) -> Steps:
+        if inference.backend.chooses_on_device and isinstance(decoder, BeamSearchDecoder):
+            return BeamSteps(self, inference, decoder)
         if inference.backend.chooses_on_device and isinstance(decoder, GreedyDecoder) and decoder.temperature == 0:
             return DeviceSteps(self, inference, decoder)
         return HostSteps(self, inference, decoder)

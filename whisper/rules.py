@@ -102,16 +102,35 @@ def timestamp_ranges(state: TimestampState, begin: int, eot: int, xp: ModuleType
     return xp.stack([first, second], axis=1)
 
 
-def greedy_choice(
+def allowed_logits(
     logits: mx.array, forbidden: mx.array, ranges: mx.array, timestamp_begin: int | None
-) -> tuple[mx.array, mx.array]:
-    """Each row's likeliest allowed token and its log-probability, with MLX's ops: `forbidden`
-    (1 or rows, vocab) and `ranges` (rows, n, 2, as `LogitFilter.ranges`) say which tokens are
-    not allowed; with `timestamp_begin`, the rule that likelier timestamps win."""
+) -> mx.array:
+    """The logits as float32, -inf where not allowed: `forbidden` (1 or rows, vocab) and `ranges`
+    (rows, n, 2, as `LogitFilter.ranges`) say which tokens are not; with `timestamp_begin`, text
+    tokens are not where the timestamps together are likelier (`timestamps_win`)."""
     forbidden = forbidden | in_ranges(ranges, logits.shape[-1])
     logits = mx.where(forbidden, -mx.inf, logits.astype(mx.float32))
     if timestamp_begin is not None:
         text = mx.arange(logits.shape[-1]) < timestamp_begin
         logits = mx.where(timestamps_win(logits, timestamp_begin)[:, None] & text, -mx.inf, logits)
+    return logits
+
+
+def greedy_choice(
+    logits: mx.array, forbidden: mx.array, ranges: mx.array, timestamp_begin: int | None
+) -> tuple[mx.array, mx.array]:
+    """Each row's likeliest allowed token (`allowed_logits`) and its log-probability, with MLX's ops."""
+    logits = allowed_logits(logits, forbidden, ranges, timestamp_begin)
     chosen = mx.argmax(logits, axis=-1)
     return chosen, mx.take_along_axis(log_softmax(logits, mx), chosen[:, None], axis=-1)[:, 0]
+
+
+def top_choices(
+    logits: mx.array, forbidden: mx.array, ranges: mx.array, timestamp_begin: int | None, k: int
+) -> tuple[mx.array, mx.array]:
+    """Each row's k likeliest allowed tokens (`allowed_logits`), in no order, and their
+    log-probabilities: (rows, k) each, for a beam search to take the rows' few candidates from
+    where the logits are instead of the whole vocabulary."""
+    logprobs = log_softmax(allowed_logits(logits, forbidden, ranges, timestamp_begin), mx)
+    ids = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
+    return ids, mx.take_along_axis(logprobs, ids, axis=-1)
