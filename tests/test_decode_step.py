@@ -16,7 +16,7 @@ from whisper.audio import N_SAMPLES, load_audio
 from whisper.backends import Backend
 from whisper.backends.cpu import CpuBackend, step_weights
 from whisper.backends.gpu import GpuBackend
-from whisper.decoding import ApplyTimestampRules, DecodingOptions, DecodingTask, DeviceRules, Inference
+from whisper.decoding import ApplyTimestampRules, DecodingOptions, DecodingTask, DeviceRules, Inference, top_tokens
 from whisper.model import ResidualAttentionBlock, TextDecoder
 from whisper.rules import TimestampState, log_softmax, timestamp_ranges
 from whisper.tokenizer import get_tokenizer
@@ -145,6 +145,33 @@ def test_greedy_choice_where_the_logits_are_equals_the_host_filters(tiny, backen
     chosen, logprobs = backend.greedy_choice(mx.array(logits), *rules(tokens), task.timestamp_begin)
     assert np.array(chosen).tolist() == expected.tolist()
     np.testing.assert_allclose(np.array(logprobs), log_softmax(host)[np.arange(3), expected], atol=1e-5)
+
+
+@pytest.mark.parametrize("first_step", [True, False])
+@pytest.mark.parametrize("boost", [0.0, 3.5, 14.0])
+def test_a_beam_s_candidates_where_the_logits_are_equal_the_host_filters(tiny, backend, boost, first_step):
+    model = tiny[0]
+    task = DecodingTask(model, DecodingOptions(language="en", beam_size=5))
+    begin = task.tokenizer.timestamp_begin
+    start = task.initial_tokens
+    ends = [[400, 523, 616], [400, 523, begin + 20], [400, begin + 20, begin + 20]]
+    tokens = np.array([start] * 3) if first_step else np.array([[*start, begin, *end] for end in ends])
+    rng = np.random.default_rng(int(boost) + 1)
+    logits = (rng.standard_normal((3, model.dims.n_vocab)) * 4).astype(np.float32)
+    logits[:, begin:] += boost
+    logits[0, 100:103] = logits[0].max() + 1  # three equal best: the lower ids first
+    host = logits.copy()
+    for logit_filter in task.logit_filters:
+        logit_filter.apply(host, tokens)
+    host_logprobs = log_softmax(host)
+    rules = DeviceRules(task.logit_filters, model.dims.n_vocab)
+    ids, logprobs = backend.top_choices(mx.array(logits), *rules(tokens), task.timestamp_begin, 6)
+    ids, logprobs = np.array(ids), np.array(logprobs)
+    order = np.lexsort((ids, -logprobs), axis=-1)
+    ids, logprobs = np.take_along_axis(ids, order, -1), np.take_along_axis(logprobs, order, -1)
+    assert ids.tolist() == [top_tokens(row, 6).tolist() for row in host_logprobs]
+    # The kernel sums the vocabulary's exponentials in eight float32 lanes, numpy pairwise.
+    np.testing.assert_allclose(logprobs, np.take_along_axis(host_logprobs, ids, -1), atol=1e-4)
 
 
 @pytest.mark.skipif(not kernels.available(), reason="the compiled kernels do not run here")

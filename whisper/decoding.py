@@ -26,7 +26,6 @@ from .rules import (
     shifted_logits,
     timestamp_ranges,
     timestamps_win,
-    top_choices,
 )
 from .tokenizer import Tokenizer, get_tokenizer
 
@@ -514,7 +513,7 @@ class BeamSteps(Steps):
 
     def choose(self, tokens, logits, sum_logprobs):
         k = self.decoder.beam_size + 1
-        ids, logprobs = top_choices(logits, *self.rules(tokens), self.task.timestamp_begin, k)
+        ids, logprobs = self.inference.backend.top_choices(logits, *self.rules(tokens), self.task.timestamp_begin, k)
         ids, logprobs = np.array(ids).astype(np.int64), np.array(logprobs).astype(np.float64)
         # Largest first, the lower id first among equals, as a stable sort of the vocabulary.
         order = np.lexsort((ids, -logprobs), axis=-1)

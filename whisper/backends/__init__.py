@@ -8,7 +8,8 @@ A decoding needs a few operations of the model, and each backend does them its o
 - `new_cache`, `forward` (several tokens per row, such as a prompt), `step` (one token per row;
   `step_then` with a function of the logits fused in), `reorder` (beam search's surviving rows)
   and `forget` (positions taken back): the decoder over its self-attention cache;
-- `greedy_choice`: each row's likeliest allowed token under the decoding rules.
+- `greedy_choice` and `top_choices`: each row's likeliest allowed token (greedy decoding), or its
+  k likeliest (a beam's candidates), under the decoding rules.
 
 `Backend`, here, is the plain model's own code (`whisper.model`): it runs anywhere MLX does and is
 the reference every other backend is tested against.  `whisper.backends.cpu` runs the compiled CPU
@@ -24,7 +25,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..model import Whisper
-from ..rules import greedy_choice
+from ..rules import greedy_choice, top_choices
 
 # What a backend's cross-attention reads of a window's audio, and its self-attention cache: each
 # backend's own structure, opaque to the decoding.
@@ -94,12 +95,19 @@ class Backend:
         """(logits (rows, vocab), forbidden (1 or rows, vocab), ranges (rows, n, 2) as in
         `decoding.LogitFilter.ranges`) -> each row's likeliest allowed token and its log-probability;
         with `timestamp_begin`, the rule that likelier timestamps win."""
-        return _compiled_choice(timestamp_begin)(logits, forbidden, ranges)
+        return _compiled(greedy_choice, timestamp_begin)(logits, forbidden, ranges)
+
+    def top_choices(
+        self, logits: mx.array, forbidden: mx.array, ranges: mx.array, timestamp_begin: int | None, k: int
+    ) -> tuple[mx.array, mx.array]:
+        """Each row's k likeliest allowed tokens (rows, k) and their log-probabilities, under the
+        rules as in `greedy_choice`: a beam's candidates."""
+        return _compiled(top_choices, timestamp_begin, k)(logits, forbidden, ranges)
 
 
 @functools.cache
-def _compiled_choice(timestamp_begin: int | None):
-    return mx.compile(functools.partial(greedy_choice, timestamp_begin=timestamp_begin))
+def _compiled(choice, timestamp_begin: int | None, *k: int):
+    return mx.compile(lambda logits, forbidden, ranges: choice(logits, forbidden, ranges, timestamp_begin, *k))
 
 
 def backend_for(model: Whisper, device: mx.Device | None = None, *, kernels: bool = True) -> Backend:

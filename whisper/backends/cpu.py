@@ -222,3 +222,6 @@ class CpuBackend(FusedBackend):
 
     def greedy_choice(self, logits, forbidden, ranges, timestamp_begin):
         return kernels.greedy_choice(logits, forbidden, ranges, timestamp_begin)
+
+    def top_choices(self, logits, forbidden, ranges, timestamp_begin, k):
+        return kernels.top_choices(logits, forbidden, ranges, timestamp_begin, k)

@@ -269,15 +269,25 @@ def pack_features(features: mx.array) -> tuple[mx.array, mx.array]:
 def greedy_choice(
     logits: mx.array, forbidden: mx.array, ranges: mx.array, timestamp_begin: int | None
 ) -> tuple[mx.array, mx.array] | None:
-    """`decoding._greedy_choice` as one kernel call: each row's likeliest allowed token and its
+    """`rules.greedy_choice` as one kernel call: each row's likeliest allowed token and its
     log-probability, in two passes over the vocabulary where MLX's ops make a dozen (their exp
     one lane at a time).  None where the kernels do not run."""
     module = _on_cpu()
     if module is None:
         return None
     first_timestamp = logits.shape[-1] if timestamp_begin is None else timestamp_begin
-    chosen, logprobs = module.greedy_choice(logits, forbidden, ranges, first_timestamp)
+    chosen, logprobs = module.token_choice(logits, forbidden, ranges, first_timestamp)
     return chosen, logprobs
+
+
+def top_choices(
+    logits: mx.array, forbidden: mx.array, ranges: mx.array, timestamp_begin: int | None, k: int
+) -> tuple[mx.array, mx.array]:
+    """`rules.top_choices` as one kernel call: each row's k likeliest allowed tokens (rows, k),
+    largest first and the lower id first among equals, and their log-probabilities."""
+    first_timestamp = logits.shape[-1] if timestamp_begin is None else timestamp_begin
+    ids, logprobs = _on_cpu().token_choice(logits, forbidden, ranges, first_timestamp, k)
+    return ids, logprobs
 
 
 def attends_cache(head_dim: int) -> bool:

@@ -70,10 +70,11 @@ NB_MODULE(_fast_ops, m) {
         "last frame; and channel panels (n_audio, state / 32, frames, 32): [a, p, i, j] = f[a, i, 32 p + j], "
         "in place of the keys and values (the weights then include cross_attn.key.weight, "
         "cross_attn.value.weight and .bias).  Returns the output and the caches, written in place.");
-  m.def("greedy_choice", &menny::greedy_choice, nb::arg("logits"), nb::arg("forbidden"), nb::arg("ranges"),
-        nb::arg("timestamp_begin"),
-        "Each row's likeliest allowed token (int32) and its log-probability among the allowed ones "
-        "(float32): forbidden (1 or batch, vocab) bool and ranges (batch, n, 2) of [start, stop) forbid "
+  m.def("token_choice", &menny::token_choice, nb::arg("logits"), nb::arg("forbidden"), nb::arg("ranges"),
+        nb::arg("timestamp_begin"), nb::arg("k") = 0,
+        "Each row's likeliest allowed token (int32, (batch,)) and its log-probability among the allowed "
+        "ones (float32), or with k > 0 its k likeliest, largest first, the first of equals first ((batch, "
+        "k) each): forbidden (1 or batch, vocab) bool and ranges (batch, n, 2) of [start, stop) forbid "
         "tokens; from timestamp_begin on (vocab or more: no timestamps) the tokens are timestamps, and "
         "when all of them together are likelier than the likeliest text token, text is forbidden.");
   m.def("reorder_rows", &menny::reorder_rows, nb::arg("cache"), nb::arg("sources"), nb::arg("n_positions"),
