@@ -1,9 +1,11 @@
-"""The shared speech clips (../shared/data/speech) and a WER that normalises both sides."""
+"""The shared speech clips (../shared/data/speech), a WER that normalises both sides, and an offline
+Hugging Face cache for the loading tests."""
 
 from __future__ import annotations
 
 import csv
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,3 +68,17 @@ def model(name: str):
     import whisper
 
     return whisper.load_model(name)
+
+
+def offline_hub(hub: Path, repo_id: str, files: list[Path]) -> dict[str, str]:
+    """A Hugging Face cache under `hub` holding one snapshot of `repo_id` with `files` (linked),
+    and an environment in which huggingface_hub reads it offline."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    for file in files:
+        os.symlink(file, snapshot / file.name)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}

@@ -7,7 +7,6 @@ here from the bundled tiny.en."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import asdict
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from mlx import nn
 from mlx.utils import tree_flatten
-from speech import REPO, SPEECH_DIR, model
+from speech import REPO, SPEECH_DIR, model, offline_hub
 
 import whisper
 from whisper import models
@@ -117,15 +116,8 @@ print(output["segments"][0]["words"])
 def test_mlx_whisper_readme_examples(float16_folder, tmp_path):
     """mlx-whisper's README, its model names swapped for ours: the default model (base here),
     then a Hugging Face repo id read offline from the Hugging Face cache."""
-    repo = tmp_path / "hub" / "models--mlx-community--whisper-tiny.en-mlx"
-    revision = "89abcdef0123456789abcdef0123456789abcdef"
-    snapshot = repo / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
-    for name in ("config.json", "weights.npz"):
-        os.symlink(float16_folder / name, snapshot / name)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    files = [float16_folder / "config.json", float16_folder / "weights.npz"]
+    env = offline_hub(tmp_path / "hub", "mlx-community/whisper-tiny.en-mlx", files)
     script = MLX_README.format(speech_file=str(JFK))
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from speech import REPO, SPEECH_DIR
+from speech import REPO, SPEECH_DIR, offline_hub
 
 import whisper
 from whisper import models
@@ -132,15 +132,8 @@ def test_unknown_model_name():
 def test_hugging_face_repo_id_offline(tmp_path):
     """The real huggingface_hub path, served from a local snapshot with the hub offline."""
     source = models.prepare("tiny.en")
-    repo = tmp_path / "hub" / "models--menny-test--whisper-tiny.en"
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = repo / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
-    for name in ("config.json", "weights.safetensors"):
-        os.symlink(source / name, snapshot / name)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    files = [source / "config.json", source / "weights.safetensors"]
+    env = offline_hub(tmp_path / "hub", "menny-test/whisper-tiny.en", files)
     script = (
         "import whisper; m = whisper.load_model('menny-test/whisper-tiny.en');"
         f"print(whisper.transcribe(m, {str(SPEECH_DIR / 'jfk.flac')!r})['text'])"
