@@ -365,7 +365,8 @@ def test_the_avx2_paths_pass_the_kernel_and_step_tests_on_this_cpu_too(fast):
     assert result.returncode == 0, result.stderr
     steps = (
         "test_rows_sharing_an_audio_step_as_over_repeated_copies_of_it",
-        "test_a_layer_step_in_one_kernel_call_gives_the_bits_of_the_layers_own_ops",
+        "test_the_step_in_one_kernel_call_per_layer_gives_the_bits_of_its_own_ops",
+        "test_a_beam_s_candidates_where_the_logits_are_equal_the_host_filters",
     )
     tests = ["tests/test_kernels.py", *(f"tests/test_decode_step.py::{name}" for name in steps)]
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not avx2_paths", *tests]
