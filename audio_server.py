@@ -80,6 +80,7 @@ from menny.server.recorder import (
     AudioUnavailable,
     DeviceNotFound,
     FinishedTake,
+    InputDevice,
     NotRecording,
     Recorder,
 )
@@ -189,15 +190,6 @@ class Status(BaseModel):
     limit_reached: bool
     max_clip_s: float
     error: str | None = Field(description="Why recording is impossible now, or a write failure.")
-
-
-class DeviceItem(BaseModel):
-    index: int
-    name: str
-    hostapi: str
-    max_input_channels: int
-    default_samplerate: float
-    is_default: bool
 
 
 class ClipItem(BaseModel):
@@ -358,13 +350,13 @@ def status(recorder: RecorderDep) -> Status:
 
 
 @router.get("/devices", responses={503: UNAVAILABLE})
-def devices(recorder: RecorderDep) -> list[DeviceItem]:
+def devices(recorder: RecorderDep) -> list[InputDevice]:
     """The input devices PortAudio sees (re-scanned when not recording)."""
     try:
         found = recorder.devices()
     except AudioUnavailable as exc:
         raise HTTPException(503, str(exc)) from None
-    return [DeviceItem(**vars(d)) for d in found]
+    return found
 
 
 @router.get(

@@ -223,7 +223,7 @@ def test_token_and_size_are_checked_before_the_body(mic_env: VirtualMic, tmp_pat
 def test_docs_need_no_network(client: TestClient) -> None:
     response = client.get("/docs")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
-    assert "/start" in response.text and "DeviceItem" in response.text
+    assert "/start" in response.text and "InputDevice" in response.text
     assert "<script" not in response.text and "https://" not in response.text and "cdn" not in response.text.lower()
     assert client.get("/redoc").status_code == 404
 
