@@ -37,6 +37,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from speech import english_clips  # noqa: E402
 
+import whisper  # noqa: E402
+
+whisper.configure()  # before the engine's modules import MLX
 from whisper.audio import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, load_audio, log_mel_frames  # noqa: E402
 from whisper.batch import batch_options  # noqa: E402
 from whisper.corpus import Archive, Job, Tally, list_audio, run_in_process  # noqa: E402

@@ -29,6 +29,15 @@ class AudioError(ValueError):
 AudioSource = str | os.PathLike | bytes | bytearray | io.IOBase
 
 
+def _open_container(file: object) -> av.container.InputContainer:
+    """The file opened by PyAV, its metadata's undecodable bytes ignored where PyAV takes that
+    option (PyAV 19 no longer does)."""
+    try:
+        return av.open(file, metadata_errors="ignore")
+    except TypeError:
+        return av.open(file)
+
+
 def load_audio(file: AudioSource, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Decode the first audio stream of a file (or its bytes) to mono float32 at `sr` Hz.
 
@@ -46,7 +55,7 @@ def load_audio(file: AudioSource, sr: int = SAMPLE_RATE) -> np.ndarray:
         if os.path.getsize(file) == 0:
             raise AudioError(f"{name}: the file is empty: record or choose a file that contains sound")
     try:
-        with av.open(file, metadata_errors="ignore") as container:
+        with _open_container(file) as container:
             if not container.streams.audio:
                 raise AudioError(f"{name}: the file has no sound track")
             stream = container.streams.audio[0]
