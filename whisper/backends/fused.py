@@ -90,8 +90,6 @@ class FusedBackend(Backend):
 
     def unembed(self, x: mx.array) -> mx.array:
         decoder = self.model.decoder
-        if isinstance(decoder.token_embedding, nn.QuantizedEmbedding):
-            return decoder.token_embedding.as_linear(self.layer_norm(x, decoder.ln))
         return self.linear(decoder.token_embedding, x, norm=decoder.ln)
 
     def forward(

@@ -367,7 +367,7 @@ mx::array panel_product(const mx::array& x, const mx::array& w, const std::optio
   if (residual && residual->shape() != shape) {
     throw std::invalid_argument("expected a residual of the result's shape");
   }
-  // w as it is: a view into a larger buffer (a decoder's weights, see TextDecoder.store_weights_in_half)
+  // w as it is: a view into a larger buffer (a decoder's weights, see the CPU backend's _store_weights_in_half)
   // would be copied by a contiguous() node.
   std::vector<mx::array> inputs{float32_rows(x, stream), w};
   if (bias) {
