@@ -268,6 +268,34 @@ def test_the_step_in_one_kernel_call_per_layer_gives_the_bits_of_its_own_ops(tin
 
 
 @pytest.mark.skipif(not kernels.available(), reason="the compiled kernels do not run here")
+def test_a_window_s_rows_read_the_positions_they_share_once_with_the_same_bits(tiny, monkeypatch):
+    """Beams part after a window's first pass: their steps read the prompt's positions from the
+    window's first row, for all its rows; the logits and caches are those of each row reading its own."""
+    model, features = tiny
+    monkeypatch.setattr(kernels, "steps_over_features", lambda *args: False)  # each row's own keys and values
+    backend = CpuBackend(model)
+    audio = backend.audio_memory(features, 3)
+    prompt = mx.array([[50257, 50362, 400, 523, 616]], dtype=mx.int32)
+    _, cache = backend.forward(prompt, audio, backend.new_cache(1), 0, positions=1)
+    parted = backend.reorder(cache, [0, 0, 0], prompt.shape[1])
+    assert parted["alike"].item() == prompt.shape[1]
+    tokens = np.random.default_rng(5).integers(0, 50256, size=(3, 6))
+    runs = []
+    for alike in (parted["alike"], mx.array([0], dtype=mx.int32)):
+        cache = {"layers": tree_map(lambda t: t * 1, parted["layers"]), "alike": alike}  # steps write in place
+        logits = []
+        for i in range(tokens.shape[1]):
+            if i == 3:  # beams reordered: only their own positions move
+                cache = backend.reorder(cache, [2, 0, 0], prompt.shape[1] + i)
+            offset = mx.array([prompt.shape[1] + i], mx.int32)
+            step, cache = backend._step(mx.array(tokens[:, i : i + 1]), audio, cache, offset)
+            logits.append(np.array(step))
+        runs.append((np.stack(logits), [np.array(t) for layer in cache["layers"] for t in layer]))
+    assert np.array_equal(runs[0][0], runs[1][0])
+    assert all(np.array_equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the compiled kernels do not run here")
 def test_the_step_names_the_weights_it_lacks():
     block = ResidualAttentionBlock(64, 2, cross_attention=True)
     weights = step_weights(block)

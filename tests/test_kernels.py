@@ -254,6 +254,18 @@ def test_matvec_matches_float64(fast, rows, depth, n):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [mx.float16, mx.float32])
+def test_each_row_of_a_matvec_has_the_bits_of_that_row_alone(fast, dtype):
+    """Several rows (beams) share each weight's read, in tiles of rows: the sums stay each row's own."""
+    w = mx.array(RNG.standard_normal((1003, 389)).astype(np.float32)).astype(dtype)  # ragged tiles and depth
+    bias = mx.array(RNG.standard_normal(1003).astype(np.float32))
+    x = mx.array(RNG.standard_normal((11, 389)).astype(np.float32))
+    alone = np.concatenate([np.array(fast.matvec(x[i : i + 1], w, bias)) for i in range(11)])
+    for rows in range(2, 12):
+        assert np.array_equal(np.array(fast.matvec(x[:rows], w, bias)), alone[:rows]), rows
+
+
+@needs_kernels
 def test_matvec_of_float16_weights_is_that_of_the_same_values_in_float32(fast):
     x = mx.array(RNG.standard_normal((1, 3, 384)).astype(np.float32))
     w = mx.array(RNG.standard_normal((1003, 384)).astype(np.float16))
@@ -367,6 +379,7 @@ def test_the_avx2_paths_pass_the_kernel_and_step_tests_on_this_cpu_too(fast):
         "test_rows_sharing_an_audio_step_as_over_repeated_copies_of_it",
         "test_the_step_in_one_kernel_call_per_layer_gives_the_bits_of_its_own_ops",
         "test_a_beam_s_candidates_where_the_logits_are_equal_the_host_filters",
+        "test_a_window_s_rows_read_the_positions_they_share_once_with_the_same_bits",
     )
     tests = ["tests/test_kernels.py", *(f"tests/test_decode_step.py::{name}" for name in steps)]
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not avx2_paths", *tests]
@@ -417,29 +430,32 @@ def test_cached_attention_sees_only_earlier_positions(batch, n_q, offset, n_head
 
 
 @pytest.mark.parametrize(
-    ("sources", "n"),
+    ("sources", "start", "n"),
     [
-        ([0, 1, 2, 3, 4], 12),  # nothing moves
-        ([1, 0, 3, 4, 2], 7),  # a swap and a cycle of three
-        ([2, 2, 2, 0, 1], 20),  # one row to three others, the whole context
-        ([4, 3, 2, 1, 0], 0),  # no position written yet
+        ([0, 1, 2, 3, 4], 0, 12),  # nothing moves
+        ([1, 0, 3, 4, 2], 0, 7),  # a swap and a cycle of three
+        ([2, 2, 2, 0, 1], 0, 20),  # one row to three others, the whole context
+        ([4, 3, 2, 1, 0], 0, 0),  # no position written yet
+        ([1, 0, 3, 4, 2], 5, 9),  # after a prompt alike in every row
+        ([2, 2, 2, 0, 1], 9, 7),  # an empty span
     ],
 )
-def test_reordered_cache_rows_take_their_sources_prefix_and_keep_their_tail(sources, n):
+def test_reordered_cache_rows_take_their_sources_span_and_keep_the_rest(sources, start, n):
     values = RNG.standard_normal((5, 20, 32)).astype(np.float32)
     expected = values.copy()
-    expected[:, :n] = values[sources][:, :n]
+    expected[:, start:n] = values[sources][:, start:n]
     for n_positions in (n, mx.array([n], dtype=mx.int32)):
         cache = mx.array(values)
         mx.eval(cache)
-        reordered = kernels.reorder_rows(cache, mx.array(sources, dtype=mx.int32), n_positions)
+        reordered = kernels.reorder_rows(cache, mx.array(sources, dtype=mx.int32), n_positions, start)
         assert np.array_equal(np.array(reordered), expected)
         if kernels.available():  # in place: the cache passed in is the result
             assert np.array_equal(np.array(cache), expected)
     with kernels.fallback():  # MLX's ops, on padded heads too
-        assert np.array_equal(np.array(kernels.reorder_rows(mx.array(values), mx.array(sources), n)), expected)
+        reordered = kernels.reorder_rows(mx.array(values), mx.array(sources), n, start)
+        assert np.array_equal(np.array(reordered), expected)
         heads = values.reshape(5, 20, 2, 16).transpose(0, 2, 1, 3)
-        reordered = kernels.reorder_rows(mx.array(heads), mx.array(sources), n)
+        reordered = kernels.reorder_rows(mx.array(heads), mx.array(sources), n, start)
         assert np.array_equal(np.array(reordered), expected.reshape(5, 20, 2, 16).transpose(0, 2, 1, 3))
 
 
@@ -447,12 +463,12 @@ def test_reordered_cache_rows_take_their_sources_prefix_and_keep_their_tail(sour
 def test_reordering_a_view_or_out_of_range_rows(fast):
     values = RNG.standard_normal((3, 10, 32)).astype(np.float32)
     view = mx.array(values).transpose(1, 0, 2).transpose(1, 0, 2)[:, ::2]  # not in row order: copied
-    reordered = fast.reorder_rows(view, mx.array([2, 0, 0], dtype=mx.int32), mx.array([3], dtype=mx.int32))
+    reordered = fast.reorder_rows(view, mx.array([2, 0, 0], dtype=mx.int32), mx.array([0, 3], dtype=mx.int32))
     expected = values[:, ::2].copy()
     expected[:, :3] = values[:, ::2][[2, 0, 0]][:, :3]
     assert np.array_equal(np.array(reordered), expected)
     with pytest.raises(ValueError, match="each source is a row"):
-        fast.reorder_rows(mx.array(values), mx.array([0, 3, 1], dtype=mx.int32), mx.array([1], dtype=mx.int32))
+        fast.reorder_rows(mx.array(values), mx.array([0, 3, 1], dtype=mx.int32), mx.array([0, 1], dtype=mx.int32))
 
 
 def _encoder_features(name: str) -> np.ndarray:

@@ -359,39 +359,38 @@ class BeamSearchDecoder(TokenDecoder):
     ) -> tuple[np.ndarray, bool]:
         """Keep the likeliest of the rows' candidate continuations: `ids` (rows, n) with their
         log-probabilities, largest first, the lower id first among equals (as `top_tokens`)."""
-        n_audio = tokens.shape[0] // self.beam_size
+        n_audio, width = tokens.shape[0] // self.beam_size, ids.shape[1]
         if self.finished is None:
             self.finished = [{} for _ in range(n_audio)]
-        next_rows, sources, next_sum = [], [], []
+        scores = sum_logprobs[:, None] + logprobs
+        sources, chosen = [], []
         for audio in range(n_audio):
-            scores: dict[tuple[int, ...], float] = {}
-            origin: dict[tuple[int, ...], int] = {}
-            for beam in range(self.beam_size):
-                row = audio * self.beam_size + beam
-                prefix = tuple(int(t) for t in tokens[row])
-                for token, logprob in zip(ids[row], logprobs[row]):
-                    sequence = (*prefix, int(token))
-                    scores[sequence] = float(sum_logprobs[row] + logprob)
-                    origin[sequence] = row
+            rows = range(audio * self.beam_size, (audio + 1) * self.beam_size)
+            # A row alike to an earlier one (all are, at the first step) offers the same sequences.
+            first_of: dict[bytes, int] = {}
+            for row in rows:
+                first_of.setdefault(tokens[row].tobytes(), row)
+            distinct = list(first_of.values())
+            flat = scores[distinct].ravel()
+            # Best first; equal scores in the order offered (a stable sort, as openai-whisper's).
             newly_finished = []
-            for sequence in sorted(scores, key=scores.__getitem__, reverse=True):
-                if sequence[-1] == self.eot:
-                    newly_finished.append(sequence)
+            for index in np.argsort(-flat, kind="stable"):
+                row, token = distinct[index // width], int(ids[distinct[index // width], index % width])
+                if token == self.eot:
+                    newly_finished.append((row, float(flat[index])))
                     continue
-                next_rows.append(sequence)
-                sources.append(origin[sequence])
-                next_sum.append(scores[sequence])
-                if len(next_rows) == (audio + 1) * self.beam_size:
+                sources.append(row)
+                chosen.append((token, float(flat[index])))
+                if len(sources) == (audio + 1) * self.beam_size:
                     break
             finished = self.finished[audio]
-            for sequence in newly_finished:
-                if len(finished) >= self.max_candidates:
-                    break
-                finished[sequence] = scores[sequence]
+            for row, score in newly_finished[: max(self.max_candidates - len(finished), 0)]:
+                finished[(*tokens[row].tolist(), self.eot)] = score
         self.inference.reorder(sources)
-        sum_logprobs[:] = next_sum
+        sum_logprobs[:] = [score for _, score in chosen]
+        next_tokens = np.array([token for token, _ in chosen], dtype=tokens.dtype)
         done = all(len(found) >= self.max_candidates for found in self.finished)
-        return np.array(next_rows, dtype=tokens.dtype), done
+        return np.concatenate([tokens[sources], next_tokens[:, None]], axis=1), done
 
     def finalize(self, tokens, sum_logprobs):
         candidates, scores = [], []

@@ -10,6 +10,8 @@ What it does differently from the plain model, and why (bench/NOTES.md has the m
 - The encoder: products and convolutions over panels of the weights (AVX-512), attention, GELU
   and layer norms as kernels on every core.
 - The self-attention cache is (rows, n_ctx, state) per layer, which the kernels read in place.
+  It counts the positions alike in every row of a window (its first pass's, before the window's
+  beams parted): a step reads those once for all the window's rows, and a reorder copies none.
 - A step's cross-attention reads the audio features themselves where AVX-512 runs (`kernels.
   steps_over_features`): they stay in the cache where each layer's keys and values came from
   memory at every step.  A pass over many tokens computes those keys and values when it runs.
@@ -29,6 +31,10 @@ from .fused import FusedBackend
 # Over the audio features, up to this many new tokens go through one step each: a pass over them
 # all would first compute every layer's keys and values of the audio (eight of base's steps).
 STEPPED_TOKENS = 8
+# Over the features each of a window's rows costs a pass over them per head (a head's query
+# folded to the whole state), where its keys and values are read once for all its rows: past
+# this many rows and heads a window, keys and values cost the step less (five of base's beams).
+FEATURE_QUERIES_PER_WINDOW = 32
 
 
 def kernels_load() -> bool:
@@ -142,7 +148,8 @@ class CpuBackend(FusedBackend):
         layer's keys and values.  One per window: its rows (beams, samples) share them."""
         # More rows than the step kernel takes go through the layers' ops, which read keys and values.
         n_head = self.model.decoder.blocks[0].attn.n_head
-        if features.shape[0] * group > kernels.MATVEC_ROWS or not kernels.steps_over_features(features, n_head):
+        over_features = group * n_head <= FEATURE_QUERIES_PER_WINDOW and kernels.steps_over_features(features, n_head)
+        if features.shape[0] * group > kernels.MATVEC_ROWS or not over_features:
             memory = {"keys_values": super().audio_memory(features)}
         else:
             memory = {"features": features, "panels": kernels.pack_features(features)}
@@ -156,15 +163,19 @@ class CpuBackend(FusedBackend):
         return audio["keys_values"][layer]
 
     def new_cache(self, rows: int) -> Cache:
+        """Each layer's keys and values, (rows, n_ctx, state), and how many positions are alike in
+        every row of a window (int32, (1,)); an array, not an int, so that steps trace once."""
         n_ctx, n_state = self.model.decoder.positional_embedding.shape
         dtype = self.model.decoder.ln.weight.dtype
-        return [
+        layers = [
             (mx.zeros((rows, n_ctx, n_state), dtype), mx.zeros((rows, n_ctx, n_state), dtype))
             for _ in self.model.decoder.blocks
         ]
+        return {"layers": layers, "alike": mx.array([0], dtype=mx.int32)}
 
     def forget(self, cache: Cache, n_kept: int) -> Cache:
-        return cache  # the kernels never read past the query's position
+        # The kernels never read past the query's position: only the alike positions may shrink.
+        return {**cache, "alike": mx.minimum(cache["alike"], n_kept)}
 
     def self_attend(self, block, x, cache, offset):
         attn = block.attn
@@ -182,7 +193,8 @@ class CpuBackend(FusedBackend):
                 step_logits, cache = self.step(tokens[:, i : i + 1], audio, cache, mx.array([offset + i], mx.int32))
                 logits.append(step_logits)
             return mx.stack(logits[n - (positions or n) :], axis=1), cache
-        return super().forward(tokens, audio, cache, offset, positions)
+        logits, layers = super().forward(tokens, audio, cache["layers"], offset, positions)
+        return logits, {**cache, "layers": layers}
 
     def _step(self, tokens, audio, cache, offset):
         """One kernel call per layer where the step kernel takes the rows; else the layer's ops."""
@@ -190,12 +202,13 @@ class CpuBackend(FusedBackend):
         x = decoder.embed(tokens, offset)
         over_features = "features" in audio
         n_audio = (audio["features"] if over_features else audio["keys_values"][0][0]).shape[0]
+        position_and_alike = mx.concatenate([offset, cache["alike"]])
         new_cache = []
-        for layer, (block, layer_cache) in enumerate(zip(decoder.blocks, cache)):
+        for layer, (block, layer_cache) in enumerate(zip(decoder.blocks, cache["layers"])):
             source = audio["panels"] if over_features else audio["keys_values"][layer]
             stepped = kernels.decoder_layer_step(
                 x,
-                offset,
+                position_and_alike,
                 layer_cache,
                 source,
                 step_weights(block),
@@ -210,15 +223,21 @@ class CpuBackend(FusedBackend):
             else:
                 x, layer_cache = stepped
             new_cache.append(layer_cache)
-        return self.unembed(x)[:, 0], new_cache
+        return self.unembed(x)[:, 0], {**cache, "layers": new_cache}
 
     def reorder(self, cache: Cache, sources: list[int], n_cached: int) -> Cache:
-        """In place where the rows stay as many: only rows whose source differs are copied, and
-        only their written positions."""
-        if len(sources) != cache[0][0].shape[0]:
-            return super().reorder(cache, sources, n_cached)
+        """Rows parting (row i from row i // group): their positions so far are alike.  Rows as
+        many, in place: only rows whose source differs are copied, only their positions past the
+        alike ones; each source is a row of its own window (as a beam's is)."""
+        layers, rows = cache["layers"], cache["layers"][0][0].shape[0]
         index = mx.array(sources, dtype=mx.int32)
-        return [tuple(kernels.reorder_rows(t, index, n_cached) for t in layer) for layer in cache]
+        if len(sources) != rows:
+            group = len(sources) // rows
+            parted = sources == [row // group for row in range(len(sources))]
+            layers = [tuple(t[index] for t in layer) for layer in layers]
+            return {"layers": layers, "alike": mx.array([n_cached if parted else 0], dtype=mx.int32)}
+        layers = [tuple(kernels.reorder_rows(t, index, n_cached, cache["alike"]) for t in layer) for layer in layers]
+        return {**cache, "layers": layers}
 
     def greedy_choice(self, logits, forbidden, ranges, timestamp_begin):
         return kernels.greedy_choice(logits, forbidden, ranges, timestamp_begin)

@@ -206,7 +206,9 @@ def decoder_layer_step(
     """One token's step through a decoder layer as one kernel call: its output and the caches
     with the token's key and value written at `offset`, in place.  x (rows, 1, state) and the
     caches (rows, n_ctx, state) have `group` rows per audio (beams or samples of one audio),
-    rows = n_audio * group, and row r attends over audio r // group.  `weights` are the block's
+    rows = n_audio * group, and row r attends over audio r // group.  `offset` (int32) is the
+    position, and may go on with how many positions are alike in the caches of an audio's rows
+    (read once, from its first row, for all of them).  `weights` are the block's
     parameters by name, `dict(tree_flatten(block.parameters()))` ("attn_ln.weight",
     "attn.query.bias", "mlp1.weight", ...).  `audio` is the audios' keys and values (n_audio,
     frames, state) each, or with `over_features` the audio features packed by `pack_features`
@@ -226,19 +228,26 @@ def decoder_layer_step(
     return out, (keys, values)
 
 
-def reorder_rows(cache: mx.array, sources: mx.array, n_positions: int | mx.array) -> mx.array:
-    """A self-attention cache (rows, n_ctx, state) with row i's first `n_positions` positions
+def _one_int32(value: int | mx.array) -> mx.array:
+    return (value if isinstance(value, mx.array) else mx.array(value)).astype(mx.int32).reshape(1)
+
+
+def reorder_rows(
+    cache: mx.array, sources: mx.array, n_positions: int | mx.array, start: int | mx.array = 0
+) -> mx.array:
+    """A self-attention cache (rows, n_ctx, state) with row i's positions [start, n_positions)
     taken from row sources[i] (sources: (rows,) int32) and the other positions as they were, as
-    numpy's `cache[:, :n] = cache[sources][:, :n]` (beam search: each beam continues another's
-    sequence).  Where the kernels run, in place: the result is the cache's memory (as the decoder
-    step's caches are; the cache passed in changes too), and only the rows whose source differs
-    are copied.  Elsewhere MLX's ops, over the second-to-last axis (padded heads too)."""
-    n = n_positions if isinstance(n_positions, mx.array) else mx.array([n_positions], dtype=mx.int32)
+    numpy's `cache[:, start:n] = cache[sources][:, start:n]` (beam search: each beam continues
+    another's sequence; the positions before `start`, a window's prompt, are alike in its rows).
+    Where the kernels run, in place: the result is the cache's memory (as the decoder step's
+    caches are; the cache passed in changes too), and only the rows whose source differs are
+    copied.  Elsewhere MLX's ops, over the second-to-last axis (padded heads too)."""
+    span = mx.concatenate([_one_int32(start), _one_int32(n_positions)])
     module = _on_cpu()
     if module is not None and cache.ndim == 3:
-        return module.reorder_rows(cache, sources, n)
+        return module.reorder_rows(cache, sources, span)
     positions = mx.arange(cache.shape[-2]).reshape(-1, 1)
-    return mx.where(positions < n.reshape(()), cache[sources], cache)
+    return mx.where((positions >= span[0]) & (positions < span[1]), cache[sources], cache)
 
 
 def steps_over_features(features: mx.array, n_head: int) -> bool:

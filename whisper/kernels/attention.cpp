@@ -112,15 +112,19 @@ MENNY_AVX2 void scores_direct_avx2(const float* q, const float* k, float* scores
 // out[0 : cols] = scale * (a[0 : depth] . B[0 : depth, 0 : cols]) for B's rows ldb apart and
 // cols a multiple of 16: one query's weighted sum of values.  The same per-column chains as
 // tile16<1> (so the same sums), but up to 64 columns per pass over B: eight chains instead of
-// two, and each row of B read once, whole.
+// two, and each row of B read once, whole.  B's rows from `split` on are b_after's (a beam's own
+// values after those its window's rows share): the same chains, continued.
 #define MENNY_PANELS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 template <int LANES8>
-MENNY_AVX2 inline void row_tile(const float* a, const float* b, std::size_t ldb, float* out, std::size_t depth,
-                                float scale) {
+MENNY_AVX2 inline void row_tile(const float* a, const float* b, const float* b_after, std::size_t split, std::size_t ldb,
+                                float* out, std::size_t depth, float scale) {
 #define MENNY_DECLARE(i) __m256 acc##i = _mm256_setzero_ps();
   MENNY_PANELS(MENNY_DECLARE)
 #undef MENNY_DECLARE
   for (std::size_t k = 0; k < depth; ++k, b += ldb) {
+    if (k == split) {
+      b = b_after + split * ldb;
+    }
     const __m256 x = _mm256_broadcast_ss(a + k);
 #define MENNY_ACCUMULATE(i)                                            \
   if constexpr (LANES8 > i) {                                          \
@@ -139,16 +143,16 @@ MENNY_AVX2 inline void row_tile(const float* a, const float* b, std::size_t ldb,
 }
 #undef MENNY_PANELS
 
-MENNY_AVX2 void row_times_matrix_avx2(const float* a, const float* b, std::size_t ldb, float* out, std::size_t cols,
-                                      std::size_t depth, float scale) {
+MENNY_AVX2 void row_times_matrix_avx2(const float* a, const float* b, const float* b_after, std::size_t split,
+                                      std::size_t ldb, float* out, std::size_t cols, std::size_t depth, float scale) {
   std::size_t col = 0;
   for (; col + 64 <= cols; col += 64) {
-    row_tile<8>(a, b + col, ldb, out + col, depth, scale);
+    row_tile<8>(a, b + col, b_after + col, split, ldb, out + col, depth, scale);
   }
   switch ((cols - col) / 16) {
-    case 3: row_tile<6>(a, b + col, ldb, out + col, depth, scale); break;
-    case 2: row_tile<4>(a, b + col, ldb, out + col, depth, scale); break;
-    case 1: row_tile<2>(a, b + col, ldb, out + col, depth, scale); break;
+    case 3: row_tile<6>(a, b + col, b_after + col, split, ldb, out + col, depth, scale); break;
+    case 2: row_tile<4>(a, b + col, b_after + col, split, ldb, out + col, depth, scale); break;
+    case 1: row_tile<2>(a, b + col, b_after + col, split, ldb, out + col, depth, scale); break;
     default: break;
   }
 }
@@ -178,7 +182,7 @@ MENNY_AVX2 void attention_block_avx2(const float* q, const float* keys_t, const 
   if (values_t) {
     matmul16(scores, ld_scores, values_t, 16, keys * 16, out, row_stride, rows, head_dim, keys, inverse_sums);
   } else if (rows == 1) {
-    row_times_matrix_avx2(scores, v, row_stride, out, head_dim, keys, inverse_sums[0]);
+    row_times_matrix_avx2(scores, v, v, keys, row_stride, out, head_dim, keys, inverse_sums[0]);
   } else {
     matmul16(scores, ld_scores, v, row_stride, 16, out, row_stride, rows, head_dim, keys, inverse_sums);
   }

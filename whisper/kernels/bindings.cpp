@@ -77,10 +77,11 @@ NB_MODULE(_fast_ops, m) {
         "k) each): forbidden (1 or batch, vocab) bool and ranges (batch, n, 2) of [start, stop) forbid "
         "tokens; from timestamp_begin on (vocab or more: no timestamps) the tokens are timestamps, and "
         "when all of them together are likelier than the likeliest text token, text is forbidden.");
-  m.def("reorder_rows", &menny::reorder_rows, nb::arg("cache"), nb::arg("sources"), nb::arg("n_positions"),
-        "A self-attention cache (rows, n_ctx, state) with row i's first n_positions positions (an integer "
-        "array of one element) taken from row sources[i] ((rows,) integers), the other positions as they "
-        "were: in place (the result is the cache's memory), copying only the rows whose source differs.");
+  m.def("reorder_rows", &menny::reorder_rows, nb::arg("cache"), nb::arg("sources"), nb::arg("positions"),
+        "A self-attention cache (rows, n_ctx, state) with row i's positions [start, stop) (positions: an "
+        "integer array of two elements) taken from row sources[i] ((rows,) integers), the other positions "
+        "as they were: in place (the result is the cache's memory), copying only the rows whose source "
+        "differs.");
   m.def("huge_pages", &huge_pages, nb::arg("a"),
         "Evaluates a and asks Linux to back the 2 MB pages wholly inside its memory by huge pages "
         "(MADV_COLLAPSE); whether it did.");

@@ -54,7 +54,10 @@ static_assert(std::size(kWeightNames) == kFeatureStepInputs - kAttnLnWeight);
 // layer) came from DRAM at every step, a third of base's step.
 //
 // Rows of x come `group` per audio (beams, or samples, of one audio): row r attends over audio
-// r / group, and each audio's keys and values, or panels, are read once for all its rows.
+// r / group, and each audio's keys and values, or panels, are read once for all its rows.  The
+// offset's second element, if any, counts the positions alike in the caches of an audio's rows
+// (its prompt, from the one pass before the rows parted): each row's self-attention reads those
+// from the audio's first row, all its rows at once, and only its own positions after them.
 void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* key_cache, float* value_cache,
                         std::size_t n_head, float scale, float eps, bool over_features, std::size_t group) {
   const std::size_t batch = in[kX].shape(0), state = in[kX].shape(2), head_dim = state / n_head;
@@ -62,6 +65,9 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
   const std::size_t audio = over_features ? in[kChannelPanels].shape(2) : in[kCrossKeys].shape(1);
   const std::size_t position =
       std::clamp<std::ptrdiff_t>(in[kOffset].data<int32_t>()[0], 0, static_cast<std::ptrdiff_t>(ctx) - 1);
+  const std::size_t alike = group > 1 && in[kOffset].size() > 1
+                                ? std::clamp<std::ptrdiff_t>(in[kOffset].data<int32_t>()[1], 0, position)
+                                : 0;
   auto vector = [&](StepInput i) { return in[i].data<float>(); };
   auto matrix = [&](StepInput i) { return Matrix(in[i]); };
   // Per batch row: a layer norm's output, the query, the attention's output, the residual
@@ -120,6 +126,34 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
         attention_block_avx2(query + first, nullptr, keys + kv, nullptr, values + kv, attended + first,
                              scratch.data(), scratch.data() + per_source * padded, per_source, n_keys, padded,
                              head_dim, state, scale, visible);
+      }
+    });
+  };
+
+  // Each query's attention over its cache's first n_keys positions, the first `alike` of them
+  // read from its audio's first row for all the audio's rows: the same scores (each key's dot
+  // product is alone) and the same weighted sums (one chain over the positions in order).
+  auto attend_alike = [&](std::size_t n_keys) {
+    pipeline->add(batch / group * n_head, 1, [=](std::size_t begin, std::size_t end) {
+      thread_local std::vector<float> scratch;
+      const std::size_t padded = (n_keys + 15) / 16 * 16;
+      scratch.resize(group * padded);
+      const std::size_t row_bytes = ctx * state;
+      for (std::size_t task = begin; task < end; ++task) {
+        const std::size_t first_row = task / n_head * group, column = (task % n_head) * head_dim;
+        const float* shared_keys = key_cache + first_row * row_bytes + column;
+        scores_direct_avx2(query + first_row * state + column, shared_keys, scratch.data(), group, alike, padded,
+                           head_dim, state);
+        for (std::size_t i = 0; i < group; ++i) {
+          const std::size_t row = first_row + i;
+          float* scores = scratch.data() + i * padded;
+          scores_direct_avx2(query + row * state + column, key_cache + row * row_bytes + alike * state + column,
+                             scores + alike, 1, n_keys - alike, padded, head_dim, state);
+          const float inverse_sum = 1.0f / exp_row_avx2(scores, scores, n_keys, scale);
+          row_times_matrix_avx2(scores, value_cache + first_row * row_bytes + column,
+                                value_cache + row * row_bytes + column, alike, state, attended + row * state + column,
+                                head_dim, n_keys, inverse_sum);
+        }
       }
     });
   };
@@ -205,7 +239,11 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
                     row += last - first;
                   }
                 });
-  attend(key_cache, value_cache, ctx, position + 1, position + 1, 1);
+  if (alike > 0) {
+    attend_alike(position + 1);
+  } else {
+    attend(key_cache, value_cache, ctx, position + 1, position + 1, 1);
+  }
   project(attended, kOut, vector(kOutBias), after_self, state, add_to(x, after_self));
   layer_norm(after_self, kCrossLnWeight);
   project(normed, kCrossQuery, vector(kCrossQueryBias), query, state, nullptr);
@@ -311,7 +349,8 @@ std::vector<mx::array> decoder_layer(const mx::array& x, const mx::array& offset
   const int rows = x.shape(0), n_audio = rows / group, state = x.shape(2);
   expect(n_head > 0 && state % n_head == 0 && (state / n_head) % 16 == 0,
          "the state must split into heads of a multiple of 16");
-  expect(offset.size() == 1 && offset.dtype() == mx::int32, "the offset is one int32");
+  expect((offset.size() == 1 || offset.size() == 2) && offset.dtype() == mx::int32,
+         "the offset is one int32, or two: the position and the positions alike in an audio's rows");
   auto rows_of_state = [&](const mx::array& a, int n) {
     return a.ndim() == 3 && a.shape(0) == n && a.shape(2) == state && a.shape(1) > 0 && a.dtype() == mx::float32;
   };

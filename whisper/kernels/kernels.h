@@ -45,7 +45,13 @@ MENNY_AVX2 float exp_row_avx2(const float* in, float* out, std::size_t n, float 
 MENNY_AVX2 void softmax_rows_avx2(const float* in, float* out, std::size_t rows, std::size_t n);
 MENNY_AVX2 void gelu_avx2(const float* in, float* out, std::size_t n);
 
-// attention.cpp: one block of queries of one head, and a whole attention (see there).
+// attention.cpp: scores of a few queries straight from key rows; one query's weighted sum of
+// value rows (rows from `split` on from b_after); one block of queries of one head; a whole
+// attention (see there).
+MENNY_AVX2 void scores_direct_avx2(const float* q, const float* k, float* scores, std::size_t rows, std::size_t keys,
+                                   std::size_t ld_scores, std::size_t head_dim, std::size_t row_stride);
+MENNY_AVX2 void row_times_matrix_avx2(const float* a, const float* b, const float* b_after, std::size_t split,
+                                      std::size_t ldb, float* out, std::size_t cols, std::size_t depth, float scale);
 MENNY_AVX2 void attention_block_avx2(const float* q, const float* keys_t, const float* k, const float* values_t,
                                      const float* v, float* out, float* scores, float* inverse_sums, std::size_t rows,
                                      std::size_t keys, std::size_t ld_scores, std::size_t head_dim,

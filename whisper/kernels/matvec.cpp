@@ -10,77 +10,144 @@ namespace menny {
 // matrices come from DRAM (the vocabulary alone is larger than the L3 cache).
 constexpr std::size_t kPrefetchBytes = 4096;
 
-// out[j, r + i] = x[j] . w[r + i] (+ bias) for i < ROWS: each row of w read from memory once,
-// then from L1 for every row of x.  One 8-lane chain of multiply-adds per row of w, summed
-// across lanes at the end: the same products and sums whatever ROWS, and for float32 and
-// float16 weights (float16 weights holding the same values give the same bits).  Eight rows
-// give eight independent chains, enough to hide the multiply-add and F16C latencies.
-#define MENNY_MATVEC_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
-template <int ROWS, class W>
-MENNY_AVX2 inline void matvec_group(const float* x, std::size_t n_x, const W* w, const float* bias,
-                                    std::size_t depth, float* out, std::size_t ld_out, std::size_t r) {
+// out[j, r + i] = x[j] . w[r + i] (+ bias) for i < W_ROWS, j < X_ROWS: each weight is read from
+// memory and widened once, then multiplied by every row of x (a decoding step's beams or
+// samples: with one widening per product, five rows took twice one row's time).  One 8-lane
+// chain of multiply-adds per pair of rows, summed across lanes at the end: the same products
+// and sums whatever the tile, and for float32 and float16 weights (float16 weights holding the
+// same values give the same bits).  Inlined into its caller, whose target sets how many
+// registers the tile may hold (16 under AVX2, 32 under AVX-512's VL).
+template <int W_ROWS, int X_ROWS, class W>
+[[gnu::always_inline]] MENNY_AVX2 inline void matvec_tile(const float* x, const W* w, const float* bias,
+                                                          std::size_t depth, float* out, std::size_t ld_out,
+                                                          std::size_t r) {
   const std::size_t full = depth / 8 * 8;
   const W* w0 = w + r * depth;
-  // The ROWS rows are contiguous: each step of 8 columns covers ROWS * 8 weights of them.
+  // The rows are contiguous: each step of 8 columns covers W_ROWS * 8 weights of them.
   const char* ahead = reinterpret_cast<const char*>(w0) + kPrefetchBytes;
-  constexpr std::size_t kStepBytes = ROWS * 8 * sizeof(W);
-  for (std::size_t j = 0; j < n_x; ++j) {
-    const float* xj = x + j * depth;
-#define MENNY_DECLARE(i) __m256 a##i = _mm256_setzero_ps();
-    MENNY_MATVEC_ROWS(MENNY_DECLARE)
-#undef MENNY_DECLARE
-    for (std::size_t k = 0; k < full; k += 8) {
-      if constexpr (kStepBytes >= 64) {
-        for (std::size_t line = 0; line < kStepBytes; line += 64) {
-          _mm_prefetch(ahead + k * ROWS * sizeof(W) + line, _MM_HINT_T0);
-        }
-      }
-      const __m256 xv = _mm256_loadu_ps(xj + k);
-#define MENNY_ACCUMULATE(i)                                            \
-  if constexpr (ROWS > i) {                                            \
-    a##i = _mm256_fmadd_ps(load8(w0 + i * depth + k), xv, a##i);       \
-  }
-      MENNY_MATVEC_ROWS(MENNY_ACCUMULATE)
-#undef MENNY_ACCUMULATE
+  constexpr std::size_t kStepBytes = W_ROWS * 8 * sizeof(W);
+  __m256 sums[W_ROWS][X_ROWS];
+#pragma GCC unroll 8
+  for (int i = 0; i < W_ROWS; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < X_ROWS; ++j) {
+      sums[i][j] = _mm256_setzero_ps();
     }
-#define MENNY_STORE(i)                                                 \
-  if constexpr (ROWS > i) {                                            \
-    float sum = horizontal_sum(a##i);                                  \
-    if (bias) {                                                        \
-      sum += bias[r + i];                                              \
-    }                                                                  \
-    for (std::size_t k = full; k < depth; ++k) {                       \
-      sum += load1(w0 + i * depth + k) * xj[k];                        \
-    }                                                                  \
-    out[j * ld_out + r + i] = sum;                                     \
   }
-    MENNY_MATVEC_ROWS(MENNY_STORE)
-#undef MENNY_STORE
+  for (std::size_t k = 0; k < full; k += 8) {
+    if constexpr (kStepBytes >= 64) {
+      for (std::size_t line = 0; line < kStepBytes; line += 64) {
+        _mm_prefetch(ahead + k * W_ROWS * sizeof(W) + line, _MM_HINT_T0);
+      }
+    } else if (k % (64 / kStepBytes * 8) == 0) {
+      _mm_prefetch(ahead + k * W_ROWS * sizeof(W), _MM_HINT_T0);
+    }
+    __m256 weights[W_ROWS];
+#pragma GCC unroll 8
+    for (int i = 0; i < W_ROWS; ++i) {
+      weights[i] = load8(w0 + i * depth + k);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < X_ROWS; ++j) {
+      const __m256 xv = _mm256_loadu_ps(x + j * depth + k);
+#pragma GCC unroll 8
+      for (int i = 0; i < W_ROWS; ++i) {
+        sums[i][j] = _mm256_fmadd_ps(weights[i], xv, sums[i][j]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < W_ROWS; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < X_ROWS; ++j) {
+      float sum = horizontal_sum(sums[i][j]);
+      if (bias) {
+        sum += bias[r + i];
+      }
+      for (std::size_t k = full; k < depth; ++k) {
+        sum += load1(w0 + i * depth + k) * x[j * depth + k];
+      }
+      out[j * ld_out + r + i] = sum;
+    }
   }
 }
-#undef MENNY_MATVEC_ROWS
 
-// matvec_group over w rows [begin, end); row j of the result starts at out + j * ld_out.
+// Weight rows [begin, end) times X_ROWS rows of x, W_ROWS weight rows at a time.
+template <int W_ROWS, int X_ROWS, class W>
+[[gnu::always_inline]] MENNY_AVX2 inline void matvec_tiles(const float* x, const W* w, const float* bias,
+                                                           std::size_t depth, float* out, std::size_t ld_out,
+                                                           std::size_t begin, std::size_t end) {
+  std::size_t r = begin;
+  for (; r + W_ROWS <= end; r += W_ROWS) {
+    matvec_tile<W_ROWS, X_ROWS>(x, w, bias, depth, out, ld_out, r);
+  }
+  for (; r < end; ++r) {
+    matvec_tile<1, X_ROWS>(x, w, bias, depth, out, ld_out, r);
+  }
+}
+
+// The rows ahead of a range's start were asked for by nobody (or by another thread).
 template <class W>
-MENNY_AVX2 void matvec_rows_avx2(const float* x, std::size_t n_x, const W* w, const float* bias, std::size_t depth,
-                                 float* out, std::size_t ld_out, std::size_t begin, std::size_t end) {
-  // The rows ahead of a range's start were asked for by nobody (or by another thread).
+[[gnu::always_inline]] MENNY_AVX2 inline void prefetch_start(const W* w, std::size_t depth, std::size_t begin) {
   const char* first = reinterpret_cast<const char*>(w + begin * depth);
   for (std::size_t line = 0; line < kPrefetchBytes; line += 64) {
     _mm_prefetch(first + line, _MM_HINT_T0);
   }
-  std::size_t r = begin;
-  for (; r + 8 <= end; r += 8) {
-    matvec_group<8>(x, n_x, w, bias, depth, out, ld_out, r);
+}
+
+// Weight rows [begin, end) times rows of x, up to eight at a time; the tiles fit AVX2's 16
+// vector registers: W_ROWS * X_ROWS sums and W_ROWS weights.
+template <class W>
+MENNY_AVX2 void matvec_rows_avx2(const float* x, std::size_t n_x, const W* w, const float* bias, std::size_t depth,
+                                 float* out, std::size_t ld_out, std::size_t begin, std::size_t end) {
+  prefetch_start(w, depth, begin);
+  for (std::size_t j = 0; j < n_x; j += 8) {
+    const float* xj = x + j * depth;
+    float* oj = out + j * ld_out;
+    switch (std::min<std::size_t>(n_x - j, 8)) {
+      case 1: matvec_tiles<8, 1>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 2: matvec_tiles<4, 2>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 3: matvec_tiles<4, 3>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 4: matvec_tiles<3, 4>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 5: matvec_tiles<2, 5>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 6: matvec_tiles<2, 6>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 7: matvec_tiles<2, 7>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      default: matvec_tiles<1, 8>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+    }
   }
-  for (; r < end; ++r) {
-    matvec_group<1>(x, n_x, w, bias, depth, out, ld_out, r);
+}
+
+// The same products with AVX-512's 32 vector registers (still 8-lane chains: the same bits).
+template <class W>
+MENNY_AVX512 void matvec_rows_avx512(const float* x, std::size_t n_x, const W* w, const float* bias,
+                                     std::size_t depth, float* out, std::size_t ld_out, std::size_t begin,
+                                     std::size_t end) {
+  prefetch_start(w, depth, begin);
+  for (std::size_t j = 0; j < n_x; j += 8) {
+    const float* xj = x + j * depth;
+    float* oj = out + j * ld_out;
+    switch (std::min<std::size_t>(n_x - j, 8)) {
+      case 1: matvec_tiles<8, 1>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 2: matvec_tiles<8, 2>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 3: matvec_tiles<6, 3>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 4: matvec_tiles<6, 4>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 5: matvec_tiles<5, 5>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 6: matvec_tiles<4, 6>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 7: matvec_tiles<3, 7>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      default: matvec_tiles<3, 8>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+    }
   }
 }
 
 void Matrix::times(const float* x, std::size_t n_x, const float* bias, std::size_t depth, float* out,
                    std::size_t ld_out, std::size_t begin, std::size_t end) const {
-  with_weights([&](auto* w) { matvec_rows_avx2(x, n_x, w, bias, depth, out, ld_out, begin, end); });
+  with_weights([&](auto* w) {
+    if (uses_avx512()) {
+      matvec_rows_avx512(x, n_x, w, bias, depth, out, ld_out, begin, end);
+    } else {
+      matvec_rows_avx2(x, n_x, w, bias, depth, out, ld_out, begin, end);
+    }
+  });
 }
 
 }  // namespace menny

@@ -86,7 +86,7 @@ std::vector<mx::array> decoder_layer(const mx::array& x, const mx::array& offset
                                      const mx::array& value_cache, const mx::array& audio, const mx::array& audio_second,
                                      const std::map<std::string, mx::array>& weights, int n_head, float eps,
                                      bool over_features, int group);
-mx::array reorder_rows(const mx::array& cache, const mx::array& sources, const mx::array& n_positions);
+mx::array reorder_rows(const mx::array& cache, const mx::array& sources, const mx::array& positions);
 std::vector<mx::array> token_choice(const mx::array& logits, const mx::array& forbidden, const mx::array& ranges,
                                     int timestamp_begin, int k);
 

@@ -10,32 +10,35 @@ namespace menny {
 
 namespace {
 
-// Rows of `rows` rows of row_bytes bytes each: row i's first prefix_bytes become row sources[i]'s.
+// Rows of `rows` rows of row_bytes bytes each: row i's bytes [0, span_bytes) from `first` on
+// become row sources[i]'s.
 // Rows whose source is themselves (or outside [0, rows)) are left alone.  A source that is also
 // overwritten is read from a copy taken first, so that cycles (two beams swapping) come out right.
 void reorder(char* cache, const std::int32_t* sources, std::size_t rows, std::size_t row_bytes,
-             std::size_t prefix_bytes) {
+             std::size_t first, std::size_t span_bytes) {
   auto moves = [&](std::size_t i) { return sources[i] >= 0 && static_cast<std::size_t>(sources[i]) < rows &&
                                            static_cast<std::size_t>(sources[i]) != i; };
   std::vector<bool> overwritten(rows, false);
   for (std::size_t i = 0; i < rows; ++i) {
     overwritten[i] = moves(i);
   }
-  // The prefixes of the sources that are overwritten, each copied once.
+  // The spans of the sources that are overwritten, each copied once.
   std::vector<std::size_t> slot(rows, rows);
   std::vector<char> saved;
   for (std::size_t i = 0; i < rows; ++i) {
     const auto source = static_cast<std::size_t>(sources[i]);
     if (moves(i) && overwritten[source] && slot[source] == rows) {
-      slot[source] = saved.size() / std::max<std::size_t>(prefix_bytes, 1);
-      saved.insert(saved.end(), cache + source * row_bytes, cache + source * row_bytes + prefix_bytes);
+      slot[source] = saved.size() / std::max<std::size_t>(span_bytes, 1);
+      const char* span = cache + source * row_bytes + first;
+      saved.insert(saved.end(), span, span + span_bytes);
     }
   }
   for (std::size_t i = 0; i < rows; ++i) {
     if (moves(i)) {
       const auto source = static_cast<std::size_t>(sources[i]);
-      const char* from = overwritten[source] ? saved.data() + slot[source] * prefix_bytes : cache + source * row_bytes;
-      std::memcpy(cache + i * row_bytes, from, prefix_bytes);
+      const char* from =
+          overwritten[source] ? saved.data() + slot[source] * span_bytes : cache + source * row_bytes + first;
+      std::memcpy(cache + i * row_bytes + first, from, span_bytes);
     }
   }
 }
@@ -70,37 +73,44 @@ class MennyReorderRows : public mx::UnaryPrimitive {
       out.set_data(mx::allocator::malloc(out.nbytes()));
     }
     auto& encoder = encoder_for(stream(), inputs, {out});
-    encoder.dispatch([cache, sources = inputs[1], n_positions = inputs[2], out]() mutable {
+    encoder.dispatch([cache, sources = inputs[1], span = inputs[2], out]() mutable {
       if (!in_row_order(cache)) {
         copy_in_row_order(cache, out.data<char>());
       }
       const std::size_t rows = cache.shape(0), ctx = cache.shape(1), position_bytes = cache.shape(2) * cache.itemsize();
-      const auto n = static_cast<std::size_t>(std::clamp<std::int64_t>(n_positions.data<std::int32_t>()[0], 0, ctx));
-      reorder(out.data<char>(), sources.data<std::int32_t>(), rows, ctx * position_bytes, n * position_bytes);
+      auto position = [&](int i) {
+        return static_cast<std::size_t>(std::clamp<std::int64_t>(span.data<std::int32_t>()[i], 0, ctx));
+      };
+      const std::size_t start = position(0), stop = std::max(start, position(1));
+      reorder(out.data<char>(), sources.data<std::int32_t>(), rows, ctx * position_bytes, start * position_bytes,
+              (stop - start) * position_bytes);
     });
   }
 };
 
 }  // namespace
 
-mx::array reorder_rows(const mx::array& cache, const mx::array& sources, const mx::array& n_positions) {
+mx::array reorder_rows(const mx::array& cache, const mx::array& sources, const mx::array& positions) {
   if (cache.ndim() != 3 || sources.ndim() != 1 || sources.shape(0) != cache.shape(0) ||
-      !mx::issubdtype(sources.dtype(), mx::integer) || n_positions.size() != 1 ||
-      !mx::issubdtype(n_positions.dtype(), mx::integer)) {
-    throw std::invalid_argument("expected a cache (rows, n_ctx, state), sources (rows,) and n_positions (one "
-                                "element), integers");
+      !mx::issubdtype(sources.dtype(), mx::integer) || positions.size() != 2 ||
+      !mx::issubdtype(positions.dtype(), mx::integer)) {
+    throw std::invalid_argument("expected a cache (rows, n_ctx, state), sources (rows,) and positions [start, "
+                                "stop) (two elements), integers");
   }
-  if (sources.is_available()) {  // its values are known now: check them here, not silently later
-    const mx::array values = mx::astype(sources, mx::int64);
-    mx::eval(values);
-    const std::int64_t* index = values.data<std::int64_t>();
-    if (std::any_of(index, index + values.size(), [&](std::int64_t s) { return s < 0 || s >= cache.shape(0); })) {
+  // Sources already computed are checked here, not silently later; evaluating them would wait
+  // for the stream's queued work (the step before), which the caller sends ahead.
+  if (sources.is_available() && sources.flags().row_contiguous &&
+      (sources.dtype() == mx::int32 || sources.dtype() == mx::int64)) {
+    auto outside = [&](auto* index) {
+      return std::any_of(index, index + sources.size(), [&](std::int64_t s) { return s < 0 || s >= cache.shape(0); });
+    };
+    if (sources.dtype() == mx::int32 ? outside(sources.data<std::int32_t>()) : outside(sources.data<std::int64_t>())) {
       throw std::invalid_argument("each source is a row of the cache, 0 to rows - 1");
     }
   }
   const mx::Stream stream = cpu_stream();
   std::vector<mx::array> inputs{cache, mx::contiguous(mx::astype(sources, mx::int32, stream), false, stream),
-                                mx::astype(mx::reshape(n_positions, {1}, stream), mx::int32, stream)};
+                                mx::astype(mx::reshape(positions, {2}, stream), mx::int32, stream)};
   return mx::array(cache.shape(), cache.dtype(), std::make_shared<MennyReorderRows>(stream), std::move(inputs));
 }
 
