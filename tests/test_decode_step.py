@@ -16,7 +16,15 @@ from whisper.audio import N_SAMPLES, load_audio
 from whisper.backends import Backend
 from whisper.backends.cpu import CpuBackend, step_weights
 from whisper.backends.gpu import GpuBackend
-from whisper.decoding import ApplyTimestampRules, DecodingOptions, DecodingTask, DeviceRules, Inference, top_tokens
+from whisper.decoding import (
+    ApplyTimestampRules,
+    DecodingOptions,
+    DecodingTask,
+    DeviceRules,
+    Inference,
+    ranked_candidates,
+    top_tokens,
+)
 from whisper.model import ResidualAttentionBlock, TextDecoder
 from whisper.rules import TimestampState, log_softmax, timestamp_ranges
 from whisper.tokenizer import get_tokenizer
@@ -166,9 +174,7 @@ def test_a_beam_s_candidates_where_the_logits_are_equal_the_host_filters(tiny, b
     host_logprobs = log_softmax(host)
     rules = DeviceRules(task.logit_filters, model.dims.n_vocab)
     ids, logprobs = backend.top_choices(mx.array(logits), *rules(tokens), task.timestamp_begin, 6)
-    ids, logprobs = np.array(ids), np.array(logprobs)
-    order = np.lexsort((ids, -logprobs), axis=-1)
-    ids, logprobs = np.take_along_axis(ids, order, -1), np.take_along_axis(logprobs, order, -1)
+    ids, logprobs = ranked_candidates(np.array(ids), np.array(logprobs))
     assert ids.tolist() == [top_tokens(row, 6).tolist() for row in host_logprobs]
     # The kernel sums the vocabulary's exponentials in eight float32 lanes, numpy pairwise.
     np.testing.assert_allclose(logprobs, np.take_along_axis(host_logprobs, ids, -1), atol=1e-4)
@@ -282,7 +288,7 @@ def test_a_window_s_rows_read_the_positions_they_share_once_with_the_same_bits(t
     tokens = np.random.default_rng(5).integers(0, 50256, size=(3, 6))
     runs = []
     for alike in (parted["alike"], mx.array([0], dtype=mx.int32)):
-        cache = {"layers": tree_map(lambda t: t * 1, parted["layers"]), "alike": alike}  # steps write in place
+        cache = {**parted, "layers": tree_map(lambda t: t * 1, parted["layers"]), "alike": alike}  # written in place
         logits = []
         for i in range(tokens.shape[1]):
             if i == 3:  # beams reordered: only their own positions move

@@ -332,6 +332,15 @@ def top_tokens(logprobs: np.ndarray, k: int) -> np.ndarray:
     return candidates[np.argsort(-logprobs[candidates], kind="stable")][:k]
 
 
+def ranked_candidates(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A backend's `top_choices` (largest first, equals in any order) in a stable sort's order of
+    the vocabulary: largest first, the lower id first among equals (rare: sorted only then)."""
+    if (logprobs[:, 1:] == logprobs[:, :-1]).any():
+        order = np.lexsort((ids, -logprobs), axis=-1)
+        ids, logprobs = np.take_along_axis(ids, order, -1), np.take_along_axis(logprobs, order, -1)
+    return ids, logprobs
+
+
 class BeamSearchDecoder(TokenDecoder):
     """Keeps the `beam_size` likeliest prefixes; stops once enough have finished."""
 
@@ -513,11 +522,7 @@ class BeamSteps(Steps):
     def choose(self, tokens, logits, sum_logprobs):
         k = self.decoder.beam_size + 1
         ids, logprobs = self.inference.backend.top_choices(logits, *self.rules(tokens), self.task.timestamp_begin, k)
-        ids, logprobs = np.array(ids).astype(np.int64), np.array(logprobs).astype(np.float64)
-        # Largest first, the lower id first among equals, as a stable sort of the vocabulary.
-        order = np.lexsort((ids, -logprobs), axis=-1)
-        ids, logprobs = np.take_along_axis(ids, order, -1), np.take_along_axis(logprobs, order, -1)
-        return self.decoder.advance(tokens, ids, logprobs, sum_logprobs)
+        return self.decoder.advance(tokens, *ranked_candidates(np.array(ids), np.array(logprobs)), sum_logprobs)
 
 
 class DeviceSteps(Steps):

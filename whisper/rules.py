@@ -128,9 +128,10 @@ def greedy_choice(
 def top_choices(
     logits: mx.array, forbidden: mx.array, ranges: mx.array, timestamp_begin: int | None, k: int
 ) -> tuple[mx.array, mx.array]:
-    """Each row's k likeliest allowed tokens (`allowed_logits`), in no order, and their
-    log-probabilities: (rows, k) each, for a beam search to take the rows' few candidates from
-    where the logits are instead of the whole vocabulary."""
+    """Each row's k likeliest allowed tokens (`allowed_logits`), largest first (equals in any
+    order), and their log-probabilities: (rows, k) each, for a beam search to take the rows' few
+    candidates from where the logits are instead of the whole vocabulary."""
     logprobs = log_softmax(allowed_logits(logits, forbidden, ranges, timestamp_begin), mx)
     ids = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
+    ids = mx.take_along_axis(ids, mx.argsort(-mx.take_along_axis(logprobs, ids, axis=-1), axis=-1), axis=-1)
     return ids, mx.take_along_axis(logprobs, ids, axis=-1)

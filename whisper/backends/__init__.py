@@ -100,8 +100,8 @@ class Backend:
     def top_choices(
         self, logits: mx.array, forbidden: mx.array, ranges: mx.array, timestamp_begin: int | None, k: int
     ) -> tuple[mx.array, mx.array]:
-        """Each row's k likeliest allowed tokens (rows, k) and their log-probabilities, under the
-        rules as in `greedy_choice`: a beam's candidates."""
+        """Each row's k likeliest allowed tokens (rows, k), largest first (equals in any order), and
+        their log-probabilities, under the rules as in `greedy_choice`: a beam's candidates."""
         return _compiled(top_choices, timestamp_begin, k)(logits, forbidden, ranges)
 
 

@@ -12,6 +12,7 @@ What it does differently from the plain model, and why (bench/NOTES.md has the m
 - The self-attention cache is (rows, n_ctx, state) per layer, which the kernels read in place.
   It counts the positions alike in every row of a window (its first pass's, before the window's
   beams parted): a step reads those once for all the window's rows, and a reorder copies none.
+  A beam's reorder waits in the cache for the next step's kernels, which copy the rows first.
 - A step's cross-attention reads the audio features themselves where AVX-512 runs (`kernels.
   steps_over_features`): they stay in the cache where each layer's keys and values came from
   memory at every step.  A pass over many tokens computes those keys and values when it runs.
@@ -163,15 +164,20 @@ class CpuBackend(FusedBackend):
         return audio["keys_values"][layer]
 
     def new_cache(self, rows: int) -> Cache:
-        """Each layer's keys and values, (rows, n_ctx, state), and how many positions are alike in
-        every row of a window (int32, (1,)); an array, not an int, so that steps trace once."""
+        """Each layer's keys and values, (rows, n_ctx, state); how many positions are alike in
+        every row of a window (int32, (1,)); each row's source, for a reorder not yet carried out
+        (int32, (rows,)).  Arrays, not ints, so that steps trace once."""
         n_ctx, n_state = self.model.decoder.positional_embedding.shape
         dtype = self.model.decoder.ln.weight.dtype
         layers = [
             (mx.zeros((rows, n_ctx, n_state), dtype), mx.zeros((rows, n_ctx, n_state), dtype))
             for _ in self.model.decoder.blocks
         ]
-        return {"layers": layers, "alike": mx.array([0], dtype=mx.int32)}
+        return {"layers": layers, "alike": mx.array([0], dtype=mx.int32), "sources": mx.arange(rows, dtype=mx.int32)}
+
+    def _reordered(self, cache: Cache, layer_cache: tuple[mx.array, mx.array], offset: mx.array) -> tuple:
+        """A layer's caches with the waiting reorder carried out by its own kernel calls."""
+        return tuple(kernels.reorder_rows(t, cache["sources"], offset, cache["alike"]) for t in layer_cache)
 
     def forget(self, cache: Cache, n_kept: int) -> Cache:
         # The kernels never read past the query's position: only the alike positions may shrink.
@@ -193,8 +199,10 @@ class CpuBackend(FusedBackend):
                 step_logits, cache = self.step(tokens[:, i : i + 1], audio, cache, mx.array([offset + i], mx.int32))
                 logits.append(step_logits)
             return mx.stack(logits[n - (positions or n) :], axis=1), cache
-        logits, layers = super().forward(tokens, audio, cache["layers"], offset, positions)
-        return logits, {**cache, "layers": layers}
+        position = mx.array([offset], mx.int32) if isinstance(offset, int) else offset
+        layers = [self._reordered(cache, layer, position) for layer in cache["layers"]]
+        logits, layers = super().forward(tokens, audio, layers, offset, positions)
+        return logits, {**cache, "layers": layers, "sources": mx.arange(tokens.shape[0], dtype=mx.int32)}
 
     def _step(self, tokens, audio, cache, offset):
         """One kernel call per layer where the step kernel takes the rows; else the layer's ops."""
@@ -202,13 +210,14 @@ class CpuBackend(FusedBackend):
         x = decoder.embed(tokens, offset)
         over_features = "features" in audio
         n_audio = (audio["features"] if over_features else audio["keys_values"][0][0]).shape[0]
-        position_and_alike = mx.concatenate([offset, cache["alike"]])
+        # The position, the positions alike in a window's rows, each row's source.
+        header = mx.concatenate([offset, cache["alike"], cache["sources"]])
         new_cache = []
         for layer, (block, layer_cache) in enumerate(zip(decoder.blocks, cache["layers"])):
             source = audio["panels"] if over_features else audio["keys_values"][layer]
             stepped = kernels.decoder_layer_step(
                 x,
-                position_and_alike,
+                header,
                 layer_cache,
                 source,
                 step_weights(block),
@@ -218,26 +227,27 @@ class CpuBackend(FusedBackend):
                 group=x.shape[0] // n_audio,
             )
             if stepped is None:
-                x, layer_cache = self.self_attend(block, x, layer_cache, offset)
+                x, layer_cache = self.self_attend(block, x, self._reordered(cache, layer_cache, offset), offset)
                 x = self.mlp(block, self.cross_attend(block, x, *self.cross_keys_values(audio, layer)))
             else:
                 x, layer_cache = stepped
             new_cache.append(layer_cache)
-        return self.unembed(x)[:, 0], {**cache, "layers": new_cache}
+        identity = mx.arange(x.shape[0], dtype=mx.int32)
+        return self.unembed(x)[:, 0], {**cache, "layers": new_cache, "sources": identity}
 
     def reorder(self, cache: Cache, sources: list[int], n_cached: int) -> Cache:
         """Rows parting (row i from row i // group): their positions so far are alike.  Rows as
-        many, in place: only rows whose source differs are copied, only their positions past the
-        alike ones; each source is a row of its own window (as a beam's is)."""
-        layers, rows = cache["layers"], cache["layers"][0][0].shape[0]
-        index = mx.array(sources, dtype=mx.int32)
+        many: the next step's kernels copy, in place, only rows whose source differs and only their
+        positions past the alike ones; each source is a row of its own window (as a beam's is)."""
+        rows = cache["layers"][0][0].shape[0]
+        index = cache["sources"][mx.array(sources, dtype=mx.int32)]  # after any reorder still waiting
         if len(sources) != rows:
             group = len(sources) // rows
             parted = sources == [row // group for row in range(len(sources))]
-            layers = [tuple(t[index] for t in layer) for layer in layers]
-            return {"layers": layers, "alike": mx.array([n_cached if parted else 0], dtype=mx.int32)}
-        layers = [tuple(kernels.reorder_rows(t, index, n_cached, cache["alike"]) for t in layer) for layer in layers]
-        return {**cache, "layers": layers}
+            layers = [tuple(t[index] for t in layer) for layer in cache["layers"]]
+            alike = mx.array([n_cached if parted else 0], dtype=mx.int32)
+            return {"layers": layers, "alike": alike, "sources": mx.arange(len(sources), dtype=mx.int32)}
+        return {**cache, "sources": index}
 
     def greedy_choice(self, logits, forbidden, ranges, timestamp_begin):
         return kernels.greedy_choice(logits, forbidden, ranges, timestamp_begin)

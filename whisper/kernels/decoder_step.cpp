@@ -57,7 +57,10 @@ static_assert(std::size(kWeightNames) == kFeatureStepInputs - kAttnLnWeight);
 // r / group, and each audio's keys and values, or panels, are read once for all its rows.  The
 // offset's second element, if any, counts the positions alike in the caches of an audio's rows
 // (its prompt, from the one pass before the rows parted): each row's self-attention reads those
-// from the audio's first row, all its rows at once, and only its own positions after them.
+// from the audio's first row, all its rows at once, and only its own positions after them.  Its
+// elements after those, if any, are each row's source (beam search): first, row r's cache
+// positions from the alike ones to the token's become row sources[r]'s, as `reorder_rows` does,
+// without a call of its own.
 void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* key_cache, float* value_cache,
                         std::size_t n_head, float scale, float eps, bool over_features, std::size_t group) {
   const std::size_t batch = in[kX].shape(0), state = in[kX].shape(2), head_dim = state / n_head;
@@ -68,6 +71,13 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
   const std::size_t alike = group > 1 && in[kOffset].size() > 1
                                 ? std::clamp<std::ptrdiff_t>(in[kOffset].data<int32_t>()[1], 0, position)
                                 : 0;
+  if (in[kOffset].size() > 2) {
+    const std::size_t row_bytes = ctx * state * sizeof(float), first = alike * state * sizeof(float);
+    for (float* cache : {key_cache, value_cache}) {
+      reorder_rows_in_place(reinterpret_cast<char*>(cache), in[kOffset].data<int32_t>() + 2, batch, row_bytes, first,
+                            (position - alike) * state * sizeof(float));
+    }
+  }
   auto vector = [&](StepInput i) { return in[i].data<float>(); };
   auto matrix = [&](StepInput i) { return Matrix(in[i]); };
   // Per batch row: a layer norm's output, the query, the attention's output, the residual
@@ -349,8 +359,9 @@ std::vector<mx::array> decoder_layer(const mx::array& x, const mx::array& offset
   const int rows = x.shape(0), n_audio = rows / group, state = x.shape(2);
   expect(n_head > 0 && state % n_head == 0 && (state / n_head) % 16 == 0,
          "the state must split into heads of a multiple of 16");
-  expect((offset.size() == 1 || offset.size() == 2) && offset.dtype() == mx::int32,
-         "the offset is one int32, or two: the position and the positions alike in an audio's rows");
+  expect((offset.size() == 1 || offset.size() == 2 || offset.size() == 2 + x.shape(0)) && offset.dtype() == mx::int32,
+         "the offset is int32: the position, then maybe the positions alike in an audio's rows, then maybe each "
+         "row's source");
   auto rows_of_state = [&](const mx::array& a, int n) {
     return a.ndim() == 3 && a.shape(0) == n && a.shape(2) == state && a.shape(1) > 0 && a.dtype() == mx::float32;
   };

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "primitives.h"
+#include "threads.h"
 
 namespace menny {
 
@@ -147,23 +148,26 @@ class MennyTokenChoice : public mx::Primitive {
     encoder.dispatch([logits = inputs[0], forbidden = inputs[1], ranges = inputs[2], chosen = outputs[0],
                       logprobs = outputs[1], timestamp_begin = timestamp_begin_, k = k_]() mutable {
       const std::size_t batch = logits.shape(0), vocab = logits.shape(1), n_ranges = ranges.shape(1);
-      thread_local std::vector<float> scratch;
-      scratch.resize(2 * vocab);
-      for (std::size_t b = 0; b < batch; ++b) {
-        const bool* mask = forbidden.data<bool>() + (forbidden.shape(0) == 1 ? 0 : b * vocab);
-        const float* row = logits.data<float>() + b * vocab;
-        const int32_t* row_ranges = ranges.data<int32_t>() + b * n_ranges * 2;
-        const auto first_timestamp = static_cast<std::size_t>(timestamp_begin);
-        if (k > 0) {
-          top_choices_row(row, mask, row_ranges, n_ranges, vocab, first_timestamp, k, scratch.data(),
-                          chosen.data<int32_t>() + b * k, logprobs.data<float>() + b * k);
-          continue;
+      // Rows (beams, a batch's windows) on every core: each row's passes read its logits alone.
+      parallel_for(batch, vocab, 1, [&](std::size_t begin, std::size_t end) {
+        thread_local std::vector<float> scratch;
+        scratch.resize(2 * vocab);
+        for (std::size_t b = begin; b < end; ++b) {
+          const bool* mask = forbidden.data<bool>() + (forbidden.shape(0) == 1 ? 0 : b * vocab);
+          const float* row = logits.data<float>() + b * vocab;
+          const int32_t* row_ranges = ranges.data<int32_t>() + b * n_ranges * 2;
+          const auto first_timestamp = static_cast<std::size_t>(timestamp_begin);
+          if (k > 0) {
+            top_choices_row(row, mask, row_ranges, n_ranges, vocab, first_timestamp, k, scratch.data(),
+                            chosen.data<int32_t>() + b * k, logprobs.data<float>() + b * k);
+            continue;
+          }
+          const auto [token, logprob] =
+              greedy_choice_row(row, mask, row_ranges, n_ranges, vocab, first_timestamp, scratch.data());
+          chosen.data<int32_t>()[b] = token;
+          logprobs.data<float>()[b] = logprob;
         }
-        const auto [token, logprob] =
-            greedy_choice_row(row, mask, row_ranges, n_ranges, vocab, first_timestamp, scratch.data());
-        chosen.data<int32_t>()[b] = token;
-        logprobs.data<float>()[b] = logprob;
-      }
+      }, vocab);
     });
 #endif
   }

@@ -34,6 +34,11 @@ bool uses_avx512();
 // each input column in turn, (depth, 32) contiguous, packed by the call (strip_product).
 constexpr std::size_t kPanelWidth = 32;
 
+// Rows of `rows` rows of row_bytes bytes each: row i's bytes [first, first + span_bytes) become
+// row sources[i]'s, in place (reorder_rows.cpp).
+void reorder_rows_in_place(char* cache, const std::int32_t* sources, std::size_t rows, std::size_t row_bytes,
+                           std::size_t first, std::size_t span_bytes);
+
 // Layer norm of `rows` rows of n values, the same bits as mx.fast.layer_norm (maths.cpp).
 void layer_norm_rows(const float* x, const float* weight, const float* bias, float* out, std::size_t rows,
                      std::size_t n, float eps);

@@ -8,13 +8,11 @@
 
 namespace menny {
 
-namespace {
-
 // Rows of `rows` rows of row_bytes bytes each: row i's bytes [0, span_bytes) from `first` on
 // become row sources[i]'s.
 // Rows whose source is themselves (or outside [0, rows)) are left alone.  A source that is also
 // overwritten is read from a copy taken first, so that cycles (two beams swapping) come out right.
-void reorder(char* cache, const std::int32_t* sources, std::size_t rows, std::size_t row_bytes,
+void reorder_rows_in_place(char* cache, const std::int32_t* sources, std::size_t rows, std::size_t row_bytes,
              std::size_t first, std::size_t span_bytes) {
   auto moves = [&](std::size_t i) { return sources[i] >= 0 && static_cast<std::size_t>(sources[i]) < rows &&
                                            static_cast<std::size_t>(sources[i]) != i; };
@@ -42,6 +40,8 @@ void reorder(char* cache, const std::int32_t* sources, std::size_t rows, std::si
     }
   }
 }
+
+namespace {
 
 // The reordered cache, which is the input cache's memory (as a decoder step's caches are): in
 // place, not copied, since the caller keeps only the newest cache.
@@ -82,7 +82,7 @@ class MennyReorderRows : public mx::UnaryPrimitive {
         return static_cast<std::size_t>(std::clamp<std::int64_t>(span.data<std::int32_t>()[i], 0, ctx));
       };
       const std::size_t start = position(0), stop = std::max(start, position(1));
-      reorder(out.data<char>(), sources.data<std::int32_t>(), rows, ctx * position_bytes, start * position_bytes,
+      reorder_rows_in_place(out.data<char>(), sources.data<std::int32_t>(), rows, ctx * position_bytes, start * position_bytes,
               (stop - start) * position_bytes);
     });
   }
