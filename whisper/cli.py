@@ -14,7 +14,7 @@ import numpy as np
 
 from .audio import AudioError
 from .batch import transcribe_batch
-from .convert import ModelFormatError
+from .checkpoints import ModelFormatError
 from .models import DEFAULT_MODEL, ModelNotFoundError, load_model
 from .runtime import configure
 from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE
