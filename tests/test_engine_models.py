@@ -125,7 +125,7 @@ def test_local_ct2_folder_is_converted(private_cache, tmp_path):
 
 
 def test_unknown_model_name():
-    with pytest.raises(models.ModelNotFoundError, match="unknown model 'smal'.*tiny.en, base, tiny,"):
+    with pytest.raises(models.ModelNotFoundError, match=r"unknown model 'smal'.*tiny\.en, base, tiny,"):
         whisper.load_model("smal")
     with pytest.raises(models.ModelNotFoundError, match="not a model"):
         whisper.load_model(__file__)
