@@ -200,7 +200,8 @@ def test_every_name_is_offered():
 
 def test_catalog_name_from_the_hugging_face_cache_then_from_ours(workspace, tmp_path):
     """A name resolves to its repo (here served offline from a local hub cache, in transformers'
-    layout), is converted once, and then loads from our cache with no hub at all."""
+    layout), is converted once, and then loads from our cache with no hub at all, on the command
+    line too."""
     source = _written(workspace, "distil-v3", "transformers")
     files = [source / "model.safetensors", source / "config.json"]
     env = offline_hub(tmp_path / "hub", KNOWN_MODELS["distil-large-v3"].repo, files)
@@ -213,5 +214,9 @@ def test_catalog_name_from_the_hugging_face_cache_then_from_ours(workspace, tmp_
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("1 ") and "'distil-large-v3'" in out.stdout
     env["HF_HUB_CACHE"] = str(tmp_path / "no-hub")
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
+    command = [sys.executable, "-m", "whisper", str(SPEECH_DIR / "jfk.flac"), "--model", "distil-large-v3"]
+    options = ["--device", "cpu", "--beam-size", "None", "--temperature-increment-on-fallback", "None"]
+    output = ["--output-format", "txt", "--output-dir", str(tmp_path / "out")]
+    out = subprocess.run(command + options + output, cwd=REPO, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    assert (tmp_path / "out" / "jfk.txt").exists()
