@@ -299,7 +299,7 @@ def converted_model_dir(source: Path, sha256: str | None = None, root: Path | No
     transformers folder or an openai-whisper `.pt` file, keyed by the sha256 of its files (given
     for bundled models), made now if missing or damaged."""
     sha256 = sha256 or source_sha256(source)
-    return _convert_into(_cache_entry(sha256[:32], root), source, {"source_sha256": sha256})
+    return _convert_into(_cache_entry(sha256[:32], root), source, {"source_sha256": sha256, "source": str(source)})
 
 
 def _repo_entry(repo_id: str, root: Path | None) -> Path:
@@ -452,7 +452,8 @@ def available_models() -> list[str]:
 
 def local_models(root: Path | None = None) -> list[str]:
     """What loads without the network: the bundled names, the catalog names and repo ids whose
-    conversion is cached, then other cached conversions (local folders and files), by path."""
+    conversion is cached, then other cached conversions: by the path of the folder or file they
+    came from while it is there, else by their own."""
     names = list(BUNDLED)
     mlx_cache = (root or cache_dir()) / "mlx"
     by_folder = {_repo_entry(known.repo, root).name: name for name, known in KNOWN_MODELS.items()}
@@ -461,6 +462,8 @@ def local_models(root: Path | None = None) -> list[str]:
         for folder in sorted(mlx_cache.iterdir()):
             if not _cache_entry_complete(folder) or folder.name.rsplit("-v", 1)[0] in bundled_hashes:
                 continue
-            repo = json.loads((folder / "config.json").read_text()).get("source_repo")
-            names.append(by_folder.get(folder.name) or repo or str(folder))
+            config = json.loads((folder / "config.json").read_text())
+            source = config.get("source")
+            local = source if source and Path(source).exists() else str(folder)
+            names.append(by_folder.get(folder.name) or config.get("source_repo") or local)
     return list(dict.fromkeys(names))
