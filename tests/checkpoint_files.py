@@ -40,10 +40,13 @@ FAMILIES = {
 
 
 def seeded_weights(family: str) -> dict[str, np.ndarray]:
-    """Our parameters of the family's model (names and shapes from `whisper.model`), float16
-    values as float32: weights ~ N(0, 1/fan_in), layer norms near 1, biases small."""
-    dims = FAMILIES[family]
-    rng = np.random.default_rng(sorted(FAMILIES).index(family) + 1600)
+    return random_weights(FAMILIES[family], sorted(FAMILIES).index(family) + 1600)
+
+
+def random_weights(dims: ModelDimensions, seed: int) -> dict[str, np.ndarray]:
+    """Our parameters of a model of these dimensions (names and shapes from `whisper.model`),
+    float16 values as float32: weights ~ N(0, 1/fan_in), layer norms near 1, biases small."""
+    rng = np.random.default_rng(seed)
     weights = {}
     for name, value in tree_flatten(Whisper(dims).parameters()):
         shape = tuple(value.shape)
