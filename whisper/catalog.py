@@ -41,19 +41,21 @@ class KnownModel:
         return np.argwhere(mask).tolist()
 
 
-def _dims(n_mels: int, n_vocab: int, state: int, heads: int, audio_layers: int, text_layers: int) -> ModelDimensions:
-    """Whisper's shape: 1500 audio positions, 448 text positions, 64-wide heads everywhere."""
+def _dims(n_mels: int, n_vocab: int, size: tuple[int, int, int], text_layers: int | None) -> ModelDimensions:
+    """Whisper's shape: 1500 audio positions, 448 text positions, 64-wide heads everywhere; the
+    decoder as deep as the encoder unless `text_layers` says otherwise."""
+    state, heads, layers = size
     return ModelDimensions(
         n_mels=n_mels,
         n_audio_ctx=1500,
         n_audio_state=state,
         n_audio_head=heads,
-        n_audio_layer=audio_layers,
+        n_audio_layer=layers,
         n_vocab=n_vocab,
         n_text_ctx=448,
         n_text_state=state,
         n_text_head=heads,
-        n_text_layer=text_layers,
+        n_text_layer=text_layers or layers,
     )
 
 
@@ -61,61 +63,49 @@ ENGLISH, MULTILINGUAL, V3 = 51864, 51865, 51866  # vocabularies: 0, 99 and 100 l
 # (state, heads, layers) of each size
 TINY, BASE, SMALL, MEDIUM, LARGE = (384, 6, 4), (512, 8, 6), (768, 12, 12), (1024, 16, 24), (1280, 20, 32)
 
+# name: (mel bins, vocabulary, size, decoder layers if fewer than the encoder's, Hugging Face repo)
+_MODELS = {
+    "tiny.en": (80, ENGLISH, TINY, None, "openai/whisper-tiny.en"),
+    "tiny": (80, MULTILINGUAL, TINY, None, "openai/whisper-tiny"),
+    "base.en": (80, ENGLISH, BASE, None, "openai/whisper-base.en"),
+    "base": (80, MULTILINGUAL, BASE, None, "openai/whisper-base"),
+    "small.en": (80, ENGLISH, SMALL, None, "openai/whisper-small.en"),
+    "small": (80, MULTILINGUAL, SMALL, None, "openai/whisper-small"),
+    "medium.en": (80, ENGLISH, MEDIUM, None, "openai/whisper-medium.en"),
+    "medium": (80, MULTILINGUAL, MEDIUM, None, "openai/whisper-medium"),
+    "large-v1": (80, MULTILINGUAL, LARGE, None, "openai/whisper-large"),
+    "large-v2": (80, MULTILINGUAL, LARGE, None, "openai/whisper-large-v2"),
+    "large-v3": (128, V3, LARGE, None, "openai/whisper-large-v3"),
+    # openai-whisper's "large" has meant large-v3 since large-v3 came out.
+    "large": (128, V3, LARGE, None, "openai/whisper-large-v3"),
+    "large-v3-turbo": (128, V3, LARGE, 4, "openai/whisper-large-v3-turbo"),
+    "turbo": (128, V3, LARGE, 4, "openai/whisper-large-v3-turbo"),
+    "distil-small.en": (80, ENGLISH, SMALL, 4, "distil-whisper/distil-small.en"),
+    "distil-medium.en": (80, ENGLISH, MEDIUM, 2, "distil-whisper/distil-medium.en"),
+    "distil-large-v2": (80, MULTILINGUAL, LARGE, 2, "distil-whisper/distil-large-v2"),
+    "distil-large-v3": (128, V3, LARGE, 2, "distil-whisper/distil-large-v3"),
+    "distil-large-v3.5": (128, V3, LARGE, 2, "distil-whisper/distil-large-v3.5"),
+}
 
-def _openai(
-    n_mels: int, n_vocab: int, size: tuple[int, int, int], repo: str, mask: bytes, text_layers: int | None = None
-) -> KnownModel:
-    state, heads, layers = size
-    return KnownModel(_dims(n_mels, n_vocab, state, heads, layers, text_layers or layers), repo, mask)
-
-
-def _distil(n_mels: int, n_vocab: int, size: tuple[int, int, int], text_layers: int, repo: str) -> KnownModel:
-    state, heads, layers = size
-    return KnownModel(_dims(n_mels, n_vocab, state, heads, layers, text_layers), repo)
-
-
-_LARGE_V3_MASK = b"ABzY8gWO1E0{>%R7(9S+Kn!D~%ngiGaR?*L!iJG9p-nab0JQ=-{D1-g00"
-_TURBO_MASK = b"ABzY8j^C+e0{>%RARaKHP%t(lGR*)0g!tONPyhe`"
+# openai-whisper's alignment heads (its `_ALIGNMENT_HEADS`).
+_ALIGNMENT_MASKS = {
+    "tiny.en": b"ABzY8J1N>@0{>%R00Bk>$p{7v037`oCl~+#00",
+    "tiny": b"ABzY8bu8Lr0{>%RKn9Fp%m@SkK7Kt=7ytkO",
+    "base.en": b"ABzY8;40c<0{>%RzzG;p*o+Vo09|#PsxSZm00",
+    "base": b"ABzY8KQ!870{>%RzyTQH3`Q^yNP!>##QT-<FaQ7m",
+    "small.en": b"ABzY8>?_)10{>%RpeA61k&I|OI3I$65C{;;pbCHh0B{qLQ;+}v00",
+    "small": b"ABzY8DmU6=0{>%Rpa?J`kvJ6qF(V^F86#Xh7JUGMK}P<N0000",
+    "medium.en": b"ABzY8usPae0{>%R7<zz_OvQ{)4kMa0BMw6u5rT}kRKX;$NfYBv00*Hl@qhsU00",
+    "medium": b"ABzY8B0Jh+0{>%R7}kK1fFL7w6%<-Pf*t^=N)Qr&0RR9",
+    "large-v1": b"ABzY8r9j$a0{>%R7#4sLmoOs{s)o3~84-RPdcFk!JR<kSfC2yj",
+    "large-v2": b"ABzY8zd+h!0{>%R7=D0pU<_bnWW*tkYAhobTNnu$jnkEkXqp)j;w1Tzk)UH3X%SZd&fFZ2fC2yj",
+    "large-v3": b"ABzY8gWO1E0{>%R7(9S+Kn!D~%ngiGaR?*L!iJG9p-nab0JQ=-{D1-g00",
+    "large": b"ABzY8gWO1E0{>%R7(9S+Kn!D~%ngiGaR?*L!iJG9p-nab0JQ=-{D1-g00",
+    "large-v3-turbo": b"ABzY8j^C+e0{>%RARaKHP%t(lGR*)0g!tONPyhe`",
+    "turbo": b"ABzY8j^C+e0{>%RARaKHP%t(lGR*)0g!tONPyhe`",
+}
 
 KNOWN_MODELS: dict[str, KnownModel] = {
-    "tiny.en": _openai(80, ENGLISH, TINY, "openai/whisper-tiny.en", b"ABzY8J1N>@0{>%R00Bk>$p{7v037`oCl~+#00"),
-    "tiny": _openai(80, MULTILINGUAL, TINY, "openai/whisper-tiny", b"ABzY8bu8Lr0{>%RKn9Fp%m@SkK7Kt=7ytkO"),
-    "base.en": _openai(80, ENGLISH, BASE, "openai/whisper-base.en", b"ABzY8;40c<0{>%RzzG;p*o+Vo09|#PsxSZm00"),
-    "base": _openai(80, MULTILINGUAL, BASE, "openai/whisper-base", b"ABzY8KQ!870{>%RzyTQH3`Q^yNP!>##QT-<FaQ7m"),
-    "small.en": _openai(
-        80, ENGLISH, SMALL, "openai/whisper-small.en", b"ABzY8>?_)10{>%RpeA61k&I|OI3I$65C{;;pbCHh0B{qLQ;+}v00"
-    ),
-    "small": _openai(
-        80, MULTILINGUAL, SMALL, "openai/whisper-small", b"ABzY8DmU6=0{>%Rpa?J`kvJ6qF(V^F86#Xh7JUGMK}P<N0000"
-    ),
-    "medium.en": _openai(
-        80,
-        ENGLISH,
-        MEDIUM,
-        "openai/whisper-medium.en",
-        b"ABzY8usPae0{>%R7<zz_OvQ{)4kMa0BMw6u5rT}kRKX;$NfYBv00*Hl@qhsU00",
-    ),
-    "medium": _openai(
-        80, MULTILINGUAL, MEDIUM, "openai/whisper-medium", b"ABzY8B0Jh+0{>%R7}kK1fFL7w6%<-Pf*t^=N)Qr&0RR9"
-    ),
-    "large-v1": _openai(
-        80, MULTILINGUAL, LARGE, "openai/whisper-large", b"ABzY8r9j$a0{>%R7#4sLmoOs{s)o3~84-RPdcFk!JR<kSfC2yj"
-    ),
-    "large-v2": _openai(
-        80,
-        MULTILINGUAL,
-        LARGE,
-        "openai/whisper-large-v2",
-        b"ABzY8zd+h!0{>%R7=D0pU<_bnWW*tkYAhobTNnu$jnkEkXqp)j;w1Tzk)UH3X%SZd&fFZ2fC2yj",
-    ),
-    "large-v3": _openai(128, V3, LARGE, "openai/whisper-large-v3", _LARGE_V3_MASK),
-    # openai-whisper's "large" has meant large-v3 since large-v3 came out.
-    "large": _openai(128, V3, LARGE, "openai/whisper-large-v3", _LARGE_V3_MASK),
-    "large-v3-turbo": _openai(128, V3, LARGE, "openai/whisper-large-v3-turbo", _TURBO_MASK, 4),
-    "turbo": _openai(128, V3, LARGE, "openai/whisper-large-v3-turbo", _TURBO_MASK, 4),
-    "distil-small.en": _distil(80, ENGLISH, SMALL, 4, "distil-whisper/distil-small.en"),
-    "distil-medium.en": _distil(80, ENGLISH, MEDIUM, 2, "distil-whisper/distil-medium.en"),
-    "distil-large-v2": _distil(80, MULTILINGUAL, LARGE, 2, "distil-whisper/distil-large-v2"),
-    "distil-large-v3": _distil(128, V3, LARGE, 2, "distil-whisper/distil-large-v3"),
-    "distil-large-v3.5": _distil(128, V3, LARGE, 2, "distil-whisper/distil-large-v3.5"),
+    name: KnownModel(_dims(n_mels, n_vocab, size, text_layers), repo, _ALIGNMENT_MASKS.get(name))
+    for name, (n_mels, n_vocab, size, text_layers, repo) in _MODELS.items()
 }
