@@ -39,6 +39,7 @@ from whisper.checkpoints import ModelFormatError
 from whisper.model import Whisper
 from whisper.tokenizer import get_tokenizer
 from whisper.torch_checkpoint import load_openai_checkpoint
+from whisper.transformers_checkpoint import load_transformers_folder
 
 FIXTURES = REPO / "tests" / "fixtures"
 REFERENCE = json.loads((FIXTURES / "checkpoint_reference.json").read_text())
@@ -93,9 +94,7 @@ def _check_against_reference(model: Whisper, family: str, fmt: str) -> None:
         assert np.abs(logits[ids[kept]] - reference["logits_openai"][i][kept]).max() < LOGITS_TOLERANCE
         if fmt == "transformers":
             assert np.abs(logits[ids[kept]] - reference["logits_transformers"][i][kept]).max() < LOGITS_TOLERANCE
-        options = whisper.DecodingOptions(
-            language=None if model.is_multilingual else "en", temperature=0.0, fp16=False
-        )
+        options = whisper.DecodingOptions(language=None if model.is_multilingual else "en", temperature=0.0, fp16=False)
         result = whisper.decode(model, mel, options)
         expected = reference["tokens"][i]
         assert result.language == window["language"]
@@ -126,9 +125,7 @@ def test_conversion_is_cached_once(workspace):
 def test_quantized_mlx_community_folder(workspace):
     """8-bit weights load as quantized layers and stay close to the float model's logits."""
     family = "v3"
-    source = write_mlx_community_folder(
-        workspace / "v3-q8", FAMILIES[family], seeded_weights(family), bits=8
-    )
+    source = write_mlx_community_folder(workspace / "v3-q8", FAMILIES[family], seeded_weights(family), bits=8)
     model = whisper.load_model(str(source), "cpu")
     assert any(isinstance(m, nn.QuantizedLinear) for m in model.modules())
     reference = _reference(family)
@@ -167,6 +164,26 @@ def test_transformers_folder_of_another_architecture_is_refused(workspace, tmp_p
     (folder / "config.json").write_text(json.dumps({**config, "encoder_ffn_dim": 100}))
     with pytest.raises(ModelFormatError, match="does not run"):
         whisper.load_model(str(folder), "cpu", download_root=tmp_path / "cache")
+
+
+def test_sharded_transformers_folder(workspace, tmp_path):
+    """Shards listed by model.safetensors.index.json load as one model.safetensors does; other
+    safetensors files beside them (a repo's float32 copies) are not read."""
+    from safetensors.numpy import load_file, save_file
+
+    source = _written(workspace, "english", "transformers")
+    tensors = load_file(str(source / "model.safetensors"))
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, members in shards.items():
+        save_file({name: tensors[name] for name in members}, str(tmp_path / shard))
+    weight_map = {name: shard for shard, members in shards.items() for name in members}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "model.fp32-00001-of-00001.safetensors").write_bytes(b"not read")
+    (tmp_path / "config.json").write_text((source / "config.json").read_text())
+    whole, sharded = load_transformers_folder(source), load_transformers_folder(tmp_path)
+    assert sharded.dims == whole.dims and sorted(sharded.weights) == sorted(whole.weights)
+    assert all(np.array_equal(sharded.weights[name], value) for name, value in whole.weights.items())
 
 
 def test_alignment_heads_of_every_name():

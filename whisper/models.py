@@ -358,9 +358,11 @@ def model_dims(name: str) -> ModelDimensions:
 _SNAPSHOT_FILES = [
     "config.json",
     "generation_config.json",
-    "*.safetensors",
+    "weights.safetensors",
+    "weights.npz",
+    "model.safetensors",
     "model.safetensors.index.json",
-    "*.npz",
+    "model-*-of-*.safetensors",
     "model.bin",
     "tokenizer.json",
     "vocabulary*",

@@ -96,7 +96,18 @@ def is_transformers_folder(folder: Path) -> bool:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("model*.safetensors"))
+    """model.safetensors, else the shards its index lists.  Other safetensors files beside them
+    (a repo's `model.fp32-*` copies, say) hold the same weights again and are left alone."""
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        return []
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError) as error:
+        raise ModelFormatError(f"{index}: not a safetensors index ({error})") from None
+    return [folder / shard for shard in shards]
 
 
 def _as_numpy(array: mx.array) -> np.ndarray:
