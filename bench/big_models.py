@@ -129,11 +129,9 @@ def _openai(files: dict, device: str):
 
 def _english_prompt(n_vocab: int) -> list[int]:
     """The sot sequence ours and openai-whisper decode after: English, transcribe, no timestamps."""
-    from whisper.tokenizer import get_tokenizer
+    from checkpoint_files import tokenizer_of
 
-    multilingual = n_vocab >= 51865
-    tokenizer = get_tokenizer(multilingual, num_languages=n_vocab - 51765 - int(multilingual), language="en")
-    return list(tokenizer.sot_sequence_including_notimestamps)
+    return list(tokenizer_of(n_vocab, "en" if n_vocab >= 51865 else None).sot_sequence_including_notimestamps)
 
 
 def _log_mel_numpy(files: dict, n_mels: int):
@@ -249,19 +247,16 @@ def _ct2_from_transformers(folder: Path, out: Path) -> None:
     <|startoftranscript|> by name): a stand-in gives those their names and every other id a
     number."""
     import ctranslate2
+    from checkpoint_files import tokenizer_of, vocabulary_names
 
-    from whisper.tokenizer import get_tokenizer
-
-    config = json.loads((folder / "config.json").read_text())
-    multilingual = config["vocab_size"] >= 51865
-    tokenizer = get_tokenizer(multilingual, num_languages=config["vocab_size"] - 51765 - int(multilingual))
+    n_vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    tokenizer, names = tokenizer_of(n_vocab), vocabulary_names(n_vocab)
 
     class SpecialTokensOnly:
         additional_special_tokens = tuple(f"<|{code}|>" for code in tokenizer.all_language_codes)
 
         def get_vocab(self) -> dict[str, int]:
-            specials = {name: i for name, i in tokenizer.special_tokens.items() if i < tokenizer.timestamp_begin}
-            return {**{f"<{i}>": i for i in range(tokenizer.eot)}, **specials}  # the converter adds timestamps
+            return {name: i for i, name in enumerate(names[: tokenizer.timestamp_begin])}  # it adds timestamps
 
         def convert_tokens_to_ids(self, name: str) -> int:
             return tokenizer.special_tokens[name]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import struct
 import zipfile
 from collections import OrderedDict
 from dataclasses import asdict
@@ -24,6 +25,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from whisper.model import ModelDimensions, Whisper, sinusoids
+from whisper.tokenizer import Tokenizer, get_tokenizer
 from whisper.transformers_checkpoint import transformers_name
 
 
@@ -220,4 +222,119 @@ def write_mlx_community_folder(
         config["quantization"] = {"group_size": 64, "bits": bits}
     mx.save_safetensors(str(folder / "weights.safetensors"), dict(tree_flatten(model.parameters())))
     (folder / "config.json").write_text(json.dumps(config, indent=1))
+    return folder
+
+
+# ------------------------------------------------------------------------- CTranslate2
+
+
+def tokenizer_of(n_vocab: int, language: str | None = None) -> Tokenizer:
+    """The tokenizer of a vocabulary of n_vocab tokens (English-only, 99 or 100 languages)."""
+    multilingual = n_vocab >= 51865
+    return get_tokenizer(multilingual, num_languages=n_vocab - 51765 - int(multilingual), language=language)
+
+
+def _byte_names() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, as its vocabulary files spell tokens: printable
+    Latin-1 bytes stand for themselves, the others for the characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def vocabulary_names(n_vocab: int) -> list[str]:
+    """Every token's name as CTranslate2's vocabulary files hold it: it finds the special tokens
+    by name, and it reads the others too (with numbers for names, it took a multilingual model
+    for an English one)."""
+    tokenizer = tokenizer_of(n_vocab)
+    names = _byte_names()
+    ordinary = [
+        "".join(names[b] for b in tokenizer.encoding.decode_single_token_bytes(i)) for i in range(tokenizer.eot)
+    ]
+    specials = sorted(tokenizer.special_tokens.items(), key=lambda item: item[1])
+    return ordinary + [name for name, _ in specials]
+
+
+_CT2_DTYPE_IDS = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.float16): 4}
+
+
+def _ct2_string(text: str) -> bytes:
+    raw = text.encode() + b"\0"
+    return struct.pack("<H", len(raw)) + raw
+
+
+def _ct2_variables(dims: ModelDimensions, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """CTranslate2's WhisperSpec variables of our weights: fused attention projections (a zero
+    bias where Whisper's key has none), (out, in, kernel) convolutions, gamma/beta norms."""
+    half = {name: value.astype(np.float16) for name, value in weights.items()}
+    out = {
+        "encoder/num_heads": np.array(dims.n_audio_head, np.int16),
+        "decoder/num_heads": np.array(dims.n_text_head, np.int16),
+        "decoder/activation": np.array(3, np.int8),
+        "decoder/pre_norm": np.array(1, np.int8),
+        "decoder/alibi": np.array(0, np.int8),
+        "decoder/scale_embeddings": np.array(0, np.int8),
+        "decoder/start_from_zero_embedding": np.array(0, np.int8),
+        "decoder/alignment_layer": np.array(-1, np.int16),
+        "decoder/alignment_heads": np.array(1, np.int16),
+        "encoder/position_encodings/encodings": sinusoids(dims.n_audio_ctx, dims.n_audio_state),
+        "decoder/embeddings/weight": half["decoder.token_embedding.weight"],
+        "decoder/position_encodings/encodings": half["decoder.positional_embedding"],
+    }
+    for conv in ("conv1", "conv2"):
+        out[f"encoder/{conv}/weight"] = np.ascontiguousarray(half[f"encoder.{conv}.weight"].transpose(0, 2, 1))
+        out[f"encoder/{conv}/bias"] = half[f"encoder.{conv}.bias"]
+
+    def norm(prefix: str, name: str) -> None:
+        out[f"{prefix}/gamma"], out[f"{prefix}/beta"] = half[f"{name}.weight"], half[f"{name}.bias"]
+
+    def linear(prefix: str, names: list[str]) -> None:
+        out[f"{prefix}/weight"] = np.concatenate([half[f"{name}.weight"] for name in names])
+        biases = [half.get(f"{name}.bias", np.zeros(half[f"{name}.weight"].shape[0], np.float16)) for name in names]
+        out[f"{prefix}/bias"] = np.concatenate(biases)
+
+    for stack, layers in (("encoder", dims.n_audio_layer), ("decoder", dims.n_text_layer)):
+        for i in range(layers):
+            ours, theirs = f"{stack}.blocks.{i}", f"{stack}/layer_{i}"
+            linear(f"{theirs}/self_attention/linear_0", [f"{ours}.attn.{p}" for p in ("query", "key", "value")])
+            linear(f"{theirs}/self_attention/linear_1", [f"{ours}.attn.out"])
+            norm(f"{theirs}/self_attention/layer_norm", f"{ours}.attn_ln")
+            if stack == "decoder":
+                linear(f"{theirs}/attention/linear_0", [f"{ours}.cross_attn.query"])
+                linear(f"{theirs}/attention/linear_1", [f"{ours}.cross_attn.{p}" for p in ("key", "value")])
+                linear(f"{theirs}/attention/linear_2", [f"{ours}.cross_attn.out"])
+                norm(f"{theirs}/attention/layer_norm", f"{ours}.cross_attn_ln")
+            linear(f"{theirs}/ffn/linear_0", [f"{ours}.mlp1"])
+            linear(f"{theirs}/ffn/linear_1", [f"{ours}.mlp2"])
+            norm(f"{theirs}/ffn/layer_norm", f"{ours}.mlp_ln")
+    norm("encoder/layer_norm", "encoder.ln_post")
+    norm("decoder/layer_norm", "decoder.ln")
+    return out
+
+
+def write_ct2_folder(folder: Path, dims: ModelDimensions, weights: dict[str, np.ndarray]) -> Path:
+    """model.bin (CTranslate2's binary version 6, float16 weights, the output projection an alias
+    of the token embedding), config.json and vocabulary.json, as faster-whisper's models hold."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "model.bin", "wb") as f:
+        f.write(struct.pack("<I", 6) + _ct2_string("WhisperSpec") + struct.pack("<I", 3))
+        variables = _ct2_variables(dims, weights)
+        f.write(struct.pack("<I", len(variables)))
+        for name, value in sorted(variables.items()):
+            value = np.asarray(value)  # tobytes() is C order; ascontiguousarray would make scalars 1-d
+            f.write(_ct2_string(name) + struct.pack("<B", value.ndim) + struct.pack(f"<{value.ndim}I", *value.shape))
+            f.write(struct.pack("<BI", _CT2_DTYPE_IDS[value.dtype], value.nbytes) + value.tobytes())
+        f.write(
+            struct.pack("<I", 1) + _ct2_string("decoder/projection/weight") + _ct2_string("decoder/embeddings/weight")
+        )
+    tokenizer = tokenizer_of(dims.n_vocab)
+    layers, heads = dims.n_text_layer, dims.n_text_head
+    config = {
+        "alignment_heads": [[layer, head] for layer in range(layers // 2, layers) for head in range(heads)],
+        "lang_ids": list(tokenizer.all_language_tokens) if dims.n_vocab >= 51865 else [],
+        "suppress_ids": [],
+        "suppress_ids_begin": [220, tokenizer.eot],
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "vocabulary.json").write_text(json.dumps(vocabulary_names(dims.n_vocab)))
     return folder

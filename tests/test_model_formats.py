@@ -24,6 +24,7 @@ import pytest
 from checkpoint_files import (
     FAMILIES,
     seeded_weights,
+    write_ct2_folder,
     write_mlx_community_folder,
     write_openai_pt,
     write_transformers_folder,
@@ -49,6 +50,7 @@ WRITERS = {
     "openai-pt": lambda path, dims, weights: write_openai_pt(path.with_suffix(".pt"), dims, weights),
     "transformers": write_transformers_folder,
     "mlx-community-fp16": write_mlx_community_folder,
+    "ctranslate2": write_ct2_folder,
 }
 
 

@@ -1,6 +1,6 @@
 """Regenerate the reference side of tests/test_model_formats.py, in tests/fixtures/.
 
-    .venv-ref/bin/python tests/reference/make_checkpoint_fixtures.py   # ~1 min on 2 cores
+    .venv-ref/bin/python tests/reference/make_checkpoint_fixtures.py   # ~3 min on 2 cores
 
 For each family of tests/checkpoint_files.py (small random weights from a fixed seed), this
 writes the checkpoint in the formats the test writes it in, with the test's own writers, then:
@@ -9,6 +9,8 @@ writes the checkpoint in the formats the test writes it in, with the test's own 
   openai-whisper's names, and openai-whisper's `Whisper` loads them with `strict=True`;
   transformers' `WhisperForConditionalGeneration` loads the transformers folder with no missing,
   unexpected or mismatched keys, and its first-step logits agree with openai-whisper's;
+  CTranslate2 loads the CTranslate2 folder, and its encoder output (and, for multilingual
+  families, its language probabilities: the decoder's first step) agree with openai-whisper's;
 - runs openai-whisper (PyTorch, CPU, fp32) on one 30-s window of each clip in CLIPS:
   `decode` greedy at temperature 0 (language detected by multilingual models, "en" for English
   ones; timestamps on), and the first-step logits after the sot sequence (language "en").
@@ -36,6 +38,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ctranslate2
 import numpy as np
 import torch
 from make_fixtures import GapRecorder, first_window_mel
@@ -50,6 +53,7 @@ from checkpoint_files import (  # noqa: E402
     FAMILIES,
     openai_state_dict,
     seeded_weights,
+    write_ct2_folder,
     write_openai_pt,
     write_transformers_folder,
 )
@@ -98,11 +102,27 @@ def transformers_from_folder(folder: Path):
     return model.eval()
 
 
+def ct2_differences(folder: Path, model, mel: torch.Tensor, features: torch.Tensor) -> dict[str, float]:
+    """How far CTranslate2, on the test-written folder, is from openai-whisper: the encoder's
+    output, and (multilingual models) the language probabilities, which come from the decoder's
+    first step over the language tokens."""
+    ct2 = ctranslate2.models.Whisper(str(folder), device="cpu", compute_type="float32")
+    encoded = ct2.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(mel[None].numpy())), to_cpu=True)
+    differences = {"encoder": float(np.abs(np.array(encoded) - features.numpy()).max())}
+    if model.is_multilingual:
+        ours = dict(ct2.detect_language(encoded)[0])
+        with torch.no_grad():
+            _, theirs = model.detect_language(mel)
+        differences["language_probabilities"] = max(abs(ours[f"<|{code}|>"] - p) for code, p in theirs.items())
+    return differences
+
+
 def family_fixture(family: str, work: Path) -> dict:
     dims = FAMILIES[family]
     weights = seeded_weights(family)
     model = openai_from_pt(write_openai_pt(work / f"{family}.pt", dims, weights), dims, weights)
     hf = transformers_from_folder(write_transformers_folder(work / f"{family}-hf", dims, weights))
+    ct2_folder = write_ct2_folder(work / f"{family}-ct2", dims, weights)
     english = openai_tokenizer(model, "en" if model.is_multilingual else None)
     initial = list(english.sot_sequence)
     recorder = GapRecorder()
@@ -120,6 +140,8 @@ def family_fixture(family: str, work: Path) -> dict:
             hf_logits = hf(input_features=mel[None], decoder_input_ids=torch.tensor([initial])).logits[0, -1].numpy()
         gap = float(np.abs(hf_logits - logits).max())
         assert gap < LOGITS_TOLERANCE, f"{family} {clip}: transformers and openai-whisper differ by {gap}"
+        ct2_gaps = ct2_differences(ct2_folder, model, mel, features)
+        assert max(ct2_gaps.values()) < LOGITS_TOLERANCE, f"{family} {clip}: CTranslate2 differs: {ct2_gaps}"
         ids = logit_ids(dims.n_vocab, english.eot, np.argsort(-logits)[:TOP])
         arrays["features_head"].append(features[0, :HEAD_FRAMES].numpy())
         arrays["logit_ids"].append(ids)
@@ -139,6 +161,7 @@ def family_fixture(family: str, work: Path) -> dict:
                 "tokens": len(chosen),
                 "smallest_gap": min(gaps) if gaps else None,
                 "transformers_vs_openai_logits": gap,
+                "ctranslate2_vs_openai": ct2_gaps,
             }
         )
         print(f"{family} {clip}: {result.language}, {len(chosen)} tokens, smallest gap {windows[-1]['smallest_gap']}")
