@@ -34,7 +34,7 @@ from speech import REPO, SPEECH_DIR, offline_hub
 
 import whisper
 from whisper import models
-from whisper.audio import N_FRAMES, N_SAMPLES, load_audio
+from whisper.audio import N_FRAMES, N_SAMPLES, load_audio, mel_filters
 from whisper.catalog import KNOWN_MODELS
 from whisper.checkpoints import ModelFormatError
 from whisper.model import Whisper
@@ -78,6 +78,7 @@ def _reference(family: str) -> np.lib.npyio.NpzFile:
 @pytest.mark.parametrize("family", ["multilingual-v2", "v3"])
 def test_log_mel_matches_openai(family):
     reference = _reference(family)
+    assert np.abs(mel_filters(FAMILIES[family].n_mels) - reference["mel_filters"]).max() < 1e-8
     ours = np.array(_window(REFERENCE["clips"][0], FAMILIES[family].n_mels)).T[reference["mel_frames"]]
     assert np.abs(ours - reference["mel_rows"]).max() < MEL_TOLERANCE
 

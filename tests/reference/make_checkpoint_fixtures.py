@@ -17,6 +17,7 @@ writes the checkpoint in the formats the test writes it in, with the test's own 
 
 Files written (float32):
 - checkpoint_<family>.npz
+    mel_filters            openai-whisper's mel filters (its assets/mel_filters.npz) for n_mels
     mel_frames, mel_rows   openai-whisper's log-mel of the first clip's window, at those frames
     features_head          (windows, 4, state): the encoder output's first frames
     logit_ids              (windows, ids): the ids the logits are kept for (a fixed random
@@ -175,6 +176,7 @@ def family_fixture(family: str, work: Path) -> dict:
 
     np.savez_compressed(
         FIXTURES / f"checkpoint_{family}.npz",
+        mel_filters=openai_whisper.audio.mel_filters("cpu", dims.n_mels).numpy().astype(np.float32),
         mel_frames=np.arange(0, 3000, MEL_STRIDE, dtype=np.int32),
         mel_rows=mel_rows.astype(np.float32),
         features_head=np.stack(arrays["features_head"]).astype(np.float32),
