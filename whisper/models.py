@@ -454,11 +454,12 @@ def available_models() -> list[str]:
 
 def local_models(root: Path | None = None) -> list[str]:
     """What loads without the network: the bundled names, the catalog names and repo ids whose
-    conversion is cached, then other cached conversions: by the path of the folder or file they
-    came from while it is there, else by their own."""
+    conversion is cached, then other cached conversions (by the path of the folder or file they
+    came from while it is there, else by their own), then MLX repos in the Hugging Face cache."""
     names = list(BUNDLED)
     mlx_cache = (root or cache_dir()) / "mlx"
-    by_folder = {_repo_entry(known.repo, root).name: name for name, known in KNOWN_MODELS.items()}
+    # The first of a repo's names (large-v3 before large) names its entry.
+    by_folder = {_repo_entry(known.repo, root).name: name for name, known in reversed(KNOWN_MODELS.items())}
     bundled_hashes = {model.sha256[:32] for model in BUNDLED.values()}
     if mlx_cache.is_dir():
         for folder in sorted(mlx_cache.iterdir()):
@@ -468,4 +469,22 @@ def local_models(root: Path | None = None) -> list[str]:
             source = config.get("source")
             local = source if source and Path(source).exists() else str(folder)
             names.append(by_folder.get(folder.name) or config.get("source_repo") or local)
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys([*names, *_hub_mlx_repos(root)]))
+
+
+def _hub_mlx_repos(root: Path | None) -> list[str]:
+    """Repos in the Hugging Face cache whose newest snapshot is an MLX folder (mlx-community's
+    load from there, unconverted)."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        cache = scan_cache_dir(None if root is None else root / "huggingface")
+    except (CacheNotFound, OSError):
+        return []
+    repos = []
+    for repo in sorted(cache.repos, key=lambda repo: repo.repo_id):
+        newest = max(repo.revisions, key=lambda revision: revision.last_modified, default=None)
+        if repo.repo_type == "model" and newest is not None and is_mlx_folder(newest.snapshot_path):
+            repos.append(repo.repo_id)
+    return repos
