@@ -135,7 +135,10 @@ def write_openai_pt(path: Path, dims: ModelDimensions, weights: dict[str, np.nda
         (name, _Storage(str(i), np.ascontiguousarray(value, dtype=np.float32 if "positional" in name else dtype)))
         for i, (name, value) in enumerate(openai_state_dict(dims, weights).items())
     ]
-    content = {"dims": asdict(dims), "model_state_dict": OrderedDict((n, _Tensor(s)) for n, s in storages)}
+    state = OrderedDict((name, _Tensor(storage)) for name, storage in storages)
+    # What torch's state_dict() carries along: each module's version, pickled as the dict's state.
+    state._metadata = OrderedDict((module, {"version": 1}) for module in ("", "encoder", "decoder"))
+    content = {"dims": asdict(dims), "model_state_dict": state}
     buffer = io.BytesIO()
     _TorchPickler(buffer, protocol=2).dump(content)
     root = path.stem
