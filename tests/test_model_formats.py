@@ -153,6 +153,17 @@ def test_pt_reader_refuses_what_a_checkpoint_does_not_need(tmp_path):
         load_openai_checkpoint(_torch_zip(tmp_path / "evil.pt", pickle.dumps(os.system)))
     with pytest.raises(ModelFormatError, match="not an openai-whisper checkpoint"):
         load_openai_checkpoint(_torch_zip(tmp_path / "other.pt", pickle.dumps({"weights": 1})))
+    # A tensor that claims more values than its storage holds.
+    source = _written(tmp_path, "english", "openai-pt")
+    with zipfile.ZipFile(source) as archive:
+        names = [name for name in archive.namelist() if "/data/" in name]
+        files = {name: archive.read(name) for name in archive.namelist()}
+    files[names[0]] = files[names[0]][:8]
+    with zipfile.ZipFile(tmp_path / "short.pt", "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    with pytest.raises(ModelFormatError, match="truncated"):
+        load_openai_checkpoint(tmp_path / "short.pt")
     (tmp_path / "old.pt").write_bytes(b"\x80\x02legacy")
     with pytest.raises(ModelFormatError, match="not a PyTorch zip archive"):
         load_openai_checkpoint(tmp_path / "old.pt")

@@ -34,6 +34,12 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple
     # *_: requires_grad, backward hooks and metadata, which mean nothing to an array.
     if storage.dtype == np.uint16:
         storage = (storage.astype(np.uint32) << 16).view(np.float32)
+    if len(size) != len(stride) or min(size, default=1) < 0 or min(stride, default=0) < 0 or offset < 0:
+        raise ModelFormatError(f"a tensor of size {size} and stride {stride}: not a checkpoint's")
+    last = offset + sum((n - 1) * step for n, step in zip(size, stride))
+    if 0 not in size and last >= storage.size:
+        # as_strided would read past the storage's end.
+        raise ModelFormatError(f"a tensor of size {size} reaches past its storage of {storage.size} values")
     item = storage.itemsize
     view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size, strides=[s * item for s in stride])
     return np.array(view)
