@@ -26,6 +26,11 @@ class Checkpoint:
     alignment_heads: list[list[int]] | None = None  # as the checkpoint names them; None: the default
 
 
+def mlx_layout(name: str, value: np.ndarray) -> np.ndarray:
+    """A PyTorch-layout weight in MLX's: convolutions (out, in, kernel) become (out, kernel, in)."""
+    return value.transpose(0, 2, 1) if name.startswith("encoder.conv") and value.ndim == 3 else value
+
+
 def checked(checkpoint: Checkpoint, source: object) -> Checkpoint:
     """The checkpoint, once its weights are exactly the parameters of a model of its dimensions,
     each of the right shape: a missing tensor would leave random weights, an unknown one means a

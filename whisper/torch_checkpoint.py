@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import Checkpoint, ModelFormatError, checked
+from .checkpoints import Checkpoint, ModelFormatError, checked, mlx_layout
 from .model import ModelDimensions
 
 _STORAGE_DTYPES = {
@@ -119,11 +119,10 @@ def load_openai_checkpoint(path: str | Path) -> Checkpoint:
         dims = ModelDimensions(**{name: int(value) for name, value in content["dims"].items()})
     except TypeError as error:
         raise ModelFormatError(f"{path}: the checkpoint's dims are not Whisper's ({error})") from None
-    weights = {}
-    for name, value in content["model_state_dict"].items():
-        if name == "encoder.positional_embedding":
-            continue  # fixed sinusoids, which the model computes itself
-        if name.startswith("encoder.conv") and value.ndim == 3:
-            value = value.transpose(0, 2, 1)  # torch's (out, in, kernel) -> MLX's (out, kernel, in)
-        weights[_our_name(name)] = value
+    # The encoder's positions are fixed sinusoids, which the model computes itself.
+    weights = {
+        _our_name(name): mlx_layout(name, value)
+        for name, value in content["model_state_dict"].items()
+        if name != "encoder.positional_embedding"
+    }
     return checked(Checkpoint(dims, weights), path)

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .checkpoints import Checkpoint, ModelFormatError, checked
+from .checkpoints import Checkpoint, ModelFormatError, checked, mlx_layout
 from .model import ModelDimensions
 
 # transformers' name of a part -> ours
@@ -130,13 +130,7 @@ def load_transformers_folder(folder: str | Path) -> Checkpoint:
         weights["proj_out.weight"], weights.get("decoder.embed_tokens.weight")
     ):
         raise ModelFormatError(f"{folder}: its output projection is not its token embedding, as Whisper's is")
-    converted = {}
-    for name, value in weights.items():
-        if name in _UNUSED:
-            continue
-        if name.startswith("encoder.conv") and value.ndim == 3:
-            value = value.transpose(0, 2, 1)  # (out, in, kernel) -> MLX's (out, kernel, in)
-        converted[our_name(name)] = value
+    converted = {our_name(name): mlx_layout(name, value) for name, value in weights.items() if name not in _UNUSED}
     generation = folder / "generation_config.json"
     heads = json.loads(generation.read_text()).get("alignment_heads") if generation.exists() else None
     return checked(Checkpoint(dims, converted, heads), folder)
