@@ -208,10 +208,16 @@ def write_transformers_folder(folder: Path, dims: ModelDimensions, weights: dict
 
 
 def write_mlx_community_folder(
-    folder: Path, dims: ModelDimensions, weights: dict[str, np.ndarray], *, bits: int | None = None
+    folder: Path,
+    dims: ModelDimensions,
+    weights: dict[str, np.ndarray],
+    *,
+    bits: int | None = None,
+    weights_file: str = "weights.safetensors",
 ) -> Path:
-    """mlx-whisper's layout: config.json with openai-whisper's dimension names, and
-    weights.safetensors in float16 under mlx-examples' names (ours), quantized with `bits`."""
+    """mlx-whisper's layout: config.json with openai-whisper's dimension names, and the weights
+    (weights.safetensors, or weights.npz as older conversions have it) in float16 under
+    mlx-examples' names (ours), quantized with `bits`."""
     import mlx.core as mx
     from mlx import nn
 
@@ -223,7 +229,11 @@ def write_mlx_community_folder(
     if bits is not None:
         nn.quantize(model, group_size=64, bits=bits)
         config["quantization"] = {"group_size": 64, "bits": bits}
-    mx.save_safetensors(str(folder / "weights.safetensors"), dict(tree_flatten(model.parameters())))
+    arrays, path = dict(tree_flatten(model.parameters())), str(folder / weights_file)
+    if weights_file.endswith(".npz"):
+        mx.savez(path, **arrays)
+    else:
+        mx.save_safetensors(path, arrays)
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     return folder
 

@@ -50,6 +50,7 @@ WRITERS = {
     "openai-pt": lambda path, dims, weights: write_openai_pt(path.with_suffix(".pt"), dims, weights),
     "transformers": write_transformers_folder,
     "mlx-community-fp16": write_mlx_community_folder,
+    "mlx-community-npz": functools.partial(write_mlx_community_folder, weights_file="weights.npz"),
     "ctranslate2": write_ct2_folder,
 }
 
