@@ -111,10 +111,17 @@ def _our_name(name: str) -> str:
 
 
 def load_openai_checkpoint(path: str | Path) -> Checkpoint:
-    """Dimensions and float32 weights (our names and layouts) of an openai-whisper `.pt` file."""
+    """Dimensions and weights (our names and layouts) of an openai-whisper `.pt` file."""
     content = read_torch_pickle(path)
-    if not (isinstance(content, dict) and {"dims", "model_state_dict"} <= set(content)):
-        raise ModelFormatError(f"{path}: a PyTorch file, but not an openai-whisper checkpoint (dims, model_state_dict)")
+    if not (
+        isinstance(content, dict)
+        and isinstance(content.get("dims"), dict)
+        and isinstance(content.get("model_state_dict"), dict)
+        and all(isinstance(value, np.ndarray) for value in content["model_state_dict"].values())
+    ):
+        raise ModelFormatError(
+            f"{path}: a PyTorch file, but not an openai-whisper checkpoint (dims, and a model_state_dict of tensors)"
+        )
     try:
         dims = ModelDimensions(**{name: int(value) for name, value in content["dims"].items()})
     except TypeError as error:
