@@ -91,20 +91,23 @@ class _TorchName:
         raise TypeError(f"{self.module}.{self.name} is torch's")
 
 
-class _Storage:
+class TorchStorage:
     def __init__(self, key: str, array: np.ndarray):
         self.key, self.array = key, array
 
 
-class _Tensor:
-    def __init__(self, storage: _Storage):
-        self.storage = storage
+class TorchTensor:
+    """A tensor of a whole storage, of the storage's shape unless `shape` claims another."""
+
+    def __init__(self, storage: TorchStorage, shape: tuple[int, ...] | None = None):
+        self.storage, self.shape = storage, shape
 
     def __reduce__(self):
         array = self.storage.array
-        stride = tuple(s // array.itemsize for s in array.strides)
+        shape = self.shape or array.shape
+        stride = tuple(int(np.prod(shape[i + 1 :])) for i in range(len(shape)))
         rebuild = _TorchName("torch._utils", "_rebuild_tensor_v2")
-        return rebuild, (self.storage, 0, array.shape, stride, False, OrderedDict())
+        return rebuild, (self.storage, 0, shape, stride, False, OrderedDict())
 
 
 _STORAGE_NAMES = {np.dtype(np.float16): "HalfStorage", np.dtype(np.float32): "FloatStorage"}
@@ -120,7 +123,7 @@ class _TorchPickler(pickle._Pickler):  # the Python pickler: its dispatch table 
     dispatch[_TorchName] = _save_torch_name
 
     def persistent_id(self, obj: object):
-        if isinstance(obj, _Storage):
+        if isinstance(obj, TorchStorage):
             storage_type = _TorchName("torch", _STORAGE_NAMES[obj.array.dtype])
             return ("storage", storage_type, obj.key, "cpu", obj.array.size)
         return None
@@ -132,20 +135,25 @@ def write_openai_pt(path: Path, dims: ModelDimensions, weights: dict[str, np.nda
     # openai-whisper reads the encoder's positions from the file and we compute them: in float32
     # they are the same numbers.
     storages = [
-        (name, _Storage(str(i), np.ascontiguousarray(value, dtype=np.float32 if "positional" in name else dtype)))
+        (name, TorchStorage(str(i), np.ascontiguousarray(value, dtype=np.float32 if "positional" in name else dtype)))
         for i, (name, value) in enumerate(openai_state_dict(dims, weights).items())
     ]
-    state = OrderedDict((name, _Tensor(storage)) for name, storage in storages)
+    state = OrderedDict((name, TorchTensor(storage)) for name, storage in storages)
     # What torch's state_dict() carries along: each module's version, pickled as the dict's state.
     state._metadata = OrderedDict((module, {"version": 1}) for module in ("", "encoder", "decoder"))
     content = {"dims": asdict(dims), "model_state_dict": state}
+    return write_torch_zip(path, content, [storage for _, storage in storages])
+
+
+def write_torch_zip(path: Path, content: object, storages: list[TorchStorage]) -> Path:
+    """`torch.save`'s archive of `content`, whose TorchTensors keep their values in `storages`."""
     buffer = io.BytesIO()
     _TorchPickler(buffer, protocol=2).dump(content)
     root = path.stem
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr(f"{root}/data.pkl", buffer.getvalue())
         archive.writestr(f"{root}/byteorder", "little")
-        for _, storage in storages:
+        for storage in storages:
             archive.writestr(f"{root}/data/{storage.key}", storage.array.tobytes())
         archive.writestr(f"{root}/version", "3\n")
     return path

@@ -23,10 +23,13 @@ import numpy as np
 import pytest
 from checkpoint_files import (
     FAMILIES,
+    TorchStorage,
+    TorchTensor,
     seeded_weights,
     write_ct2_folder,
     write_mlx_community_folder,
     write_openai_pt,
+    write_torch_zip,
     write_transformers_folder,
 )
 from mlx import nn
@@ -165,6 +168,11 @@ def test_pt_reader_refuses_what_a_checkpoint_does_not_need(tmp_path):
             archive.writestr(name, data)
     with pytest.raises(ModelFormatError, match="truncated"):
         load_openai_checkpoint(tmp_path / "short.pt")
+    # A tensor that claims more values than its storage holds.
+    storage = TorchStorage("0", np.zeros(4, np.float32))
+    content = {"dims": {}, "model_state_dict": {"x": TorchTensor(storage, shape=(2, 3))}}
+    with pytest.raises(ModelFormatError, match="reaches past its storage"):
+        load_openai_checkpoint(write_torch_zip(tmp_path / "long.pt", content, [storage]))
     (tmp_path / "old.pt").write_bytes(b"\x80\x02legacy")
     with pytest.raises(ModelFormatError, match="not a PyTorch zip archive"):
         load_openai_checkpoint(tmp_path / "old.pt")
