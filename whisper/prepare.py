@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .convert import ModelFormatError
-from .models import DEFAULT_MODEL, ModelNotFoundError, available_models, prepare
+from .checkpoints import ModelFormatError
+from .models import DEFAULT_MODEL, ModelNotFoundError, local_models, prepare
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list bundled and cached models, then stop")
     args = parser.parse_args(argv)
     if args.list:
-        print("\n".join(available_models()))
+        print("\n".join(local_models()))
         return 0
     for name in args.names:
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import streamlit as st
 
 from whisper.model import Whisper
-from whisper.models import available_models
+from whisper.models import available_models, local_models
 from whisper.models import load_model as load_whisper_model
 from whisper.tokenizer import LANGUAGES
 
@@ -83,40 +83,51 @@ def _cached_model(name: str) -> Whisper:
 def load_model(name: str) -> Whisper | None:
     """The model, loaded once per process; None (with a message) when it cannot be loaded."""
     try:
-        with st.spinner(f"Loading the {name} model (only the first time)…"):
+        with st.spinner(
+            f"Loading {model_label(name)} (the first time it is converted, or downloaded from Hugging Face, "
+            "which can take minutes)…"
+        ):
             return _cached_model(name)
     except (FileNotFoundError, ValueError, OSError) as error:
         st.error(
             f"The model “{name}” could not be loaded: {error}. "
-            f"Choose one of {', '.join(BUNDLED_MODELS)} in the sidebar, or prepare it once with "
-            f"`.venv/bin/python -m whisper.prepare {name}`."
+            f"Choose another in the sidebar ({', '.join(BUNDLED_MODELS)} are always there), or type a "
+            "model folder, an openai-whisper .pt file or a Hugging Face repo id; "
+            f"`.venv/bin/python -m whisper.prepare {name}` gets one ready from the command line, "
+            "showing the download's progress."
         )
         return None
 
 
 def model_label(name: str) -> str:
-    return name if name in BUNDLED_MODELS else f"{Path(name).name} (local)"
+    if name in available_models():
+        return name
+    if Path(name).expanduser().exists():
+        return f"{Path(name).name} (local)"
+    return f"{name} (Hugging Face)"
 
 
 def sidebar_settings() -> tuple[TranscriptionSettings, Whisper | None, str]:
     """The sidebar: model, language, task, word timings, beam size, server URL."""
     with st.sidebar:
         st.header("Settings")
-        options = list(dict.fromkeys([*available_models(), default_model()]))
+        options = list(dict.fromkeys([*local_models(), default_model()]))
         model_name = st.selectbox(
             "Model",
             options,
             index=options.index(default_model()),
             format_func=model_label,
             accept_new_options=True,
-            help="tiny.en is fastest (English only); base knows 99 languages. "
-            "Type a model folder path to use another local model.",
+            help="tiny.en is fastest (English only); base knows 99 languages. Listed: the bundled "
+            "models and those already on this computer. To add one, type its name (small, medium, "
+            "large-v3, turbo, distil-large-v3, …: downloaded from Hugging Face once), a model folder, "
+            "an openai-whisper .pt file, or a Hugging Face repo id.",
         )
         model = load_model(model_name)
         multilingual = model is None or model.is_multilingual
         language = st.selectbox(
             "Language",
-            [AUTO_LANGUAGE, *sorted(LANGUAGES, key=LANGUAGES.get)],
+            [AUTO_LANGUAGE, *sorted(list(LANGUAGES)[: model.num_languages if model else None], key=LANGUAGES.get)],
             format_func=lambda code: (
                 "Detect automatically" if code == AUTO_LANGUAGE else f"{LANGUAGES[code].title()} ({code})"
             ),

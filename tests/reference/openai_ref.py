@@ -53,24 +53,20 @@ if "whisper" in sys.modules and not sys.modules["whisper"].__file__.startswith(s
 def openai_model_from_ours(name: str):
     """openai-whisper's PyTorch model (fp32, CPU) holding exactly our engine's weights.
 
-    Our converter keeps openai-whisper's names except `mlp1`/`mlp2` (theirs `mlp.0`/`mlp.2`)
-    and stores conv kernels as MLX's (out, kernel, in) where torch wants (out, in, kernel).
-    The encoder's sinusoidal positions are not in our weights: the torch model computes its
-    own. Alignment heads come from openai-whisper's table for the same checkpoint name.
+    The names and layouts are mapped by `checkpoint_files.openai_state_dict`; the encoder's
+    sinusoidal positions are the torch model's own. Alignment heads come from openai-whisper's
+    table for the same checkpoint name.
     """
     import torch
+    from checkpoint_files import openai_state_dict
 
     from whisper.convert import load_ct2
     from whisper.models import bundled_model_dir
 
     dims, weights = load_ct2(bundled_model_dir(name))
     model = openai_whisper.model.Whisper(openai_whisper.model.ModelDimensions(**dataclasses.asdict(dims)))
-    state = {"encoder.positional_embedding": model.encoder.positional_embedding}
-    for key, value in weights.items():
-        if key.startswith("encoder.conv") and value.ndim == 3:
-            value = value.transpose(0, 2, 1)
-        key = key.replace(".mlp1.", ".mlp.0.").replace(".mlp2.", ".mlp.2.")
-        state[key] = torch.from_numpy(value.copy())
+    state = {key: torch.tensor(value) for key, value in openai_state_dict(dims, weights).items()}
+    state["encoder.positional_embedding"] = model.encoder.positional_embedding
     model.load_state_dict(state, strict=True)
     model.set_alignment_heads(openai_whisper._ALIGNMENT_HEADS[name])
     return model.float().eval()

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..checkpoints import ModelFormatError
 from ..cli import (
     add_decoding_arguments,
     add_model_arguments,
@@ -14,7 +15,6 @@ from ..cli import (
     subtitle_options,
     transcribe_options,
 )
-from ..convert import ModelFormatError
 from ..model import Whisper
 from ..models import ModelNotFoundError, model_dims
 from ..writers import FORMATS
