@@ -1,5 +1,7 @@
 // Matrix-vector products: a few rows of x times a weight matrix (float32 or float16) read once
 // from memory, prefetched ahead, for a decoding step's projections.
+#include <algorithm>
+
 #include "simd.h"
 
 #if defined(__x86_64__)
@@ -95,26 +97,43 @@ template <class W>
   }
 }
 
-// Weight rows [begin, end) times rows of x, up to eight at a time; the tiles fit AVX2's 16
-// vector registers: W_ROWS * X_ROWS sums and W_ROWS weights.
-template <class W>
-MENNY_AVX2 void matvec_rows_avx2(const float* x, std::size_t n_x, const W* w, const float* bias, std::size_t depth,
-                                 float* out, std::size_t ld_out, std::size_t begin, std::size_t end) {
+// The weight rows a tile of x_rows rows of x takes with 16 vector registers (AVX2) or 32 (AVX-512's
+// VL): its x_rows sums per weight row and its widened weights fit, with room for the compiler (a
+// tile that fills all 32 spilled, and ran at half speed).
+constexpr int tile_weight_rows(int x_rows, int registers) {
+  constexpr int with_16[] = {8, 4, 4, 3, 2, 2, 2, 1};
+  constexpr int with_32[] = {8, 8, 6, 6, 5, 4, 3, 3};
+  return (registers == 32 ? with_32 : with_16)[x_rows - 1];
+}
+
+// Weight rows [begin, end) times rows of x, up to eight at a time, in tiles for REGISTERS vector
+// registers.
+template <int REGISTERS, class W>
+[[gnu::always_inline]] MENNY_AVX2 inline void matvec_rows(const float* x, std::size_t n_x, const W* w,
+                                                          const float* bias, std::size_t depth, float* out,
+                                                          std::size_t ld_out, std::size_t begin, std::size_t end) {
   prefetch_start(w, depth, begin);
+  constexpr int R = REGISTERS;
   for (std::size_t j = 0; j < n_x; j += 8) {
     const float* xj = x + j * depth;
     float* oj = out + j * ld_out;
     switch (std::min<std::size_t>(n_x - j, 8)) {
-      case 1: matvec_tiles<8, 1>(xj, w, bias, depth, oj, ld_out, begin, end); break;
-      case 2: matvec_tiles<4, 2>(xj, w, bias, depth, oj, ld_out, begin, end); break;
-      case 3: matvec_tiles<4, 3>(xj, w, bias, depth, oj, ld_out, begin, end); break;
-      case 4: matvec_tiles<3, 4>(xj, w, bias, depth, oj, ld_out, begin, end); break;
-      case 5: matvec_tiles<2, 5>(xj, w, bias, depth, oj, ld_out, begin, end); break;
-      case 6: matvec_tiles<2, 6>(xj, w, bias, depth, oj, ld_out, begin, end); break;
-      case 7: matvec_tiles<2, 7>(xj, w, bias, depth, oj, ld_out, begin, end); break;
-      default: matvec_tiles<1, 8>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 1: matvec_tiles<tile_weight_rows(1, R), 1>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 2: matvec_tiles<tile_weight_rows(2, R), 2>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 3: matvec_tiles<tile_weight_rows(3, R), 3>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 4: matvec_tiles<tile_weight_rows(4, R), 4>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 5: matvec_tiles<tile_weight_rows(5, R), 5>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 6: matvec_tiles<tile_weight_rows(6, R), 6>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      case 7: matvec_tiles<tile_weight_rows(7, R), 7>(xj, w, bias, depth, oj, ld_out, begin, end); break;
+      default: matvec_tiles<tile_weight_rows(8, R), 8>(xj, w, bias, depth, oj, ld_out, begin, end); break;
     }
   }
+}
+
+template <class W>
+MENNY_AVX2 void matvec_rows_avx2(const float* x, std::size_t n_x, const W* w, const float* bias, std::size_t depth,
+                                 float* out, std::size_t ld_out, std::size_t begin, std::size_t end) {
+  matvec_rows<16>(x, n_x, w, bias, depth, out, ld_out, begin, end);
 }
 
 // The same products with AVX-512's 32 vector registers (still 8-lane chains: the same bits).
@@ -122,21 +141,7 @@ template <class W>
 MENNY_AVX512 void matvec_rows_avx512(const float* x, std::size_t n_x, const W* w, const float* bias,
                                      std::size_t depth, float* out, std::size_t ld_out, std::size_t begin,
                                      std::size_t end) {
-  prefetch_start(w, depth, begin);
-  for (std::size_t j = 0; j < n_x; j += 8) {
-    const float* xj = x + j * depth;
-    float* oj = out + j * ld_out;
-    switch (std::min<std::size_t>(n_x - j, 8)) {
-      case 1: matvec_tiles<8, 1>(xj, w, bias, depth, oj, ld_out, begin, end); break;
-      case 2: matvec_tiles<8, 2>(xj, w, bias, depth, oj, ld_out, begin, end); break;
-      case 3: matvec_tiles<6, 3>(xj, w, bias, depth, oj, ld_out, begin, end); break;
-      case 4: matvec_tiles<6, 4>(xj, w, bias, depth, oj, ld_out, begin, end); break;
-      case 5: matvec_tiles<5, 5>(xj, w, bias, depth, oj, ld_out, begin, end); break;
-      case 6: matvec_tiles<4, 6>(xj, w, bias, depth, oj, ld_out, begin, end); break;
-      case 7: matvec_tiles<3, 7>(xj, w, bias, depth, oj, ld_out, begin, end); break;
-      default: matvec_tiles<3, 8>(xj, w, bias, depth, oj, ld_out, begin, end); break;
-    }
-  }
+  matvec_rows<32>(x, n_x, w, bias, depth, out, ld_out, begin, end);
 }
 
 void Matrix::times(const float* x, std::size_t n_x, const float* bias, std::size_t depth, float* out,
