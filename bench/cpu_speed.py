@@ -18,7 +18,9 @@ peer, openai-whisper on the long clip, dominates; a loaded machine gets fewer ru
 Reported per engine, model and clip: median wall seconds, real-time factor (seconds per
 second of audio), peak RSS while transcribing (the kernel's high-water mark is reset after
 loading), median ours / faster-whisper int8 and whether the text is identical to
-openai-whisper's. With --wer, also the WER on the English dev clips (ours and
+openai-whisper's. With --beam-size, our greedy decoding runs beside the others too
+("ours-greedy"), and each cell reports what the beams cost: ours / ours greedy, the largest on
+the line `beams_vs_greedy`. With --wer, also the WER on the English dev clips (ours and
 openai-whisper's, one pass each). The last line is
 `ratio_vs_faster_whisper_int8 <the largest ours / faster-whisper-int8 ratio over the cells>`.
 """
@@ -42,6 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "tests" / "reference"
 ENGINES = ("ours", "openai", "faster-int8", "faster-fp32")
+GREEDY_BESIDE_BEAMS = "ours-greedy"  # ours without beams, beside the engines' beam searches
 # The dev-set pass is slow; faster-whisper's accuracy is not what we compare.
 WER_ENGINES = ("ours", "openai")
 MODELS = ("tiny.en", "base")
@@ -67,8 +70,8 @@ def _reset_hwm() -> None:
 def _load_engine(engine: str, model: str, prepared: dict):
     """Load one engine+model and return a function: audio path -> text."""
     threads = os.cpu_count() or 1
-    beam_size = prepared["beam_size"]  # None: greedy
-    if engine == "ours":
+    beam_size = None if engine == GREEDY_BESIDE_BEAMS else prepared["beam_size"]  # None: greedy
+    if engine in ("ours", GREEDY_BESIDE_BEAMS):
         sys.path.insert(0, str(REPO))
         import whisper
 
@@ -234,31 +237,39 @@ def mib(kib: int) -> str:
     return f"{kib / 1024:.0f}"
 
 
-def report(workers: list[Worker], clips: dict[str, float]) -> tuple[str, float | None]:
-    """The markdown table, and the largest ours / faster-whisper-int8 ratio (None without both)."""
+def report(workers: list[Worker], clips: dict[str, float]) -> tuple[str, float | None, float | None]:
+    """The markdown table, the largest ours / faster-whisper-int8 ratio (None without both) and
+    the largest ours / ours greedy (None without beams)."""
     from speech import wer
 
-    header = "| model | clip | engine | median s | RTF | peak RSS (MiB) | ours / fw-int8 | text = fp32 reference |"
+    header = (
+        "| model | clip | engine | median s | RTF | peak RSS (MiB) | ours / fw-int8 | ours / ours greedy "
+        "| text = fp32 reference |"
+    )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     by_key = {(w.engine, w.model): w for w in workers}
     ratios: list[float] = []
+    beam_costs: list[float] = []
+
+    def ratio_to(engine: str, model: str, clip: str) -> float | None:
+        ours, other = by_key.get(("ours", model)), by_key.get((engine, model))
+        return statistics.median(ours.times[clip]) / statistics.median(other.times[clip]) if ours and other else None
+
     for model in dict.fromkeys(w.model for w in workers):
         for clip, seconds in clips.items():
-            ours, int8 = by_key.get(("ours", model)), by_key.get(("faster-int8", model))
             reference = by_key.get(("openai", model))
-            ratio = None
-            if ours and int8:
-                ratio = statistics.median(ours.times[clip]) / statistics.median(int8.times[clip])
-                ratios.append(ratio)
+            ratio, beam_cost = ratio_to("faster-int8", model, clip), ratio_to(GREEDY_BESIDE_BEAMS, model, clip)
+            ratios += [ratio] if ratio else []
+            beam_costs += [beam_cost] if beam_cost else []
             for w in (w for w in workers if w.model == model):
                 median = statistics.median(w.times[clip])
                 same = (
                     "-" if reference is None or w is reference else str(w.last_text[clip] == reference.last_text[clip])
                 )
+                shown = [f"{r:.2f}" if w.engine == "ours" and r else "" for r in (ratio, beam_cost)]
                 lines.append(
                     f"| {model} | {clip} {seconds:.0f} s | {w.engine} | {median:.2f} | {median / seconds:.3f} "
-                    f"| {mib(w.transcribing_peak_kib)} | {f'{ratio:.2f}' if w.engine == 'ours' and ratio else ''} "
-                    f"| {same} |"
+                    f"| {mib(w.transcribing_peak_kib)} | {shown[0]} | {shown[1]} | {same} |"
                 )
     measured = [w for w in workers if w.dev_texts]
     if measured:
@@ -269,7 +280,7 @@ def report(workers: list[Worker], clips: dict[str, float]) -> tuple[str, float |
             lines.append(f"| {w.engine} | {w.model} | {error_rate:.2f}% | {w.dev_seconds:.1f} |")
     lines += ["", "| engine | model | load (s) | peak RSS loading (MiB) |", "|---|---|---|---|"]
     lines += [f"| {w.engine} | {w.model} | {w.load_s:.1f} | {mib(w.loading_peak_kib)} |" for w in workers]
-    return "\n".join(lines), max(ratios) if ratios else None
+    return "\n".join(lines), max(ratios) if ratios else None, max(beam_costs) if beam_costs else None
 
 
 def english_references() -> dict[str, str]:
@@ -343,14 +354,17 @@ def main() -> None:
         workdir = Path(tmp)
         paths = {"jfk": SPEECH_DIR / "jfk.flac", "long": workdir / "long.wav"}
         make_long_clip(paths["long"], [clip.path for clip in english_clips()], args.long_seconds)
-        prepared_path = prepare(workdir, args.models, args.engines, args.beam_size)
+        engines = list(args.engines)
+        if args.beam_size and "ours" in engines:
+            engines.insert(engines.index("ours") + 1, GREEDY_BESIDE_BEAMS)
+        prepared_path = prepare(workdir, args.models, engines, args.beam_size)
         from whisper.audio import SAMPLE_RATE, load_audio
 
         seconds = {clip: len(load_audio(path)) / SAMPLE_RATE for clip, path in paths.items()}
         workers = []
         try:
             for model in args.models:
-                for engine in args.engines:
+                for engine in engines:
                     print(f"loading {engine} {model}", flush=True)
                     workers.append(start_worker(engine, model, prepared_path))
             deadline = started + 60 * args.budget_minutes
@@ -360,7 +374,7 @@ def main() -> None:
             for w in workers:
                 w.process.stdin.close()
                 w.process.wait()
-    table, worst = report(workers, {clip: seconds[clip] for clip in args.clips})
+    table, worst, beam_cost = report(workers, {clip: seconds[clip] for clip in args.clips})
     print(
         f"\n{os.cpu_count()} CPU cores, load average {load_at_start:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end; {runs} run(s), medians; "
@@ -368,6 +382,8 @@ def main() -> None:
     )
     print(table)
     print(f"\n(benchmark took {time.perf_counter() - started:.0f} s)")
+    if beam_cost is not None:
+        print(f"beams_vs_greedy {beam_cost:.3f}")
     if worst is not None:
         print(f"ratio_vs_faster_whisper_int8 {worst:.3f}")
 

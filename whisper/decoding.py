@@ -243,6 +243,17 @@ def chained_choice(backend: Backend, timestamp_begin: int | None, eot: int) -> C
     return chained
 
 
+@functools.cache
+def chained_candidates(backend: Backend, timestamp_begin: int | None, k: int) -> Callable[..., tuple[mx.array, ...]]:
+    """The backend's `top_choices` for a step's logits, fused into the step's call: (logits,
+    forbidden, ranges) -> (ids, log-probabilities)."""
+
+    def candidates(logits: mx.array, forbidden: mx.array, ranges: mx.array) -> tuple[mx.array, mx.array]:
+        return backend.top_choices(logits, forbidden, ranges, timestamp_begin, k)
+
+    return candidates
+
+
 class DeviceRules:
     """The filters' rules for tokens so far as device arrays: the vocabulary-wide mask (1, vocab),
     sent again only when it changes, and each row's ranges (batch, n >= 1, 2)."""
@@ -254,16 +265,23 @@ class DeviceRules:
         self._device: mx.array | None = None
 
     def __call__(self, tokens: np.ndarray) -> tuple[mx.array, mx.array]:
+        return self.mask(tokens), self.ranges(tokens)
+
+    def mask(self, tokens: np.ndarray) -> mx.array:
         forbidden = np.zeros((1, self.n_vocab), dtype=bool)
-        ranges = [np.zeros((tokens.shape[0], 1, 2), dtype=np.int64)]
         for logit_filter in self.logit_filters:
             logit_filter.forbid(forbidden, tokens)
+        if self._host is None or not np.array_equal(forbidden, self._host):
+            self._host, self._device = forbidden, mx.array(forbidden)
+        return self._device
+
+    def ranges(self, tokens: np.ndarray) -> mx.array:
+        ranges = [np.zeros((tokens.shape[0], 1, 2), dtype=np.int64)]
+        for logit_filter in self.logit_filters:
             rows = logit_filter.ranges(tokens)
             if rows is not None:
                 ranges.append(rows)
-        if self._host is None or not np.array_equal(forbidden, self._host):
-            self._host, self._device = forbidden, mx.array(forbidden)
-        return self._device, mx.array(np.concatenate(ranges, axis=1), dtype=mx.int32)
+        return mx.array(np.concatenate(ranges, axis=1), dtype=mx.int32)
 
 
 # ------------------------------------------------------------ token decoders
@@ -513,15 +531,26 @@ class HostSteps(Steps):
 
 class BeamSteps(Steps):
     """Beam search whose candidates are chosen where the logits are: each row's beam_size + 1
-    likeliest allowed tokens come to the host, not the whole vocabulary."""
+    likeliest allowed tokens come to the host, not the whole vocabulary.  A step and its
+    candidates' choice go as one call, under the vocabulary-wide mask of the first step after
+    the initial tokens (the same from there on)."""
 
     def __init__(self, task: DecodingTask, inference: Inference, decoder: BeamSearchDecoder):
         super().__init__(task, inference, decoder)
         self.rules = DeviceRules(task.logit_filters, task.model.dims.n_vocab)
+        self.candidates = chained_candidates(inference.backend, task.timestamp_begin, decoder.beam_size + 1)
+        self.forbidden: mx.array | None = None
 
     def choose(self, tokens, logits, sum_logprobs):
         k = self.decoder.beam_size + 1
         ids, logprobs = self.inference.backend.top_choices(logits, *self.rules(tokens), self.task.timestamp_begin, k)
+        return self.decoder.advance(tokens, *ranked_candidates(np.array(ids), np.array(logprobs)), sum_logprobs)
+
+    def next(self, tokens, sum_logprobs):
+        if self.forbidden is None:
+            self.forbidden = self.rules.mask(tokens)
+        last = mx.array(tokens[:, -1:], dtype=mx.int32)
+        ids, logprobs = self.inference.chained_step(last, self.candidates, self.forbidden, self.rules.ranges(tokens))
         return self.decoder.advance(tokens, *ranked_candidates(np.array(ids), np.array(logprobs)), sum_logprobs)
 
 
