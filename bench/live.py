@@ -1,7 +1,7 @@
 """Live transcription replayed: how long after a word is spoken it is confirmed.
 
     .venv/bin/python bench/live.py [AUDIO ...] [--model tiny.en] [--chunk-s 0.5]
-                                   [--clock cpu|wall|real] [--long SECONDS]
+                                   [--clock cpu|wall|real] [--long SECONDS] [--busy-cores N]
 
 Without AUDIO it replays each English clip of ../shared/data/speech. Each recording is fed to
 `whisper.streaming.StreamingTranscriber` in chunks of `--chunk-s`, as a microphone delivers it,
@@ -18,7 +18,8 @@ on one of three clocks:
 - `real`: real time; chunks are released as the wall clock reaches them.
 
 When compute falls behind, the chunks that arrived meanwhile go in together at the next update,
-as they would from a microphone.
+as they would from a microphone.  `--busy-cores N` keeps N other processes spinning on the CPU
+meanwhile (started before the warm-up, stopped at the end), as the other programs of a laptop do.
 
 Word latency: for each word of the final live transcript, the clock's time when it was confirmed
 (it entered `confirmed_words`) minus the time its speech ended in the audio. Where it was spoken
@@ -41,6 +42,7 @@ import contextlib
 import ctypes
 import difflib
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -81,6 +83,18 @@ class SimulatedClock:
         spent = self._measure() - started
         self.now += spent
         return result, spent
+
+
+@contextlib.contextmanager
+def busy_cores(n: int) -> Iterator[None]:
+    """n processes, each keeping a core busy, for as long as the block runs."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
 
 
 @contextlib.contextmanager
@@ -230,7 +244,13 @@ def main() -> None:
     parser.add_argument("--chunk-s", type=float, default=0.5, help="audio delivered at a time")
     parser.add_argument("--clock", choices=CLOCKS, default="cpu")
     parser.add_argument("--long", type=float, metavar="SECONDS", help="replay the clips joined, this long")
+    parser.add_argument("--busy-cores", type=int, default=0, metavar="N", help="other processes spinning meanwhile")
     args = parser.parse_args()
+    with busy_cores(args.busy_cores):
+        run_all(args)
+
+
+def run_all(args: argparse.Namespace) -> None:
 
     model = whisper.load_model(args.model)
     if args.audio:
@@ -244,7 +264,7 @@ def main() -> None:
     replay(model, recordings[0][1][: 3 * SAMPLE_RATE], clock="cpu")
 
     all_latencies, updates, refs, live_texts, offline_texts = [], [], [], [], []
-    print(f"model {args.model}, chunks of {args.chunk_s:g} s, clock {args.clock}")
+    print(f"model {args.model}, chunks of {args.chunk_s:g} s, clock {args.clock}, {args.busy_cores} busy core(s)")
     for name, audio, reference in recordings:
         offline = whisper.transcribe(model, audio, word_timestamps=True)
         run = replay(model, audio, clock=args.clock, chunk_s=args.chunk_s)
