@@ -544,13 +544,16 @@ class BeamSteps(Steps):
     def choose(self, tokens, logits, sum_logprobs):
         k = self.decoder.beam_size + 1
         ids, logprobs = self.inference.backend.top_choices(logits, *self.rules(tokens), self.task.timestamp_begin, k)
-        return self.decoder.advance(tokens, *ranked_candidates(np.array(ids), np.array(logprobs)), sum_logprobs)
+        return self._advance(tokens, ids, logprobs, sum_logprobs)
 
     def next(self, tokens, sum_logprobs):
         if self.forbidden is None:
             self.forbidden = self.rules.mask(tokens)
         last = mx.array(tokens[:, -1:], dtype=mx.int32)
         ids, logprobs = self.inference.chained_step(last, self.candidates, self.forbidden, self.rules.ranges(tokens))
+        return self._advance(tokens, ids, logprobs, sum_logprobs)
+
+    def _advance(self, tokens, ids: mx.array, logprobs: mx.array, sum_logprobs):
         return self.decoder.advance(tokens, *ranked_candidates(np.array(ids), np.array(logprobs)), sum_logprobs)
 
 
@@ -574,7 +577,7 @@ class DeviceSteps(Steps):
         if not self.started:
             self.started = True
             eot = self.task.tokenizer.eot
-            self.forbidden, _ = self.rules(tokens)  # the same for every row from here on
+            self.forbidden = self.rules.mask(tokens)  # the same for every row from here on
             timestamps = next((f for f in self.task.logit_filters if isinstance(f, ApplyTimestampRules)), None)
             state = [mx.array(a) for a in timestamps.state(tokens).arrays()] if timestamps else []
             self.pending = self._send(mx.array(tokens[:, -1:], dtype=mx.int32), mx.array(tokens[:, -1] == eot), state)

@@ -208,7 +208,8 @@ def decoder_layer_step(
     caches (rows, n_ctx, state) have `group` rows per audio (beams or samples of one audio),
     rows = n_audio * group, and row r attends over audio r // group.  `offset` (int32) is the
     position, and may go on with how many positions are alike in the caches of an audio's rows
-    (read once, from its first row, for all of them).  `weights` are the block's
+    (read once, from its first row, for all of them), then with each row's source (a beam
+    search's reorder, carried out in the caches first).  `weights` are the block's
     parameters by name, `dict(tree_flatten(block.parameters()))` ("attn_ln.weight",
     "attn.query.bias", "mlp1.weight", ...).  `audio` is the audios' keys and values (n_audio,
     frames, state) each, or with `over_features` the audio features packed by `pack_features`

@@ -148,20 +148,20 @@ void decoder_layer_step(const std::vector<mx::array>& in, float* result, float* 
       thread_local std::vector<float> scratch;
       const std::size_t padded = (n_keys + 15) / 16 * 16;
       scratch.resize(group * padded);
-      const std::size_t row_bytes = ctx * state;
+      const std::size_t row_floats = ctx * state;
       for (std::size_t task = begin; task < end; ++task) {
         const std::size_t first_row = task / n_head * group, column = (task % n_head) * head_dim;
-        const float* shared_keys = key_cache + first_row * row_bytes + column;
+        const float* shared_keys = key_cache + first_row * row_floats + column;
         scores_direct_avx2(query + first_row * state + column, shared_keys, scratch.data(), group, alike, padded,
                            head_dim, state);
         for (std::size_t i = 0; i < group; ++i) {
           const std::size_t row = first_row + i;
           float* scores = scratch.data() + i * padded;
-          scores_direct_avx2(query + row * state + column, key_cache + row * row_bytes + alike * state + column,
+          scores_direct_avx2(query + row * state + column, key_cache + row * row_floats + alike * state + column,
                              scores + alike, 1, n_keys - alike, padded, head_dim, state);
           const float inverse_sum = 1.0f / exp_row_avx2(scores, scores, n_keys, scale);
-          row_times_matrix_avx2(scores, value_cache + first_row * row_bytes + column,
-                                value_cache + row * row_bytes + column, alike, state, attended + row * state + column,
+          row_times_matrix_avx2(scores, value_cache + first_row * row_floats + column,
+                                value_cache + row * row_floats + column, alike, state, attended + row * state + column,
                                 head_dim, n_keys, inverse_sum);
         }
       }
