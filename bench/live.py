@@ -42,7 +42,6 @@ import contextlib
 import ctypes
 import difflib
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from busy_cores import busy_cores  # noqa: E402
 from speech import english_clips, normalize, wer  # noqa: E402
 
 import whisper  # noqa: E402
@@ -83,18 +83,6 @@ class SimulatedClock:
         spent = self._measure() - started
         self.now += spent
         return result, spent
-
-
-@contextlib.contextmanager
-def busy_cores(n: int) -> Iterator[None]:
-    """n processes, each keeping a core busy, for as long as the block runs."""
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-    try:
-        yield
-    finally:
-        for spinner in spinners:
-            spinner.kill()
-            spinner.wait()
 
 
 @contextlib.contextmanager

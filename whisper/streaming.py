@@ -68,6 +68,7 @@ class LiveState:
     confirmed_words: tuple[LiveWord, ...] = ()
     tentative_words: tuple[LiveWord, ...] = ()
     audio_s: float = 0.0  # audio heard so far
+    decoded_s: float = 0.0  # audio the words account for: heard up to the last pass
     language: str | None = None  # None until known
 
     @property
@@ -183,6 +184,7 @@ class StreamingTranscriber:
             confirmed_words=tuple(LiveWord(w.word, w.start, w.end) for w in self._confirmed),
             tentative_words=tuple(LiveWord(w.word, w.start, w.end) for w in self._tentative),
             audio_s=self._heard / SAMPLE_RATE,
+            decoded_s=self._decoded_at / SAMPLE_RATE,
             language=self._language,
         )
 

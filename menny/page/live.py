@@ -3,7 +3,9 @@
 A `LiveTranscript` works in a thread of its own, so that the page's counter and level meter keep
 moving while it computes: every `poll_s` it fetches the audio recorded since its last poll
 (GET /wav?partial=true&start_frame=N), gives it to whisper's StreamingTranscriber and keeps the
-latest words for the page. It ends when stopped (the page stops it on Stop, before the final transcription), or
+latest words for the page.  A pass that takes longer than `poll_s` is followed at once by the
+next, over all the audio that came meanwhile: passes never queue, and the words never fall
+further behind than one pass over the newest audio. It ends when stopped (the page stops it on Stop, before the final transcription), or
 when the page has not asked for its words for `abandoned_s` (the tab was closed).
 
 The browser microphone (st.audio_input) hands the page its recording only after Stop, so a live
@@ -55,6 +57,7 @@ class LiveTranscript:
         self._poll_s = poll_s
         self._abandoned_s = abandoned_s
         self._state = LiveState()
+        self._covered_at = time.monotonic()  # when the audio the words account for was fetched
         self._error: str | None = None
         self._asked = time.monotonic()
         self._stopping = threading.Event()
@@ -66,6 +69,11 @@ class LiveTranscript:
         """The words so far (asking for them keeps the transcript going)."""
         self._asked = time.monotonic()
         return self._state
+
+    @property
+    def behind_s(self) -> float:
+        """How long ago the newest audio the words account for was recorded: the words' lag."""
+        return time.monotonic() - self._covered_at
 
     @property
     def error(self) -> str | None:
@@ -89,10 +97,12 @@ class LiveTranscript:
                 self._model,
                 language=self._settings.language,
                 task=self._settings.task,
-                interval_s=self._poll_s,
+                # Each poll's audio gets a pass, even when it came a little sooner than poll_s.
+                interval_s=self._poll_s / 2,
             )
             seen = 0
             while not self._stopping.is_set() and time.monotonic() - self._asked < self._abandoned_s:
+                fetched_at = time.monotonic()
                 try:
                     wav = self._client.partial_wav(self.clip_id, start_frame=seen)
                 except ServerError as error:
@@ -103,7 +113,9 @@ class LiveTranscript:
                     seen += samples.size
                     streamer.insert_audio(samples)
                     self._state = streamer.update()
-                self._stopping.wait(self._poll_s)
+                    if self._state.decoded_s == self._state.audio_s:
+                        self._covered_at = fetched_at
+                self._stopping.wait(max(0.0, fetched_at + self._poll_s - time.monotonic()))
         except Exception as error:  # the page must stay up; the final transcript still comes on Stop
             log.exception("live transcript of %s failed", self.clip_id)
             self._error = f"{error.__class__.__name__}: {error}"

@@ -205,7 +205,10 @@ def _live_view(
     )
     st.button("Stop", icon=":material/stop_circle:", type="primary", key="server_stop")
     if live_transcript := _live_transcript(client, status, model, settings):
-        st.caption("Live transcript: grey words may still change; the full transcript replaces it on Stop.")
+        st.caption(
+            f"Live transcript, {live_transcript.behind_s:.1f} s behind your voice: grey words may still change;"
+            " the full transcript replaces it on Stop."
+        )
         st.html(live_html(live_transcript.state, live_transcript.error))
     if png := _live_waveform(client, status):
         st.image(png, width="stretch")
