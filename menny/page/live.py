@@ -5,8 +5,9 @@ moving while it computes: every `poll_s` it fetches the audio recorded since its
 (GET /wav?partial=true&start_frame=N), gives it to whisper's StreamingTranscriber and keeps the
 latest words for the page.  A pass that takes longer than `poll_s` is followed at once by the
 next, over all the audio that came meanwhile: passes never queue, and the words never fall
-further behind than one pass over the newest audio. It ends when stopped (the page stops it on Stop, before the final transcription), or
-when the page has not asked for its words for `abandoned_s` (the tab was closed).
+further behind than one pass over the newest audio.  It ends when stopped (the page stops it on
+Stop, before the final transcription), or when the page has not asked for its words for
+`abandoned_s` (the tab was closed).
 
 The browser microphone (st.audio_input) hands the page its recording only after Stop, so a live
 transcript is possible only through the server.
