@@ -32,6 +32,8 @@ def test_live_transcript_follows_a_recording_on_the_server(
     # The words are confirmed while the server is still recording.
     wait_for(lambda: wer([SPEECH.transcript], [live.state.confirmed_text]) <= MAX_WER, "the clip's words", TIMEOUT_S)
     assert client.status().recording
+    # Its lag counts from the newest audio a pass took in, not from the recording's start.
+    assert live.behind_s < client.status().elapsed_s / 2
     state = live.stop()
     assert not live.running and live.error is None
     assert state.audio_s > SPEECH.duration
