@@ -102,8 +102,7 @@ def _openai(files: dict, device: str):
     # As openai-whisper runs float16: float32 weights, which its layers cast to the activations' type.
     model = (model.cuda() if device == "gpu" else model).float().eval()
     tokenizer = openai_whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages)
-    audio = openai_whisper.audio.load_audio(files["audio"])
-    mel = openai_whisper.audio.log_mel_spectrogram(audio, model.dims.n_mels, padding=480000)[:, :3000]
+    mel = torch.from_numpy(_log_mel_numpy(files, model.dims.n_mels))  # openai-whisper's numbers, without ffmpeg
     mel = mel.cuda().half() if device == "gpu" else mel
     with torch.no_grad():
         features = model.embed_audio(mel[None])
