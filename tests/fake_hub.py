@@ -50,13 +50,13 @@ class FakeHub:
             repo: {name: HubFile(path.read_bytes()) for name, path in files.items()} for repo, files in repos.items()
         }
         self.pause_s = pause_s
-        self.requests: list[str] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def commit(self, repo: str) -> str:
+        """The repo's one commit: 40 hex digits of its id."""
         return hashlib.sha1(repo.encode()).hexdigest()
 
     def __enter__(self) -> FakeHub:
@@ -88,7 +88,6 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def _answer(self, send_body: bool) -> None:
             path = unquote(urlsplit(self.path).path)
-            hub.requests.append(f"{self.command} {path}")
             for pattern, answer in ((_REVISION, self._revision), (_TREE, self._tree), (_RESOLVE, self._file)):
                 if (match := pattern.match(path)) and match["repo"] in hub.repos:
                     return answer(match, send_body)

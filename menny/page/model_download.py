@@ -35,7 +35,7 @@ def _size(size: float) -> str:
 
 
 def _shows_total(bar: tqdm) -> bool:
-    # huggingface_hub 1.33+ adds a bar of the bytes received, whose total it leaves out of its
+    # huggingface_hub 1.23+ adds a bar of the bytes received, whose total it leaves out of its
     # text (compression and deduplication make it unknowable); the bar of the bytes written
     # beside it has the files' sizes as its total.
     return bar.bar_format is None or "total" in bar.bar_format
