@@ -139,12 +139,15 @@ def test_hugging_face_repo_id_offline(tmp_path):
     script = (
         "import whisper; m = whisper.load_model('menny-test/whisper-tiny.en');"
         f"print(whisper.transcribe(m, {str(SPEECH_DIR / 'jfk.flac')!r})['text']);"
-        "print(whisper.models.local_models())"
+        "print(whisper.models.local_models());"
+        "names = ('menny-test/whisper-tiny.en', 'tiny.en', 'menny-test/not-downloaded');"
+        "print([whisper.models.needs_download(name) for name in names])"
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "ask not what your country can do for you" in out.stdout
     assert "'menny-test/whisper-tiny.en'" in out.stdout  # listed from the Hugging Face cache
+    assert "[False, False, True]" in out.stdout  # in the Hugging Face cache, bundled, neither
     for name, repo in (("menny-test/not-downloaded", "menny-test/not-downloaded"), ("small", "openai/whisper-small")):
         missing = f"import whisper; whisper.load_model({name!r})"
         out = subprocess.run([sys.executable, "-c", missing], cwd=REPO, env=env, capture_output=True, text=True)

@@ -10,6 +10,7 @@ reference side was computed on the very same files by tests/reference/make_check
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import pickle
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import ClassVar
 
 import mlx.core as mx
 import numpy as np
@@ -32,8 +34,10 @@ from checkpoint_files import (
     write_torch_zip,
     write_transformers_folder,
 )
+from fake_hub import FakeHub, hub_at
 from mlx import nn
 from speech import REPO, SPEECH_DIR, offline_hub
+from tqdm.auto import tqdm
 
 import whisper
 from whisper import models
@@ -260,3 +264,46 @@ def test_catalog_name_from_the_hugging_face_cache_then_from_ours(workspace, tmp_
     out = subprocess.run(command + options + output, cwd=REPO, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "out" / "jfk.txt").exists()
+
+
+class _RecordedBar(tqdm):
+    """A bar that keeps, at each update, its count and total; `made` holds every one made."""
+
+    made: ClassVar[list[_RecordedBar]] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.pop("name", None)  # huggingface_hub 1.x names its bars; tqdm refuses the keyword
+        super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+        self.steps: list[tuple[float, float]] = []
+        self.made.append(self)
+
+    def update(self, n: float | None = 1) -> bool | None:
+        shown = super().update(n)
+        self.steps.append((self.n, self.total))
+        return shown
+
+
+def test_repo_downloaded_through_the_hub_counts_its_bytes_with_the_bars_given(workspace, tmp_path):
+    """A repo id not on this machine is fetched by huggingface_hub's own snapshot_download, from a
+    stand-in for the Hub on this machine, with bars of the class `prepare` is given: the bytes
+    (over 7 MB) count up in steps to the files' total size, and both files are counted; then the
+    model is converted and decodes as its reference says."""
+    source = _written(workspace, "english", "transformers")
+    files = {name: source / name for name in ("config.json", "model.safetensors")}
+    root = tmp_path / "cache"
+    _RecordedBar.made.clear()
+    with FakeHub({"menny-test/whisper-english": files}) as hub, hub_at(hub.url, root / "huggingface"):
+        assert models.needs_download("menny-test/whisper-english", root)
+        folder = models.prepare("menny-test/whisper-english", root, download_progress=_RecordedBar)
+    assert not models.needs_download("menny-test/whisper-english", root)
+    size = sum(path.stat().st_size for path in files.values())
+    byte_bars = [bar for bar in _RecordedBar.made if bar.unit == "B"]
+    assert byte_bars, "huggingface_hub counted no bytes"
+    for bar in byte_bars:
+        assert bar.steps[-1] == (size, size)
+        assert len({done for done, _ in bar.steps if 0 < done < size}) >= 5, bar.steps
+    [files_bar] = [bar for bar in _RecordedBar.made if bar.unit != "B"]
+    assert (files_bar.n, files_bar.total) == (2, 2)
+    assert json.loads((folder / "config.json").read_text())["source_repo"] == "menny-test/whisper-english"
+    model = whisper.load_model("menny-test/whisper-english", "cpu", download_root=root)
+    _check_against_reference(model, "english", "transformers")

@@ -12,7 +12,8 @@ import time
 
 import numpy as np
 import pytest
-from checkpoint_files import FAMILIES, seeded_weights, write_openai_pt
+from checkpoint_files import FAMILIES, seeded_weights, write_openai_pt, write_transformers_folder
+from fake_hub import FakeHub, hub_at
 from speech import REPO, clip, wer
 from streamlit.testing.v1 import AppTest
 from virtual_mic import wait_for
@@ -57,6 +58,19 @@ def finish(app: AppTest) -> AppTest:
         time.sleep(0.2)
         app.run()
     return app.run()
+
+
+def downloaded(app: AppTest) -> list[str]:
+    """Reruns the page while the sidebar shows a model's download, as the bar's own polling would;
+    returns what the bar said on the way."""
+    said = []
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while bars := app.sidebar.get("progress"):
+        assert time.monotonic() < deadline, "the download did not finish"
+        said.append(bars[0].proto.text)
+        time.sleep(0.1)
+        app.run()
+    return said
 
 
 def history(app: AppTest) -> list:
@@ -215,6 +229,7 @@ def test_model_box_lists_models_on_this_computer_and_explains_one_it_cannot_load
     # AppTest cannot type a new option into a select box; the page's default model is one too.
     monkeypatch.setenv("MENNY_MODEL", "menny-test/not-on-this-computer")
     app = AppTest.from_file(PAGE, default_timeout=RUN_TIMEOUT_S).run()
+    downloaded(app)
     assert not app.exception
     box = next(box for box in app.selectbox if box.label == "Model")
     assert box.value == "menny-test/not-on-this-computer"
@@ -222,3 +237,24 @@ def test_model_box_lists_models_on_this_computer_and_explains_one_it_cannot_load
     text = messages(app.error)
     assert "could not be loaded" in text and "cannot get 'menny-test/not-on-this-computer'" in text, text
     assert "hf download menny-test/not-on-this-computer" in text
+
+
+def test_a_model_from_hugging_face_shows_its_download_then_loads(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A repo id not on this computer as the model: the sidebar shows the bytes coming from (a
+    stand-in for) the Hub, then the conversion; then the model is loaded (English only, so the
+    language box is off) and listed."""
+    source = write_transformers_folder(tmp_path / "english", FAMILIES["english"], seeded_weights("english"))
+    files = {name: source / name for name in ("config.json", "model.safetensors")}
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("MENNY_MODEL", "menny-test/page-english")
+    monkeypatch.setenv("MENNY_SERVER_URL", closed_port_url())
+    with FakeHub({"menny-test/page-english": files}, pause_s=0.05) as hub, hub_at(hub.url, tmp_path / "hub"):
+        app = AppTest.from_file(PAGE, default_timeout=RUN_TIMEOUT_S).run()
+        said = downloaded(app)
+    assert not app.exception and not app.error, messages(app.error)
+    assert any(re.fullmatch(r"Downloading menny-test/page-english: \d+ [kM]?B of 8 MB", text) for text in said), said
+    language = next(box for box in app.selectbox if box.label == "Language")
+    assert language.disabled
+    box = next(box for box in app.selectbox if box.label == "Model")
+    assert box.value == "menny-test/page-english" and "menny-test/page-english (Hugging Face)" in box.options

@@ -1,21 +1,26 @@
 """The page's building blocks without a browser: pictures, transcript HTML, the server client,
-decoding. The library and transcription jobs: test_page_library.py."""
+decoding, a model's download. The library and transcription jobs: test_page_library.py."""
 
 from __future__ import annotations
 
 import html
+import re
+import time
 
 import numpy as np
 import pytest
+from checkpoint_files import FAMILIES, seeded_weights, write_transformers_folder
+from fake_hub import FakeHub, hub_at
 from speech import clip
 from virtual_mic import ServerProcess
 
-from menny.page import visuals
+from menny.page import model_download, visuals
 from menny.page.server_client import ServerClient, ServerError, ServerUnavailable, start_command
 from menny.page.transcript_view import clock, transcript_html
 from menny.page.transcription import ClipError, TranscriptionSettings, decode
 from menny.wav import wav_bytes, wav_samples
 from whisper.audio import SAMPLE_RATE, load_audio
+from whisper.models import ModelNotFoundError
 from whisper.transcribe import TranscribeOptions
 
 
@@ -144,3 +149,54 @@ def test_settings_map_to_transcribe_options() -> None:
     chosen = settings.transcribe_options()
     assert chosen.word_timestamps
     assert (chosen.decoding.language, chosen.decoding.task, chosen.decoding.beam_size) == ("de", "translate", 5)
+
+
+def _statuses_until_finished(download: model_download.ModelDownload) -> list[tuple[float, str]]:
+    """What the page's bar shows, read more often than the page does, until the end."""
+    statuses = []
+    deadline = time.monotonic() + 60
+    while not download.finished:
+        assert time.monotonic() < deadline, "the download did not finish"
+        statuses.append(download.progress.status())
+        time.sleep(0.02)
+    statuses.append(download.progress.status())  # the last, in case the polls missed it
+    return list(dict.fromkeys(statuses))
+
+
+def test_model_download_shows_its_bytes_rising_then_the_conversion(tmp_path, monkeypatch) -> None:
+    """huggingface_hub's own download from a stand-in for the Hub, whose bars the page's record
+    counts: the bytes rise to the whole, then the conversion; after it the model is here."""
+    source = write_transformers_folder(tmp_path / "english", FAMILIES["english"], seeded_weights("english"))
+    files = {name: source / name for name in ("config.json", "model.safetensors")}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with FakeHub({"menny-test/page-download": files}) as hub, hub_at(hub.url, tmp_path / "hub"):
+        download = model_download.download_of("menny-test/page-download")
+        assert model_download.download_of("menny-test/page-download") is download  # one per model
+        statuses = _statuses_until_finished(download)
+        model_download.take(download)
+        assert download.error is None
+        assert model_download.download_of("menny-test/page-download") is None  # on this computer now
+    fractions = [fraction for fraction, _ in statuses]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0, statuses
+    texts = [text for _, text in statuses]
+    sizes = [text for text in texts if re.fullmatch(r"Downloading menny-test/page-download: \d+ [kM]?B of 8 MB", text)]
+    assert len(sizes) >= 4 and len(set(fractions)) >= 5, statuses
+    assert texts[-1] == "Converting menny-test/page-download for this computer (only this once)…"
+
+
+def test_model_download_without_the_hub_ends_in_what_to_do(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with FakeHub({}) as hub:
+        gone = hub.url
+    with hub_at(gone, tmp_path / "hub"):
+        download = model_download.download_of("menny-test/unreachable")
+        _statuses_until_finished(download)
+        with pytest.raises(ModelNotFoundError) as error:
+            model_download.take(download)
+        again = model_download.download_of("menny-test/unreachable")  # a later request tries again
+        assert again is not download
+        _statuses_until_finished(again)
+        with pytest.raises(ModelNotFoundError):
+            model_download.take(again)
+    assert "cannot get 'menny-test/unreachable' from Hugging Face" in str(error.value)
+    assert "hf download menny-test/unreachable --local-dir unreachable" in str(error.value)

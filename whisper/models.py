@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 from mlx import nn
@@ -32,6 +33,9 @@ from .model import ModelDimensions, Whisper
 from .runtime import choose_device
 from .torch_checkpoint import load_openai_checkpoint
 from .transformers_checkpoint import is_transformers_folder, load_transformers_folder, weight_files
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 DEFAULT_MODEL = "base"
 # Bumped when the converted layout changes, so old cache entries are not reused.
@@ -306,13 +310,13 @@ def _repo_entry(repo_id: str, root: Path | None) -> Path:
     return _cache_entry(repo_id.replace("/", "--"), root)
 
 
-def _from_repo(repo_id: str, root: Path | None) -> Path:
+def _from_repo(repo_id: str, root: Path | None, download_progress: type[tqdm] | None) -> Path:
     """A Hugging Face repo's model: its conversion if cached (no network then), else its snapshot
     (from the Hugging Face cache, or downloaded), converted once unless it is an MLX folder."""
     folder = _repo_entry(repo_id, root)
     if _cache_entry_complete(folder):
         return folder
-    snapshot = _snapshot(repo_id, root)
+    snapshot = _snapshot(repo_id, root, download_progress)
     if is_mlx_folder(snapshot):
         return snapshot
     return _convert_into(folder, snapshot, {"source_repo": repo_id})
@@ -322,13 +326,23 @@ def _looks_like_repo_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith(".pt")
 
 
-def prepare(name: str, root: Path | None = None) -> Path:
+def hub_repo(name: str) -> str | None:
+    """The Hugging Face repo of a catalog name or a repo id; None for any other name."""
+    if name in KNOWN_MODELS:
+        return KNOWN_MODELS[name].repo
+    return name if _looks_like_repo_id(name) else None
+
+
+def prepare(name: str, root: Path | None = None, *, download_progress: type[tqdm] | None = None) -> Path:
     """The MLX folder of any model name, downloading or converting as needed.
 
     The order: a bundled name; a local folder or `.pt` file; a catalog name (`small`, `turbo`,
     `distil-large-v3`, ...), from its converted cache entry, else its Hugging Face repo; a
     Hugging Face repo id.  What is converted goes to `root`, by default `cache_dir()`;
     downloads go to `root`/huggingface, by default the Hugging Face cache.
+    `download_progress`, a tqdm class, is handed to huggingface_hub's `snapshot_download`,
+    which draws its bars with it (the files done, and from huggingface_hub 1.1 on their bytes)
+    instead of with its own on the terminal.
     """
     if name in BUNDLED:
         return converted_model_dir(bundled_model_dir(name, root), BUNDLED[name].sha256, root)
@@ -339,14 +353,29 @@ def prepare(name: str, root: Path | None = None) -> Path:
         return converted_model_dir(path, root=root)
     if path.exists():
         raise ModelNotFoundError(f"{path} is not a model: give a model folder or an openai-whisper .pt file")
-    if name in KNOWN_MODELS:
-        return _from_repo(KNOWN_MODELS[name].repo, root)
-    if _looks_like_repo_id(name):
-        return _from_repo(name, root)
+    repo = hub_repo(name)
+    if repo is not None:
+        return _from_repo(repo, root, download_progress)
     raise ModelNotFoundError(
         f"unknown model {name!r}: use a name ({', '.join(available_models())}), a model folder, an "
         "openai-whisper .pt file, or a Hugging Face repo id such as openai/whisper-small"
     )
+
+
+def needs_download(name: str, root: Path | None = None) -> bool:
+    """Whether `prepare(name, root)` downloads: a catalog name or repo id (not a bundled name
+    or a path here) whose conversion is not cached and whose model is not in the Hugging Face
+    cache.  Reads a few files' metadata; no network."""
+    repo = None if name in BUNDLED or Path(name).expanduser().exists() else hub_repo(name)
+    if repo is None or _cache_entry_complete(_repo_entry(repo, root)):
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo, "config.json", cache_dir=_hub_cache_dir(root))
+    if not isinstance(config, str):  # None, or the hub's marker of a file known to be absent
+        return True
+    snapshot = Path(config).parent
+    return not (is_mlx_folder(snapshot) or is_ct2_folder(snapshot) or is_transformers_folder(snapshot))
 
 
 def model_dims(name: str) -> ModelDimensions:
@@ -369,14 +398,26 @@ _SNAPSHOT_FILES = [
 ]
 
 
-def _snapshot(repo_id: str, root: Path | None = None) -> Path:
-    """The repo's files from the Hugging Face cache, or downloaded with the hub's progress bars."""
+def _hub_cache_dir(root: Path | None) -> Path | None:
+    """The Hugging Face cache of `root`; None for huggingface_hub's own."""
+    return None if root is None else root / "huggingface"
+
+
+def _snapshot(repo_id: str, root: Path | None, download_progress: type[tqdm] | None) -> Path:
+    """The repo's files from the Hugging Face cache, or downloaded with progress bars of the
+    `download_progress` class (None: the hub's own)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    hub_cache = None if root is None else root / "huggingface"
     try:
-        return Path(snapshot_download(repo_id, cache_dir=hub_cache, allow_patterns=_SNAPSHOT_FILES))
+        return Path(
+            snapshot_download(
+                repo_id,
+                cache_dir=_hub_cache_dir(root),
+                allow_patterns=_SNAPSHOT_FILES,
+                tqdm_class=download_progress,
+            )
+        )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
         raise ModelNotFoundError(
             f"cannot get {repo_id!r} from Hugging Face ({error.__class__.__name__}): this machine is offline, "
@@ -479,7 +520,7 @@ def _hub_mlx_repos(root: Path | None) -> list[str]:
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        cache = scan_cache_dir(None if root is None else root / "huggingface")
+        cache = scan_cache_dir(_hub_cache_dir(root))
     except (CacheNotFound, OSError):
         return []
     repos = []

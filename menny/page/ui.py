@@ -20,6 +20,7 @@ from whisper.models import available_models, local_models
 from whisper.models import load_model as load_whisper_model
 from whisper.tokenizer import LANGUAGES
 
+from . import model_download
 from .library import Library, LibraryTooNew, default_folder
 from .server_client import default_url
 from .transcript_view import STYLE, clock, transcript_html
@@ -81,12 +82,16 @@ def _cached_model(name: str) -> Whisper:
 
 
 def load_model(name: str) -> Whisper | None:
-    """The model, loaded once per process; None (with a message) when it cannot be loaded."""
+    """The model, loaded once per process; None while it is downloaded (a bar shows how far) and,
+    with a message, when it cannot be loaded."""
     try:
-        with st.spinner(
-            f"Loading {model_label(name)} (the first time it is converted, or downloaded from Hugging Face, "
-            "which can take minutes)…"
-        ):
+        download = model_download.download_of(name)
+        if download is not None:
+            if not download.finished:
+                st.fragment(_download_view, run_every=model_download.POLL_S)(download)
+                return None
+            model_download.take(download)
+        with st.spinner(f"Loading {model_label(name)} (the first time it is converted, which can take minutes)…"):
             return _cached_model(name)
     except (FileNotFoundError, ValueError, OSError) as error:
         st.error(
@@ -97,6 +102,13 @@ def load_model(name: str) -> Whisper | None:
             "showing the download's progress."
         )
         return None
+
+
+def _download_view(download: model_download.ModelDownload) -> None:
+    if download.finished:
+        st.rerun(scope="app")  # the whole page loads the model, or says why it cannot
+    fraction, text = download.progress.status()
+    st.progress(fraction, text=text)
 
 
 def model_label(name: str) -> str:
