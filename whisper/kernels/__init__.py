@@ -191,6 +191,40 @@ def panel_product(
     return _on_cpu().panel_product(x, w, bias, residual, gelu)
 
 
+QUANTIZED_STRIP_WIDTH = 64  # the quantized product's output columns per strip of packed weights
+
+
+def multiplies_quantized(layer: nn.Module) -> bool:
+    """Whether `quantized_product` takes this layer's weights here and now: an `nn.QuantizedLinear`
+    of MLX's affine format, 8 bits in groups of 64, a multiple of 64 outputs."""
+    return (
+        available()
+        and isinstance(layer, nn.QuantizedLinear)
+        and (layer.mode, layer.bits, layer.group_size) == ("affine", 8, 64)
+        and layer.weight.shape[0] % QUANTIZED_STRIP_WIDTH == 0
+    )
+
+
+def quantized_product(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    bias: mx.array | None = None,
+    *,
+    gelu: bool = False,
+    residual: mx.array | None = None,
+) -> mx.array:
+    """x (..., depth) float32 @ W.T (+ bias), exact GELU if asked, + residual if given, for 8-bit
+    weights W (n, depth) as `mx.quantize(W, group_size=64, bits=8)` gives them (w, scales,
+    biases: an `nn.QuantizedLinear`'s, where `multiplies_quantized`).  Each row of x is quantized
+    to int8 first (symmetric: x ~ s p, s = max |x| / 127, p = x / s rounded to nearest), and the
+    result is s p times W's values, each group of 64 inputs summed exactly as integers.  So it
+    differs from MLX's product of float x and the same weights by x's rounding alone: at most
+    s / 2 times the sum of an output's weights' magnitudes.  AVX-512 VNNI or AVX2, the same bits."""
+    return _on_cpu().quantized_product(x, w, scales, biases, bias, residual, gelu)
+
+
 def decoder_layer_step(
     x: mx.array,
     offset: mx.array,
