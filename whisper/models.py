@@ -24,6 +24,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx import nn
 
+from .backends import backend_type
 from .backends import prepare as prepare_backend
 from .catalog import KNOWN_MODELS
 from .checkpoints import Checkpoint, ModelFormatError
@@ -426,9 +427,14 @@ def load_model(
     float32 on a CPU.  `download_root` is where converted and downloaded models are kept
     (default: `cache_dir()` and the Hugging Face cache).  `in_memory` is openai-whisper's and
     changes nothing: the weights are always read into memory whole.
-    `quantize` (8 or 4 bits) shrinks the linear layers and embeddings at load: less memory
-    and faster on GPUs and Apple silicon, but slower on Linux CPUs, where MLX has no fast
-    quantized matrix product yet.
+    `quantize` (8 or 4 bits) quantizes weights at load, in MLX's affine format (groups of 64),
+    those the model's backend reads quantized (`Backend.quantize`).  On GPUs and Apple silicon:
+    every linear layer and embedding, for less memory and more speed.  On a CPU with the
+    compiled kernels, 8 bits quantize the encoder's linear layers only, which then multiply
+    8-bit activations (`kernels.quantized_product`), faster than float32; the decoder keeps its
+    float weights, which a decoding step reads faster than MLX's quantized products (on a CPU
+    they made each token several times slower).  4 bits on a CPU quantize every layer, as on a
+    GPU, and run MLX's slow quantized products.
     """
     # MLX computes on its default device; every later call on this model runs there too.
     mx.set_default_device(choose_device(mlx_device(device)))
@@ -436,14 +442,15 @@ def load_model(
     # A catalog name's alignment heads are openai-whisper's for it, whatever its folder names.
     known = KNOWN_MODELS.get(str(name))
     model = load_mlx_folder(prepare(str(name), root), dtype or default_dtype(), known and known.alignment_heads)
+    backend = backend_type()
     if quantize is not None:
         if quantize not in QUANTIZE_BITS:
             raise ValueError(f"quantize takes {' or '.join(map(str, QUANTIZE_BITS))} bits, not {quantize}")
         if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in model.modules()):
             raise ValueError("this model is quantized already")
-        nn.quantize(model, group_size=64, bits=quantize)
+        backend.quantize(model, quantize)
         mx.eval(model.parameters())
-    return prepare_backend(model)
+    return prepare_backend(model, backend(model))
 
 
 def available_models() -> list[str]:

@@ -3,9 +3,10 @@
 On a Linux CPU the mlx[cpu] wheel computes exp and erf one lane at a time on one thread, so
 softmax and GELU, not the matrix products, dominated the encoder.  The C++ sources here implement
 both, a fused attention (also causal over the decoder's key cache), a matrix-vector product
-(a decoding step's projections), a decoder layer's whole one-token step and, on CPUs with
-AVX-512, a matrix product over panels of the weights (the encoder's) and a step's attention over
-the audio features, as MLX primitives (AVX2+FMA, split across cores), compiled by
+(a decoding step's projections), a decoder layer's whole one-token step, a product of float rows
+and 8-bit weights (the encoder's under `load_model(..., quantize=8)`) and, on CPUs with AVX-512,
+a matrix product over panels of the weights (the encoder's) and a step's attention over the
+audio features, as MLX primitives (AVX2+FMA, split across cores), compiled by
 `python -m whisper.kernels.build` (scripts/setup.sh runs it).  Where the library is missing, was
 built for another mlx, the CPU lacks AVX2 or the default device is a GPU, these functions use
 MLX's ops.  MENNY_NO_KERNELS=1 forces MLX's ops; MENNY_KERNELS_AVX2_ONLY=1 the AVX2 kernels alone
