@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -181,10 +182,17 @@ def _dims_from_config(config: dict) -> ModelDimensions:
     return ModelDimensions(**{f: int(config[f]) for f in fields})
 
 
-def load_mlx_folder(folder: Path, dtype: mx.Dtype, alignment_heads: list[list[int]] | None = None) -> Whisper:
+def load_mlx_folder(
+    folder: Path,
+    dtype: mx.Dtype,
+    alignment_heads: list[list[int]] | None = None,
+    quantize: Callable[[Whisper], None] | None = None,
+) -> Whisper:
     """A model from an MLX folder: ours, or mlx-community's (mlx-examples' layout, the same
     names; quantized ones name their layers' group size and bits in config.json).
-    `alignment_heads`, if given, replace those the folder names."""
+    `alignment_heads`, if given, replace those the folder names.  `quantize`, if given, quantizes
+    the model's layers before their weights in `dtype` are computed: each layer's copy in `dtype`
+    then lives only until its quantized weights are, never all of them at once."""
     config = json.loads((folder / "config.json").read_text())
     dims = _dims_from_config(config)
     weights_path = _weights_file(folder)
@@ -212,7 +220,10 @@ def load_mlx_folder(folder: Path, dtype: mx.Dtype, alignment_heads: list[list[in
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as error:
         raise ModelFormatError(f"{weights_path}: the weights do not fit config.json ({error})") from None
+    weights.clear()  # the model holds them now: each is freed once its layer's weights are computed
     model.set_dtype(dtype)
+    if quantize is not None:
+        quantize(model)
     mx.eval(model.parameters())
     return model
 
@@ -441,15 +452,18 @@ def load_model(
     root = None if download_root is None else Path(download_root).expanduser()
     # A catalog name's alignment heads are openai-whisper's for it, whatever its folder names.
     known = KNOWN_MODELS.get(str(name))
-    model = load_mlx_folder(prepare(str(name), root), dtype or default_dtype(), known and known.alignment_heads)
     backend = backend_type()
-    if quantize is not None:
-        if quantize not in QUANTIZE_BITS:
-            raise ValueError(f"quantize takes {' or '.join(map(str, QUANTIZE_BITS))} bits, not {quantize}")
+    if quantize is not None and quantize not in QUANTIZE_BITS:
+        raise ValueError(f"quantize takes {' or '.join(map(str, QUANTIZE_BITS))} bits, not {quantize}")
+
+    def quantized(model: Whisper) -> None:
         if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in model.modules()):
             raise ValueError("this model is quantized already")
         backend.quantize(model, quantize)
-        mx.eval(model.parameters())
+
+    folder = prepare(str(name), root)
+    heads = known and known.alignment_heads
+    model = load_mlx_folder(folder, dtype or default_dtype(), heads, quantized if quantize is not None else None)
     return prepare_backend(model, backend(model))
 
 
