@@ -7,9 +7,9 @@
 // per group applies the weights' scale to that sum and their bias to the sum of p there (exact
 // too).  So the result is x's quantized values times the weights' values, exactly summed up to
 // float rounding: the weights' bias (about the size of their largest value) then meets the same x
-// as their scaled q, whose products it cancels; against x itself it left x's rounding times that
-// bias in every output, four times the error.  Exact integer sums and the same float operations
-// in the same order: both paths give the same bits.
+// as their scaled q, whose products it cancels; against x itself (tried first) it left x's
+// rounding times that bias in every output, several times the error (bench/NOTES.md).  Exact
+// integer sums and the same float operations in the same order: both paths give the same bits.
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -34,9 +34,9 @@ constexpr std::size_t kQuantizedRowsPerBlock = 16;
 struct QuantizedRows {
   std::size_t depth;
   std::size_t groups;
-  // Row r's q: int8 in order at r * depth (the AVX-512 product's), or int16 at r * depth with
+  // Row r's p: int8 in order at r * depth (the AVX-512 product's), or int16 at r * depth with
   // each four inputs as x0 x2 x1 x3 (the AVX2 product's, see avx2_tile).
-  const void* q;
+  const void* values;
   const float* scales;      // per row: s, the value of p = 1 (0 for a row of zeros)
   const float* group_sums;  // per row and group: the sum of p there (an integer)
 };
@@ -75,7 +75,7 @@ MENNY_AVX512_VNNI inline void accumulate_dot4(__m512i& acc, __m512i w, __m512i x
 // rounded to the nearest integer (ties to even), in [-127, 127]; int8 in order, or with WIDE int16
 // with each four inputs as x0 x2 x1 x3.
 template <bool WIDE>
-MENNY_AVX2 void quantize_row(const float* x, std::size_t depth, void* q, float* scale, float* group_sums) {
+MENNY_AVX2 void quantize_row(const float* x, std::size_t depth, void* values, float* scale, float* group_sums) {
   __m256 largest = _mm256_setzero_ps();
   for (std::size_t k = 0; k < depth; k += 8) {
     largest = _mm256_max_ps(largest, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_loadu_ps(x + k)));
@@ -94,16 +94,16 @@ MENNY_AVX2 void quantize_row(const float* x, std::size_t depth, void* q, float* 
     }
     group_sums[g] = horizontal_sum(_mm256_cvtepi32_ps(sum));
     if constexpr (WIDE) {
-      auto* out = static_cast<std::int16_t*>(q) + g * kGroup;
+      auto* out = static_cast<std::int16_t*>(values) + g * kGroup;
       for (std::size_t i = 0; i < kGroup / 8; i += 2) {
-        // Within each 128-bit lane x0 x1 x2 x3 -> x0 x2 x1 x3; then the two rows' halves in order.
+        // Within each 128-bit lane x0 x1 x2 x3 -> x0 x2 x1 x3; then the two vectors' halves in order.
         const __m256i even_odd = _mm256_packs_epi32(_mm256_shuffle_epi32(v[i], _MM_SHUFFLE(3, 1, 2, 0)),
                                                     _mm256_shuffle_epi32(v[i + 1], _MM_SHUFFLE(3, 1, 2, 0)));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * i),
                             _mm256_permute4x64_epi64(even_odd, _MM_SHUFFLE(3, 1, 2, 0)));
       }
     } else {
-      auto* out = static_cast<std::int8_t*>(q) + g * kGroup;
+      auto* out = static_cast<std::int8_t*>(values) + g * kGroup;
       const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
       for (std::size_t i = 0; i < kGroup / 8; i += 4) {
         const __m256i bytes =
@@ -151,29 +151,32 @@ MENNY_AVX512_VNNI void vnni_tile(const QuantizedRows& x, std::size_t row, const 
                                  const StripOutput& out) {
   const std::size_t depth = x.depth, groups = x.groups, ldc = out.ldc;
   float* c = out.c + row * ldc;
-  const std::int8_t* q = static_cast<const std::int8_t*>(x.q) + row * depth;
+  const std::int8_t* values = static_cast<const std::int8_t*>(x.values) + row * depth;
+  // The float accumulators: the compiler keeps them in registers, beside the integer ones.
   alignas(64) float f[ROWS][kStripWidth] = {};
-#define MENNY_DECLARE_ROW(r) MENNY_TILE_COLUMNS(MENNY_DECLARE, r)
   for (std::size_t g = 0; g < groups; ++g) {
 #define MENNY_DECLARE(r, j) __m512i s##r##j = _mm512_setzero_si512();
+#define MENNY_DECLARE_ROW(r) MENNY_TILE_COLUMNS(MENNY_DECLARE, r)
     MENNY_TILE_ROWS(MENNY_DECLARE_ROW)
-#undef MENNY_DECLARE
 #undef MENNY_DECLARE_ROW
+#undef MENNY_DECLARE
     const std::uint32_t* w = strip.q + g * kLanesPerGroup * kStripWidth;
-    const std::int8_t* qg = q + g * kGroup;
+    const std::int8_t* xg = values + g * kGroup;
     for (std::size_t k = 0; k < kLanesPerGroup; ++k, w += kStripWidth) {
+      // The rows' broadcasts first, then each column's load for all rows: in the other order GCC
+      // ran out of registers and loaded the strip again for every row.
 #define MENNY_BROADCAST(r) \
-  const __m512i x##r = ROWS > r ? _mm512_set1_epi32(four_bytes(qg + r * depth + 4 * k)) : _mm512_setzero_si512();
+  const __m512i x##r = ROWS > r ? _mm512_set1_epi32(four_bytes(xg + r * depth + 4 * k)) : _mm512_setzero_si512();
       MENNY_TILE_ROWS(MENNY_BROADCAST)
 #undef MENNY_BROADCAST
-#define MENNY_DOT(r, j)             \
-  if constexpr (ROWS > r) {         \
-    accumulate_dot4(s##r##j, wj, x##r); \
+#define MENNY_DOT(r, j)                   \
+  if constexpr (ROWS > r) {               \
+    accumulate_dot4(s##r##j, wj, x##r);   \
   }
-#define MENNY_COLUMN(j)                                      \
-  {                                                          \
-    const __m512i wj = _mm512_loadu_si512(w + 16 * j);       \
-    MENNY_DOT(0, j) MENNY_DOT(1, j) MENNY_DOT(2, j)          \
+#define MENNY_COLUMN(j)                                \
+  {                                                    \
+    const __m512i wj = _mm512_loadu_si512(w + 16 * j); \
+    MENNY_DOT(0, j) MENNY_DOT(1, j) MENNY_DOT(2, j)    \
   }
       MENNY_COLUMN(0) MENNY_COLUMN(1) MENNY_COLUMN(2) MENNY_COLUMN(3)
 #undef MENNY_COLUMN
@@ -181,11 +184,11 @@ MENNY_AVX512_VNNI void vnni_tile(const QuantizedRows& x, std::size_t row, const 
     }
     const float* scales = strip.scales + g * kStripWidth;
     const float* biases = strip.biases + g * kStripWidth;
-#define MENNY_SCALE(r, j)                                                                             \
-  _mm512_store_ps(f[r] + 16 * j,                                                                       \
-                  _mm512_fmadd_ps(_mm512_loadu_ps(biases + 16 * j), sum,                               \
-                                  _mm512_fmadd_ps(_mm512_cvtepi32_ps(s##r##j),                         \
-                                                  _mm512_loadu_ps(scales + 16 * j), _mm512_load_ps(f[r] + 16 * j))));
+#define MENNY_SCALE(r, j)                                                                                    \
+  _mm512_store_ps(f[r] + 16 * j,                                                                             \
+                  _mm512_fmadd_ps(_mm512_loadu_ps(biases + 16 * j), sum,                                     \
+                                  _mm512_fmadd_ps(_mm512_cvtepi32_ps(s##r##j), _mm512_loadu_ps(scales + 16 * j), \
+                                                  _mm512_load_ps(f[r] + 16 * j))));
 #define MENNY_EPILOGUE(r)                                                    \
   if constexpr (ROWS > r) {                                                  \
     const __m512 sum = _mm512_set1_ps(x.group_sums[(row + r) * groups + g]); \
@@ -195,14 +198,14 @@ MENNY_AVX512_VNNI void vnni_tile(const QuantizedRows& x, std::size_t row, const 
 #undef MENNY_EPILOGUE
 #undef MENNY_SCALE
   }
-#define MENNY_STORE_COLUMN(r, j)                                                                 \
-  _mm512_storeu_ps(c + r * ldc + 16 * j,                                                         \
-                   _mm512_fmadd_ps(_mm512_load_ps(f[r] + 16 * j), scale, out.bias ? _mm512_loadu_ps(out.bias + 16 * j) \
-                                                            : _mm512_setzero_ps()));
-#define MENNY_STORE(r)                                         \
-  if constexpr (ROWS > r) {                                    \
-    const __m512 scale = _mm512_set1_ps(x.scales[row + r]);    \
-    MENNY_TILE_COLUMNS(MENNY_STORE_COLUMN, r)                  \
+#define MENNY_STORE_COLUMN(r, j)                                                                   \
+  _mm512_storeu_ps(c + r * ldc + 16 * j,                                                           \
+                   _mm512_fmadd_ps(_mm512_load_ps(f[r] + 16 * j), scale,                           \
+                                   out.bias ? _mm512_loadu_ps(out.bias + 16 * j) : _mm512_setzero_ps()));
+#define MENNY_STORE(r)                                      \
+  if constexpr (ROWS > r) {                                 \
+    const __m512 scale = _mm512_set1_ps(x.scales[row + r]); \
+    MENNY_TILE_COLUMNS(MENNY_STORE_COLUMN, r)               \
   }
   MENNY_TILE_ROWS(MENNY_STORE)
 #undef MENNY_STORE
@@ -222,11 +225,11 @@ template <int ROWS>
 MENNY_AVX2 void avx2_tile(const QuantizedRows& x, std::size_t row, const PackedStrip& strip, const StripOutput& out) {
   const std::size_t depth = x.depth, groups = x.groups, ldc = out.ldc;
   float* c = out.c + row * ldc;
-  const std::int16_t* q = static_cast<const std::int16_t*>(x.q) + row * depth;
+  const std::int16_t* values = static_cast<const std::int16_t*>(x.values) + row * depth;
   const __m256i even_bytes = _mm256_set1_epi16(0x00FF);
   alignas(32) float f[ROWS][kStripWidth] = {};
   for (std::size_t g = 0; g < groups; ++g) {
-    const std::int16_t* qg = q + g * kGroup;
+    const std::int16_t* xg = values + g * kGroup;
     for (std::size_t first = 0; first < kStripWidth; first += 16) {
 #define MENNY_DECLARE(r) __m256i s##r##a = _mm256_setzero_si256(), s##r##b = _mm256_setzero_si256();
       MENNY_TILE_ROWS(MENNY_DECLARE)
@@ -239,8 +242,8 @@ MENNY_AVX2 void avx2_tile(const QuantizedRows& x, std::size_t row, const PackedS
         const __m256i even1 = _mm256_and_si256(w1, even_bytes), odd1 = _mm256_srli_epi16(w1, 8);
 #define MENNY_ACCUMULATE(r)                                                                \
   if constexpr (ROWS > r) {                                                                \
-    const __m256i x_even = _mm256_set1_epi32(four_bytes(qg + r * depth + 4 * k));          \
-    const __m256i x_odd = _mm256_set1_epi32(four_bytes(qg + r * depth + 4 * k + 2));       \
+    const __m256i x_even = _mm256_set1_epi32(four_bytes(xg + r * depth + 4 * k));          \
+    const __m256i x_odd = _mm256_set1_epi32(four_bytes(xg + r * depth + 4 * k + 2));       \
     s##r##a = _mm256_add_epi32(s##r##a, _mm256_add_epi32(_mm256_madd_epi16(even0, x_even), \
                                                          _mm256_madd_epi16(odd0, x_odd))); \
     s##r##b = _mm256_add_epi32(s##r##b, _mm256_add_epi32(_mm256_madd_epi16(even1, x_even), \
@@ -309,18 +312,18 @@ void quantized_product_rows(const float* x, std::size_t rows, std::size_t depth,
   const bool wide = !uses_avx512_vnni();
   const std::size_t groups = depth / kGroup;
   const std::size_t bytes_per_row = depth * (wide ? sizeof(std::int16_t) : sizeof(std::int8_t));
-  const auto q = std::make_unique_for_overwrite<char[]>(rows * bytes_per_row);
+  const auto values = std::make_unique_for_overwrite<char[]>(rows * bytes_per_row);
   std::vector<float> row_data(rows * (1 + groups));
-  const QuantizedRows quantized{depth, groups, q.get(), row_data.data(), row_data.data() + rows};
+  float* row_scales = row_data.data();
+  float* group_sums = row_scales + rows;
+  const QuantizedRows quantized{depth, groups, values.get(), row_scales, group_sums};
   const auto quantize = wide ? quantize_row<true> : quantize_row<false>;
   auto pipeline = std::make_shared<Pipeline>();
-  pipeline->add(rows, kQuantizedRowsPerBlock,
-                [=, q = q.get(), scales = row_data.data(), sums = row_data.data() + rows](std::size_t begin,
-                                                                                          std::size_t end) {
-                  for (std::size_t r = begin; r < end; ++r) {
-                    quantize(x + r * depth, depth, q + r * bytes_per_row, scales + r, sums + r * groups);
-                  }
-                });
+  pipeline->add(rows, kQuantizedRowsPerBlock, [=, values = values.get()](std::size_t begin, std::size_t end) {
+    for (std::size_t r = begin; r < end; ++r) {
+      quantize(x + r * depth, depth, values + r * bytes_per_row, row_scales + r, group_sums + r * groups);
+    }
+  });
   pipeline->add(n / kStripWidth, 1, [=](std::size_t begin, std::size_t end) {
     quantized_strips(quantized, rows, w, scales, biases, n, bias, gelu, residual, out, begin, end);
   });
