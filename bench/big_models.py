@@ -10,7 +10,8 @@ Weights: for each shape of `whisper.catalog`, random weights from a fixed numpy 
 `.pt` and as a Hugging Face transformers folder, from which every engine gets them:
 
 - CPU: ours (MLX, float32, the compiled kernels; it loads the `.pt`, converted once and
-  cached), openai-whisper (PyTorch, float32, `torch.load` of the `.pt`) and faster-whisper's
+  cached), ours-int8 (the same with `quantize=8`: the encoder's linear layers 8-bit, times 8-bit
+  activations), openai-whisper (PyTorch, float32, `torch.load` of the `.pt`) and faster-whisper's
   engine, CTranslate2 int8 (the transformers folder through CTranslate2's TransformersConverter);
 - GPU: ours (MLX, float16), openai-whisper (PyTorch, float16) and transformers (float16).
 
@@ -25,6 +26,7 @@ timing (the high-water mark is reset after loading).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -41,7 +43,8 @@ for _path in (REPO / "tests" / "reference", REPO / "tests", REPO):
     sys.path.insert(0, str(_path))
 
 SHAPES = ("small", "medium", "large-v3-turbo")
-ENGINES = {"cpu": ("ours", "openai", "faster-int8"), "gpu": ("ours", "openai", "transformers")}
+ENGINES = {"cpu": ("ours", "ours-int8", "openai", "faster-int8"), "gpu": ("ours", "openai", "transformers")}
+OURS = ("ours", "ours-int8")
 CLIP = "jfk.flac"
 SEED = 16
 REPLY = "@@bench "  # marks the worker's reply among whatever libraries print
@@ -68,13 +71,13 @@ def _median_ms(run: Callable[[], object], runs: int) -> float:
 # ---------------------------------------------------------------- each engine, in its worker
 
 
-def _ours(files: dict, device: str):
+def _ours(files: dict, device: str, quantize: int | None = None):
     """(encode, decode n tokens) of our engine."""
     import mlx.core as mx
 
     import whisper
 
-    model = whisper.load_model(files["pt"], device, download_root=files["cache"])
+    model = whisper.load_model(files["pt"], device, download_root=files["cache"], quantize=quantize)
     eot = whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages).eot
     mel = mx.array(_log_mel_numpy(files, model.dims.n_mels))
     features = model.embed_audio(mel.T[None])
@@ -209,11 +212,17 @@ def _transformers(files: dict, device: str):
     return encode, decode
 
 
-_LOADERS = {"ours": _ours, "openai": _openai, "faster-int8": _faster_int8, "transformers": _transformers}
+_LOADERS = {
+    "ours": _ours,
+    "ours-int8": functools.partial(_ours, quantize=8),
+    "openai": _openai,
+    "faster-int8": _faster_int8,
+    "transformers": _transformers,
+}
 
 
 def worker(engine: str, files: dict, device: str, runs: int, tokens: int) -> None:
-    if engine in ("ours", "faster-int8"):
+    if engine in (*OURS, "faster-int8"):
         import whisper
 
         whisper.configure()
@@ -291,7 +300,7 @@ def prepare_files(shape: str, workdir: Path, engines: tuple[str, ...]) -> dict:
         del weights
     if "faster-int8" in engines and not Path(files["ct2"], "model.bin").exists():
         _ct2_from_transformers(Path(files["transformers"]), Path(files["ct2"]))
-    if "ours" in engines:  # converted here, so that the worker's load is a cached one
+    if set(OURS) & set(engines):  # converted here, so that the worker's load is a cached one
         from whisper.models import prepare
 
         prepare(files["pt"], Path(files["cache"]))

@@ -3,6 +3,7 @@
     .venv/bin/python bench/kernels.py                 # ~3-5 min on 2 loaded cores
     .venv/bin/python bench/kernels.py --runs 9 --models base
     .venv/bin/python bench/kernels.py --decode --baseline /tmp/old/_fast_ops.cpython-311-x86_64-linux-gnu.so
+    .venv/bin/python bench/kernels.py --products
 
 Each row times MLX's op ("mlx") and the compiled kernel ("ours") alternately in the same
 process, run by run, so load from other processes spreads over both; the table shows medians
@@ -18,6 +19,11 @@ then whole compiled steps (wall and CPU ms per step), each side on its own copy 
 With `--baseline LIB` the other side is another build of the kernels (copy
 `whisper/kernels/_build/_fast_ops*.so` aside before changing them) instead of MLX's ops, timed
 alternately with this build in the same process.  MENNY_KERNEL_THREADS=1: one thread's rate.
+
+`--products` times the encoder's products of one window (1500 rows) at the shapes of small,
+medium and large-v3's layers: the float32 product the engine runs (the panel product of float16
+weights on AVX-512, else MLX's) against `kernels.quantized_product` of the same weights in 8 bits
+(what `load_model(..., quantize=8)` runs), with the rate each reaches (multiply-adds count two).
 Prints a markdown table; results and predictions go in bench/NOTES.md.
 """
 
@@ -243,6 +249,33 @@ def step_times(runs: int, name: str, other: ModuleType | None, steps: int = 40) 
     ]
 
 
+def product_rows(runs: int) -> Iterator[tuple[int, int, float, float]]:
+    """(depth, outputs, float32 seconds, 8-bit seconds) of the encoder's products of one window."""
+    rng = np.random.default_rng(3)
+    for depth, n in [(768, 3072), (3072, 768), (1024, 1024), (1024, 4096), (4096, 1024), (1280, 5120), (5120, 1280)]:
+        x = mx.array(rng.standard_normal((1, 1500, depth)).astype(np.float32))
+        w = mx.array((rng.standard_normal((n, depth)) / np.sqrt(depth)).astype(np.float16))
+        quantized = mx.quantize(w.astype(mx.float32), group_size=64, bits=8)
+        bias = mx.zeros((n,))
+        mx.eval(x, w, quantized)
+        float_product = kernels.panel_product if kernels.multiplies_in_panels(w) else kernels.linear
+        floats = functools.partial(float_product, x, w, bias)
+        eight_bits = functools.partial(kernels.quantized_product, x, *quantized, bias)
+        yield depth, n, *alternate(runs, floats, eight_bits)
+
+
+def products_main(runs: int) -> None:
+    print("| product | float32 ms | 8-bit ms | speed-up | float32 GFLOP/s | 8-bit GOP/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for depth, n, floats, eight_bits in product_rows(runs):
+        operations = 2 * 1500 * depth * n
+        print(
+            f"| 1500 x {depth} @ ({n} x {depth}).T | {floats * 1e3:.1f} | {eight_bits * 1e3:.1f} "
+            f"| {floats / eight_bits:.2f}x | {operations / floats / 1e9:.0f} | {operations / eight_bits / 1e9:.0f} |",
+            flush=True,
+        )
+
+
 def decode_main(runs: int, models: list[str], baseline: Path | None) -> None:
     other = load_build(baseline) if baseline else None
     print(f"numpy float32 sgemv, vocabulary of tiny.en: {sgemv_rate(runs):.1f} GB/s\n")
@@ -264,6 +297,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["tiny.en", "base"])
     parser.add_argument("--decode", action="store_true", help="time a decoding step's parts instead")
     parser.add_argument("--baseline", type=Path, help="with --decode: another build of the kernels to compare")
+    parser.add_argument("--products", action="store_true", help="time the encoder's products, float32 and 8-bit")
     args = parser.parse_args()
     mx.set_default_device(mx.cpu)
     module = kernels.compiled()
@@ -275,6 +309,10 @@ def main() -> None:
     )
     if args.decode:
         decode_main(args.runs, args.models, args.baseline)
+        print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
+        return
+    if args.products:
+        products_main(args.runs)
         print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
         return
     print("| op | shape | MLX ms | ours ms | speed-up |")

@@ -357,6 +357,140 @@ def test_convolution_as_a_panel_product_is_mlx_convolution(stride, frames):
         assert mx.array_equal(convolve_gelu(layer, x), nn.gelu(layer(x))).item()
 
 
+def quantized_weights(n: int, depth: int) -> tuple[mx.array, mx.array, mx.array, np.ndarray]:
+    """8-bit weights (n, depth) as load_model(..., quantize=8) makes them, and their values."""
+    w = mx.array((RNG.standard_normal((n, depth)) / np.sqrt(depth)).astype(np.float32))
+    packed, scales, biases = mx.quantize(w, group_size=64, bits=8)
+    return packed, scales, biases, np.array(mx.dequantize(packed, scales, biases, group_size=64, bits=8))
+
+
+def quantized_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x's rows as the quantized product rounds them, in float32 as it does: (s, p), x ~ s p."""
+    top = np.abs(x).max(axis=-1, keepdims=True)
+    inverse = np.float32(127) / np.where(top > 0, top, np.float32(1))
+    return top / np.float32(127), np.rint(x * inverse)
+
+
+@needs_kernels
+@pytest.mark.usefixtures("fast")
+@pytest.mark.parametrize(
+    ("rows", "depth", "n", "with_bias"),
+    [((1, 1500), 384, 1536, True), ((2, 37), 1280, 64, False), ((1,), 64, 128, True), ((5, 2), 192, 320, True)],
+)
+def test_quantized_product_is_the_rounded_rows_times_the_weights_values(rows, depth, n, with_bias):
+    x = (RNG.standard_normal((*rows, depth)) * 3).astype(np.float32)
+    x.reshape(-1, depth)[1::7] = 0  # rows of zeros: their scale is 0, their outputs the bias
+    w, scales, biases, values = quantized_weights(n, depth)
+    bias = RNG.standard_normal(n).astype(np.float32) if with_bias else None
+    ours = np.array(kernels.quantized_product(mx.array(x), w, scales, biases, None if bias is None else mx.array(bias)))
+    s, p = quantized_rows(x)
+    exact = (s.astype(np.float64) * p) @ values.astype(np.float64).T + (0 if bias is None else bias)
+    assert ours.shape == (*rows, n)
+    np.testing.assert_allclose(ours, exact, rtol=1e-5, atol=1e-6 * np.abs(exact).max())
+    zero_rows = ours.reshape(-1, n)[1::7]
+    assert np.array_equal(zero_rows, np.broadcast_to(0 if bias is None else bias, zero_rows.shape))
+
+
+@needs_kernels
+@pytest.mark.usefixtures("fast")
+def test_quantized_product_differs_from_mlx_s_by_the_rounding_of_x_alone():
+    x = (RNG.standard_normal((3, 500, 512)) * np.linspace(0.1, 20, 512)).astype(np.float32)  # a wide spread
+    w, scales, biases, values = quantized_weights(1536, 512)
+    ours = np.array(kernels.quantized_product(mx.array(x), w, scales, biases))
+    theirs = np.array(mx.quantized_matmul(mx.array(x), w, scales, biases, group_size=64, bits=8))
+    s, _ = quantized_rows(x)
+    # Each input off by at most s / 2, times each weight's magnitude; float rounding on top.
+    bound = s / 2 * np.abs(values).sum(axis=1) + 1e-5 * np.abs(theirs).max()
+    assert np.all(np.abs(ours - theirs) <= bound)
+    assert np.abs(ours - theirs).max() > 1e-3 * np.abs(theirs).max()  # x is rounded, not used as it is
+
+
+@needs_kernels
+@pytest.mark.usefixtures("fast")
+def test_quantized_product_gelu_and_residual_are_the_separate_ops_bit_for_bit():
+    x = mx.array(RNG.standard_normal((2, 50, 128)).astype(np.float32))
+    w, scales, biases, _ = quantized_weights(192, 128)
+    bias = mx.array(RNG.standard_normal(192).astype(np.float32))
+    residual = mx.array(RNG.standard_normal((2, 50, 192)).astype(np.float32))
+    plain = kernels.quantized_product(x, w, scales, biases, bias)
+    fused = kernels.quantized_product(x, w, scales, biases, bias, gelu=True, residual=residual)
+    assert mx.array_equal(fused, residual + kernels.gelu(plain)).item()
+    added = kernels.quantized_product(x, w, scales, biases, bias, residual=residual)
+    assert mx.array_equal(added, residual + plain).item()
+
+
+@needs_kernels
+@pytest.mark.usefixtures("fast")
+def test_each_row_of_a_quantized_product_has_the_bits_of_that_row_alone():
+    """Rows go through register tiles of three: the sums stay each row's own."""
+    x = mx.array(RNG.standard_normal((8, 256)).astype(np.float32))
+    w, scales, biases, _ = quantized_weights(128, 256)
+    alone = np.concatenate([np.array(kernels.quantized_product(x[i : i + 1], w, scales, biases)) for i in range(8)])
+    for rows in range(2, 9):
+        assert np.array_equal(np.array(kernels.quantized_product(x[:rows], w, scales, biases)), alone[:rows]), rows
+    view = mx.concatenate([x, x], axis=1)[:, 256:]  # not in row order: copied first
+    assert np.array_equal(np.array(kernels.quantized_product(view, w, scales, biases)), alone)
+
+
+@needs_kernels
+def test_quantized_product_refuses_what_it_cannot_do(fast):
+    x = mx.zeros((4, 128))
+    w, scales, biases, _ = quantized_weights(64, 128)
+    with pytest.raises(ValueError, match="8-bit weights"):
+        fast.quantized_product(x[:, :64], w, scales, biases)  # depth 64 against the weights' 128
+    four_bits = mx.quantize(mx.zeros((64, 128)), group_size=64, bits=4)
+    with pytest.raises(ValueError, match="8-bit weights"):
+        fast.quantized_product(x, *four_bits)
+    groups_of_32 = mx.quantize(mx.zeros((64, 128)), group_size=32, bits=8)
+    with pytest.raises(ValueError, match="groups of 64"):
+        fast.quantized_product(x, *groups_of_32)
+    with pytest.raises(ValueError, match="residual"):
+        fast.quantized_product(x, w, scales, biases, None, mx.zeros((4, 128)))
+    assert kernels.multiplies_quantized(nn.QuantizedLinear(128, 64, group_size=64, bits=8))
+    for layer in (
+        nn.QuantizedLinear(128, 64, group_size=64, bits=4),
+        nn.QuantizedLinear(128, 64, group_size=32, bits=8),
+        nn.QuantizedLinear(128, 96, group_size=64, bits=8),  # not a multiple of 64 outputs
+        nn.Linear(128, 64),
+    ):
+        assert not kernels.multiplies_quantized(layer)
+
+
+@needs_kernels
+def test_the_avx2_quantized_product_gives_the_avx512_bits(fast, tmp_path):
+    """Exact integer sums and the same float operations: AVX2's vpmaddwd, AVX-512's vpdpbusd."""
+    if not fast.uses_avx512_vnni():
+        pytest.skip("this CPU runs the AVX2 quantized product anyway")
+    cases = {}
+    for name, (rows, depth, n) in {"encoder": (1500, 384, 1536), "ragged": (7, 192, 64)}.items():
+        w, scales, biases, _ = quantized_weights(n, depth)
+        inputs = {
+            "x": (RNG.standard_normal((rows, depth)) * 2).astype(np.float32),
+            "w": np.array(w),
+            "scales": np.array(scales),
+            "biases": np.array(biases),
+            "bias": RNG.standard_normal(n).astype(np.float32),
+            "residual": RNG.standard_normal((rows, n)).astype(np.float32),
+        }
+        arrays = {key: mx.array(value) for key, value in inputs.items()}
+        inputs["out"] = np.array(fast.quantized_product(*arrays.values(), True))
+        cases[name] = inputs
+        np.savez(tmp_path / f"{name}.npz", **inputs)
+    check = (
+        "import sys, numpy as np, mlx.core as mx\nfrom whisper import kernels\n"
+        "assert kernels.available() and not kernels.compiled().uses_avx512_vnni()\n"
+        "for path in sys.argv[1:]:\n"
+        "    case = dict(np.load(path))\n"
+        "    expected = case.pop('out')\n"
+        "    out = kernels.compiled().quantized_product(*(mx.array(v) for v in case.values()), True)\n"
+        "    assert np.array_equal(np.array(out), expected), path\n"
+    )
+    env = {**os.environ, "MENNY_KERNELS_AVX2_ONLY": "1"}
+    paths = [str(tmp_path / f"{name}.npz") for name in cases]
+    result = subprocess.run([sys.executable, "-c", check, *paths], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 @needs_kernels
 def test_huge_pages_keep_the_values(fast):
     values = RNG.standard_normal((4096, 1024)).astype(np.float16)  # 8 MB: whole 2 MB pages inside

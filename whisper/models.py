@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 from mlx import nn
 
+from .backends import backend_type
 from .backends import prepare as prepare_backend
 from .catalog import KNOWN_MODELS
 from .checkpoints import Checkpoint, ModelFormatError
@@ -184,10 +186,17 @@ def _dims_from_config(config: dict) -> ModelDimensions:
     return ModelDimensions(**{f: int(config[f]) for f in fields})
 
 
-def load_mlx_folder(folder: Path, dtype: mx.Dtype, alignment_heads: list[list[int]] | None = None) -> Whisper:
+def load_mlx_folder(
+    folder: Path,
+    dtype: mx.Dtype,
+    alignment_heads: list[list[int]] | None = None,
+    quantize: Callable[[Whisper], None] | None = None,
+) -> Whisper:
     """A model from an MLX folder: ours, or mlx-community's (mlx-examples' layout, the same
     names; quantized ones name their layers' group size and bits in config.json).
-    `alignment_heads`, if given, replace those the folder names."""
+    `alignment_heads`, if given, replace those the folder names.  `quantize`, if given, quantizes
+    the model's layers before their weights in `dtype` are computed: each layer's copy in `dtype`
+    then lives only until its quantized weights are, never all of them at once."""
     config = json.loads((folder / "config.json").read_text())
     dims = _dims_from_config(config)
     weights_path = _weights_file(folder)
@@ -215,7 +224,10 @@ def load_mlx_folder(folder: Path, dtype: mx.Dtype, alignment_heads: list[list[in
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as error:
         raise ModelFormatError(f"{weights_path}: the weights do not fit config.json ({error})") from None
+    weights.clear()  # the model holds them now: each is freed once its layer's weights are computed
     model.set_dtype(dtype)
+    if quantize is not None:
+        quantize(model)
     mx.eval(model.parameters())
     return model
 
@@ -467,24 +479,33 @@ def load_model(
     float32 on a CPU.  `download_root` is where converted and downloaded models are kept
     (default: `cache_dir()` and the Hugging Face cache).  `in_memory` is openai-whisper's and
     changes nothing: the weights are always read into memory whole.
-    `quantize` (8 or 4 bits) shrinks the linear layers and embeddings at load: less memory
-    and faster on GPUs and Apple silicon, but slower on Linux CPUs, where MLX has no fast
-    quantized matrix product yet.
+    `quantize` (8 or 4 bits) quantizes weights at load, in MLX's affine format (groups of 64),
+    those the model's backend reads quantized (`Backend.quantize`).  On GPUs and Apple silicon:
+    every linear layer and embedding, for less memory and more speed.  On a CPU with the
+    compiled kernels, 8 bits quantize the encoder's linear layers only, which then multiply
+    8-bit activations (`kernels.quantized_product`), faster than float32; the decoder keeps its
+    float weights, which a decoding step reads faster than MLX's quantized products (on a CPU
+    they made each token several times slower).  4 bits on a CPU quantize every layer, as on a
+    GPU, and run MLX's slow quantized products.
     """
     # MLX computes on its default device; every later call on this model runs there too.
     mx.set_default_device(choose_device(mlx_device(device)))
     root = None if download_root is None else Path(download_root).expanduser()
     # A catalog name's alignment heads are openai-whisper's for it, whatever its folder names.
     known = KNOWN_MODELS.get(str(name))
-    model = load_mlx_folder(prepare(str(name), root), dtype or default_dtype(), known and known.alignment_heads)
-    if quantize is not None:
-        if quantize not in QUANTIZE_BITS:
-            raise ValueError(f"quantize takes {' or '.join(map(str, QUANTIZE_BITS))} bits, not {quantize}")
+    backend = backend_type()
+    if quantize is not None and quantize not in QUANTIZE_BITS:
+        raise ValueError(f"quantize takes {' or '.join(map(str, QUANTIZE_BITS))} bits, not {quantize}")
+
+    def quantized(model: Whisper) -> None:
         if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in model.modules()):
             raise ValueError("this model is quantized already")
-        nn.quantize(model, group_size=64, bits=quantize)
-        mx.eval(model.parameters())
-    return prepare_backend(model)
+        backend.quantize(model, quantize)
+
+    folder = prepare(str(name), root)
+    heads = known and known.alignment_heads
+    model = load_mlx_folder(folder, dtype or default_dtype(), heads, quantized if quantize is not None else None)
+    return prepare_backend(model, backend(model))
 
 
 def available_models() -> list[str]:

@@ -23,6 +23,7 @@ import functools
 from typing import Any
 
 import mlx.core as mx
+from mlx import nn
 
 from ..model import Whisper
 from ..rules import greedy_choice, top_choices
@@ -31,6 +32,9 @@ from ..rules import greedy_choice, top_choices
 # backend's own structure, opaque to the decoding.
 AudioMemory = Any
 Cache = Any
+
+# load_model's quantization: MLX's affine format, a scale and a bias per this many inputs of a row.
+QUANTIZATION_GROUP = 64
 
 
 class Backend:
@@ -41,6 +45,12 @@ class Backend:
 
     def __init__(self, model: Whisper):
         self.model = model
+
+    @staticmethod
+    def quantize(model: Whisper, bits: int) -> None:
+        """`load_model(..., quantize=bits)`, before the backend is made: the weights it reads
+        quantized, here every linear layer and embedding."""
+        nn.quantize(model, group_size=QUANTIZATION_GROUP, bits=bits)
 
     def encode(self, mel: mx.array, *, partial: bool = False) -> mx.array:
         return self.model.encoder(mel, partial=partial)
@@ -110,21 +120,26 @@ def _compiled(choice, timestamp_begin: int | None, *k: int):
     return mx.compile(lambda logits, forbidden, ranges: choice(logits, forbidden, ranges, timestamp_begin, *k))
 
 
-def backend_for(model: Whisper, device: mx.Device | None = None, *, kernels: bool = True) -> Backend:
-    """The fastest backend for this model on `device` (MLX's default device if None): the GPU's
-    on a GPU, the compiled kernels' on a CPU where they load, else the plain model's.  With
-    `kernels` False, the plain model's wherever MLX computes on a CPU."""
+def backend_type(device: mx.Device | None = None, *, kernels: bool = True) -> type[Backend]:
+    """The fastest backend on `device` (MLX's default device if None): the GPU's on a GPU, the
+    compiled kernels' on a CPU where they load, else the plain model's.  With `kernels` False,
+    the plain model's wherever MLX computes on a CPU."""
     device = device or mx.default_device()
     if device == mx.gpu:
         from .gpu import GpuBackend
 
-        return GpuBackend(model)
+        return GpuBackend
     if kernels:
         from .cpu import CpuBackend, kernels_load
 
         if kernels_load():
-            return CpuBackend(model)
-    return Backend(model)
+            return CpuBackend
+    return Backend
+
+
+def backend_for(model: Whisper, device: mx.Device | None = None, *, kernels: bool = True) -> Backend:
+    """The fastest backend for this model on `device` (see `backend_type`)."""
+    return backend_type(device, kernels=kernels)(model)
 
 
 def prepare(model: Whisper, backend: Backend | None = None) -> Whisper:

@@ -3,9 +3,10 @@
 On a Linux CPU the mlx[cpu] wheel computes exp and erf one lane at a time on one thread, so
 softmax and GELU, not the matrix products, dominated the encoder.  The C++ sources here implement
 both, a fused attention (also causal over the decoder's key cache), a matrix-vector product
-(a decoding step's projections), a decoder layer's whole one-token step and, on CPUs with
-AVX-512, a matrix product over panels of the weights (the encoder's) and a step's attention over
-the audio features, as MLX primitives (AVX2+FMA, split across cores), compiled by
+(a decoding step's projections), a decoder layer's whole one-token step, a product of float rows
+and 8-bit weights (the encoder's under `load_model(..., quantize=8)`) and, on CPUs with AVX-512,
+a matrix product over panels of the weights (the encoder's) and a step's attention over the
+audio features, as MLX primitives (AVX2+FMA, split across cores), compiled by
 `python -m whisper.kernels.build` (scripts/setup.sh runs it).  Where the library is missing, was
 built for another mlx, the CPU lacks AVX2 or the default device is a GPU, these functions use
 MLX's ops.  MENNY_NO_KERNELS=1 forces MLX's ops; MENNY_KERNELS_AVX2_ONLY=1 the AVX2 kernels alone
@@ -189,6 +190,40 @@ def panel_product(
     in the cache, and the bias, GELU and residual are applied while the result is there too (the
     same bits as those ops after)."""
     return _on_cpu().panel_product(x, w, bias, residual, gelu)
+
+
+QUANTIZED_STRIP_WIDTH = 64  # the quantized product's output columns per strip of packed weights
+
+
+def multiplies_quantized(layer: nn.Module) -> bool:
+    """Whether `quantized_product` takes this layer's weights here and now: an `nn.QuantizedLinear`
+    of MLX's affine format, 8 bits in groups of 64, a multiple of 64 outputs."""
+    return (
+        available()
+        and isinstance(layer, nn.QuantizedLinear)
+        and (layer.mode, layer.bits, layer.group_size) == ("affine", 8, 64)
+        and layer.weight.shape[0] % QUANTIZED_STRIP_WIDTH == 0
+    )
+
+
+def quantized_product(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    bias: mx.array | None = None,
+    *,
+    gelu: bool = False,
+    residual: mx.array | None = None,
+) -> mx.array:
+    """x (..., depth) float32 @ W.T (+ bias), exact GELU if asked, + residual if given, for 8-bit
+    weights W (n, depth) as `mx.quantize(W, group_size=64, bits=8)` gives them (w, scales,
+    biases: an `nn.QuantizedLinear`'s, where `multiplies_quantized`).  Each row of x is quantized
+    to int8 first (symmetric: x ~ s p, s = max |x| / 127, p = x / s rounded to nearest), and the
+    result is s p times W's values, each group of 64 inputs summed exactly as integers.  So it
+    differs from MLX's product of float x and the same weights by x's rounding alone: at most
+    s / 2 times the sum of an output's weights' magnitudes.  AVX-512 VNNI or AVX2, the same bits."""
+    return _on_cpu().quantized_product(x, w, scales, biases, bias, residual, gelu)
 
 
 def decoder_layer_step(

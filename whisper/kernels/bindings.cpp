@@ -54,7 +54,16 @@ NB_MODULE(_fast_ops, m) {
         "x (..., depth) float32 @ w.T (+ bias), exact GELU if asked, + residual if given, for w (n, depth) "
         "float32 or float16, n a multiple of 32, packed 32 rows at a time into panels by each call.  "
         "Needs AVX-512.");
+  m.def("quantized_product", &menny::quantized_product, nb::arg("x"), nb::arg("w"), nb::arg("scales"),
+        nb::arg("biases"), nb::arg("bias") = nb::none(), nb::arg("residual") = nb::none(), nb::arg("gelu") = false,
+        "x (..., depth) float32 @ W.T (+ bias), exact GELU if asked, + residual if given, for 8-bit weights W "
+        "(n, depth) in MLX's affine format, groups of 64 (mx.quantize(W, 64, 8): w (n, depth / 4) uint32, "
+        "scales and biases (n, depth / 64)), n a multiple of 64.  Each row of x is quantized to int8 "
+        "(symmetric: x ~ s p, s = max |x| / 127, p rounded to nearest), and the result is s p times W's "
+        "values, each group's products summed exactly as integers.  AVX-512 VNNI or AVX2, the same bits.");
   m.def("uses_avx512", [] { return menny::uses_avx512(); }, "Whether this CPU runs the AVX-512 panel product.");
+  m.def("uses_avx512_vnni", [] { return menny::uses_avx512_vnni(); },
+        "Whether this CPU runs the AVX-512 VNNI quantized product (else its AVX2 one).");
   m.def("layer_norm", &menny::layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::arg("eps"),
         "Layer norm over the last axis of float32 x, the same bits as mx.fast.layer_norm.");
   m.def("decoder_layer", &menny::decoder_layer, nb::arg("x"), nb::arg("offset"), nb::arg("key_cache"),

@@ -19,6 +19,7 @@ namespace mx = mlx::core;
 #if defined(__x86_64__)
 #define MENNY_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define MENNY_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma,f16c")))
+#define MENNY_AVX512_VNNI __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma,f16c")))
 #endif
 
 namespace menny {
@@ -29,6 +30,8 @@ bool uses_avx2();
 // with MENNY_KERNELS_AVX2_ONLY=1 in the environment when the library loads: the AVX2 paths,
 // tested on an AVX-512 CPU.
 bool uses_avx512();
+// Whether it runs the AVX-512 VNNI product of 8-bit weights (false wherever uses_avx512() is).
+bool uses_avx512_vnni();
 
 // A product's output columns come 32 at a time from a panel: the 32 weight rows' values for
 // each input column in turn, (depth, 32) contiguous, packed by the call (strip_product).

@@ -30,6 +30,12 @@ bool uses_avx512() {
   return avx512;
 }
 
+bool uses_avx512_vnni() {
+  static const bool vnni =
+      uses_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+  return vnni;
+}
+
 // out = e^(scale * (in - max(in))) for one row (scale > 0; in place is fine); returns the sum.
 MENNY_AVX2 float exp_row_avx2(const float* in, float* out, std::size_t n, float scale) {
   const std::size_t full = n / 8 * 8;
@@ -91,6 +97,10 @@ bool uses_avx2() {
 }
 
 bool uses_avx512() {
+  return false;
+}
+
+bool uses_avx512_vnni() {
   return false;
 }
 #endif

@@ -41,48 +41,17 @@ MENNY_AVX512 void panel_tile(const float* a, std::size_t lda, const float* panel
   }
   MENNY_PANEL_ROWS(MENNY_STORE)
 #undef MENNY_STORE
-  // The same operations as the separate GELU kernel and MLX's add, on the stored values.
-  for (int r = 0; r < ROWS && (gelu || residual); ++r) {
-    float* row = c + r * ldc;
-    for (std::size_t j = 0; j < kPanelWidth; j += 8) {
-      __m256 y = _mm256_loadu_ps(row + j);
-      if (gelu) {
-        y = gelu8(y);
-      }
-      if (residual) {
-        y = _mm256_add_ps(_mm256_loadu_ps(residual + r * ldc + j), y);
-      }
-      _mm256_storeu_ps(row + j, y);
-    }
-  }
+  finish_tile(c, ldc, ROWS, kPanelWidth, gelu, residual);
 }
 #undef MENNY_PANEL_ROWS
 
 // panel_tile over `rows` rows of A (and of C and the residual), twelve at a time.
 MENNY_AVX512 void panel_rows(const float* a, std::size_t lda, const float* panel, std::size_t depth, const float* bias,
                              bool gelu, const float* residual, float* c, std::size_t ldc, std::size_t rows) {
-  auto tile = [&]<int ROWS>(std::size_t row) {
+  over_row_tiles<12>(rows, [&]<int ROWS>(std::size_t row) {
     panel_tile<ROWS>(a + row * lda, lda, panel, depth, bias, gelu, residual ? residual + row * ldc : nullptr,
                      c + row * ldc, ldc);
-  };
-  std::size_t row = 0;
-  for (; row + 12 <= rows; row += 12) {
-    tile.template operator()<12>(row);
-  }
-  switch (rows - row) {
-    case 11: tile.template operator()<11>(row); break;
-    case 10: tile.template operator()<10>(row); break;
-    case 9: tile.template operator()<9>(row); break;
-    case 8: tile.template operator()<8>(row); break;
-    case 7: tile.template operator()<7>(row); break;
-    case 6: tile.template operator()<6>(row); break;
-    case 5: tile.template operator()<5>(row); break;
-    case 4: tile.template operator()<4>(row); break;
-    case 3: tile.template operator()<3>(row); break;
-    case 2: tile.template operator()<2>(row); break;
-    case 1: tile.template operator()<1>(row); break;
-    default: break;
-  }
+  });
 }
 
 // folded[0 : depth] = the sum over i < rows of q[i] * w[i] (rows of w, depth floats each): a

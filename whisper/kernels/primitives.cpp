@@ -178,18 +178,6 @@ mx::array copy_in_row_order(const mx::array& a, char* to) {
 // enough runs of contiguous memory for the prefetches to stay ahead.
 constexpr std::size_t kWeightsPerBlock = 1 << 17;
 
-// x (..., depth) times w (n, depth) transposed, x and w its first inputs: (..., n).
-class CpuProduct : public CpuKernel {
- public:
-  using CpuKernel::CpuKernel;
-
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    mx::Shape shape = inputs[0].shape();
-    shape.back() = inputs[1].shape(0);
-    return {shape};
-  }
-};
-
 // x (..., depth) times w (n_w, depth) transposed, for few rows of x: w is read once, as in a
 // matrix-vector product.  (OpenBLAS's sgemm first copies all of w into packed panels, which
 // for one row of x doubles the memory traffic of a step's vocabulary projection.)

@@ -59,6 +59,18 @@ class CpuKernel : public mx::UnaryPrimitive {
   }
 };
 
+// x (..., depth) times w (n, ...) transposed, x and w its first inputs: (..., n).
+class CpuProduct : public CpuKernel {
+ public:
+  using CpuKernel::CpuKernel;
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    mx::Shape shape = inputs[0].shape();
+    shape.back() = inputs[1].shape(0);
+    return {shape};
+  }
+};
+
 // Whether a's elements lie in row-major order in its memory (a view into a larger buffer too).
 bool in_row_order(const mx::array& a);
 
@@ -81,6 +93,8 @@ mx::array multi_head_attention(const mx::array& q, const mx::array& k, const mx:
 mx::array matvec(const mx::array& x, const mx::array& w, const std::optional<mx::array>& bias);
 mx::array panel_product(const mx::array& x, const mx::array& w, const std::optional<mx::array>& bias,
                         const std::optional<mx::array>& residual, bool gelu);
+mx::array quantized_product(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+                            const std::optional<mx::array>& bias, const std::optional<mx::array>& residual, bool gelu);
 mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, float eps);
 std::vector<mx::array> decoder_layer(const mx::array& x, const mx::array& offset, const mx::array& key_cache,
                                      const mx::array& value_cache, const mx::array& audio, const mx::array& audio_second,

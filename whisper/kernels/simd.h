@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 
 namespace menny {
 
@@ -96,6 +97,39 @@ MENNY_AVX2 inline __m256 gelu8(__m256 x) {
   const __m256 negative = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
   const __m256 phi = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), half_erfc), half_erfc, negative);
   return _mm256_mul_ps(x, phi);
+}
+
+// A product's tile of `rows` rows of `cols` outputs (a multiple of 8; rows ldc apart), as stored:
+// exact GELU if asked, then plus the residual (rows ldc apart too) if given.  The same operations
+// as the separate GELU kernel and MLX's add after the product, so the same bits.
+MENNY_AVX2 inline void finish_tile(float* c, std::size_t ldc, std::size_t rows, std::size_t cols, bool gelu,
+                                   const float* residual) {
+  for (std::size_t r = 0; r < rows && (gelu || residual); ++r) {
+    float* row = c + r * ldc;
+    for (std::size_t j = 0; j < cols; j += 8) {
+      __m256 y = _mm256_loadu_ps(row + j);
+      if (gelu) {
+        y = gelu8(y);
+      }
+      if (residual) {
+        y = _mm256_add_ps(_mm256_loadu_ps(residual + r * ldc + j), y);
+      }
+      _mm256_storeu_ps(row + j, y);
+    }
+  }
+}
+
+// tile.template operator()<ROWS>(first row) over rows [0, rows): register tiles of MAX rows, then
+// the rows left as one smaller tile.
+template <int MAX, class Tile>
+inline void over_row_tiles(std::size_t rows, Tile&& tile) {
+  std::size_t row = 0;
+  for (; row + MAX <= rows; row += MAX) {
+    tile.template operator()<MAX>(row);
+  }
+  [&]<int... R>(std::integer_sequence<int, R...>) {
+    ((rows - row == R + 1 ? tile.template operator()<R + 1>(row) : void()), ...);
+  }(std::make_integer_sequence<int, MAX - 1>{});
 }
 
 // Eight weights as floats: float32 as they are, float16 (raw bits) widened exactly.
