@@ -64,7 +64,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, batch_size: int) -> 
         "Hugging Face once), a model folder, an openai-whisper .pt file, or a Hugging Face repo id",
     )
     add("--model-dir", default=None, help="where converted and downloaded models are kept (default: ~/.cache/menny)")
-    add("--quantize", type=int, choices=[8, 4], default=None, help="quantize weights at load (8 on a CPU: the encoder's)")
+    add("--quantize", type=int, choices=[8, 4], default=None, help="quantize at load (8 bits on a CPU: the encoder)")
     add("--device", default=None, help="cpu or gpu (cuda and mps mean the GPU); default: the GPU if MLX has one")
     add("--fp16", type=str2bool, default=True, help="float16 on a GPU (CPUs compute in float32); False: float32")
     add("--threads", type=optional_int, default=0, help="CPU threads (compiled kernels, OpenBLAS); 0: every core")
