@@ -216,25 +216,19 @@ class MennyMatvec : public CpuProduct {
 // rows at a time into panels (strip_product): the encoder's products, the audio's keys and
 // values, a prompt's products.  Unlike sgemm's, the packing is per strip, in the cache, and the
 // bias, GELU and residual are applied while the result is there too.
-class MennyPanelProduct : public CpuProduct {
+class MennyPanelProduct : public ProductWithEpilogue<MennyPanelProduct> {
  public:
-  MennyPanelProduct(mx::Stream stream, bool has_bias, bool gelu, bool has_residual)
-      : CpuProduct(stream), has_bias_(has_bias), gelu_(gelu), has_residual_(has_residual) {}
+  using ProductWithEpilogue::ProductWithEpilogue;
 
   const char* name() const override {
     return "MennyPanelProduct";
   }
 
-  bool is_equivalent(const mx::Primitive& other) const override {
-    const auto* same = dynamic_cast<const MennyPanelProduct*>(&other);
-    return same && same->has_bias_ == has_bias_ && same->gelu_ == gelu_ && same->has_residual_ == has_residual_;
-  }
-
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& encoder = fresh_output(inputs, out);
 #if defined(__x86_64__)
-    const std::optional<mx::array> bias = has_bias_ ? std::optional(inputs[2]) : std::nullopt;
-    const std::optional<mx::array> residual = has_residual_ ? std::optional(inputs.back()) : std::nullopt;
+    const std::optional<mx::array> bias = this->bias(inputs, 2);
+    const std::optional<mx::array> residual = this->residual(inputs);
     encoder.dispatch([x = inputs[0], given = inputs[1], bias, residual, gelu = gelu_, out]() mutable {
       const mx::array w = in_row_order(given) ? given : copy_in_row_order(given);
       const std::size_t depth = w.shape(1), n = out.shape(-1), rows = x.size() / depth;
@@ -252,10 +246,6 @@ class MennyPanelProduct : public CpuProduct {
 #endif
   }
 
- private:
-  bool has_bias_;
-  bool gelu_;
-  bool has_residual_;
 };
 
 mx::Stream cpu_stream() {

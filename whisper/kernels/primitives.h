@@ -71,6 +71,36 @@ class CpuProduct : public CpuKernel {
   }
 };
 
+// A product whose result gets a bias, GELU and a residual as asked (the panel product, the
+// quantized one): two nodes of one kind compute the same when those three choices are the same.
+// The bias is input `bias_input` where given, the residual the last input.
+template <class Kind>
+class ProductWithEpilogue : public CpuProduct {
+ public:
+  ProductWithEpilogue(mx::Stream stream, bool has_bias, bool gelu, bool has_residual)
+      : CpuProduct(stream), has_bias_(has_bias), gelu_(gelu), has_residual_(has_residual) {}
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto* same = dynamic_cast<const Kind*>(&other);
+    return same && same->has_bias_ == has_bias_ && same->gelu_ == gelu_ && same->has_residual_ == has_residual_;
+  }
+
+ protected:
+  std::optional<mx::array> bias(const std::vector<mx::array>& inputs, std::size_t bias_input) const {
+    return has_bias_ ? std::optional(inputs[bias_input]) : std::nullopt;
+  }
+
+  std::optional<mx::array> residual(const std::vector<mx::array>& inputs) const {
+    return has_residual_ ? std::optional(inputs.back()) : std::nullopt;
+  }
+
+  bool gelu_;
+
+ private:
+  bool has_bias_;
+  bool has_residual_;
+};
+
 // Whether a's elements lie in row-major order in its memory (a view into a larger buffer too).
 bool in_row_order(const mx::array& a);
 

@@ -334,25 +334,19 @@ void quantized_product_rows(const float* x, std::size_t rows, std::size_t depth,
 // x (..., depth) @ the 8-bit weights.T + bias, then GELU and + residual as asked; inputs x, the
 // weights (n, depth / 4) uint32, their scales and biases (n, depth / 64) float32, then the bias
 // and the residual if any.
-class MennyQuantizedProduct : public CpuProduct {
+class MennyQuantizedProduct : public ProductWithEpilogue<MennyQuantizedProduct> {
  public:
-  MennyQuantizedProduct(mx::Stream stream, bool has_bias, bool gelu, bool has_residual)
-      : CpuProduct(stream), has_bias_(has_bias), gelu_(gelu), has_residual_(has_residual) {}
+  using ProductWithEpilogue::ProductWithEpilogue;
 
   const char* name() const override {
     return "MennyQuantizedProduct";
   }
 
-  bool is_equivalent(const mx::Primitive& other) const override {
-    const auto* same = dynamic_cast<const MennyQuantizedProduct*>(&other);
-    return same && same->has_bias_ == has_bias_ && same->gelu_ == gelu_ && same->has_residual_ == has_residual_;
-  }
-
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& encoder = fresh_output(inputs, out);
 #if defined(__x86_64__)
-    const std::optional<mx::array> bias = has_bias_ ? std::optional(inputs[4]) : std::nullopt;
-    const std::optional<mx::array> residual = has_residual_ ? std::optional(inputs.back()) : std::nullopt;
+    const std::optional<mx::array> bias = this->bias(inputs, 4);
+    const std::optional<mx::array> residual = this->residual(inputs);
     encoder.dispatch([x = inputs[0], given = std::vector(inputs.begin() + 1, inputs.begin() + 4), bias, residual,
                       gelu = gelu_, out]() mutable {
       // The weights come as they are (a contiguous() node would copy a view every call).
@@ -369,10 +363,6 @@ class MennyQuantizedProduct : public CpuProduct {
 #endif
   }
 
- private:
-  bool has_bias_;
-  bool gelu_;
-  bool has_residual_;
 };
 
 mx::array quantized_product(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
